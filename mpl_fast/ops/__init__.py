@@ -1,0 +1,15 @@
+"""mpl_fast's public fused ops.
+
+Each op has a C++ (CPU) kernel, a CUDA kernel and a pure-PyTorch reference (the
+specification, and the fallback when the extension is not built). ``backend()`` says which
+implementation is in use.
+"""
+
+from mpl_fast.ops._extension import backend, build_info
+from mpl_fast.ops.scaled_add import scaled_add, scaled_add_reference
+
+__all__ = ["backend", "build_info", "scaled_add", "scaled_add_reference"]
+
+from mpl_fast.ops.multi_tensor_dot import multi_tensor_dot, multi_tensor_dot_reference  # noqa: E402
+
+__all__ += ["multi_tensor_dot", "multi_tensor_dot_reference"]

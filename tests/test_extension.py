@@ -1,0 +1,103 @@
+"""The op path end to end: extension loading, backend choice, fallback, and the smoke op."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mpl_fast
+from mpl_fast import ops
+from mpl_fast.ops import _extension
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extension_is_loaded_here():
+    # The test command builds the extension first: a silent fallback here would hide a broken build.
+    info = ops.build_info()
+    assert info["loaded"], info
+    assert ops.backend() in ("cpu", "cuda")
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_fallback_without_extension_warns_once_and_still_works():
+    code = ("import warnings, torch\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import mpl_fast\n"
+            "    x = torch.ones(3); out = mpl_fast.ops.scaled_add(x, x, 2.0)\n"
+            "print(mpl_fast.ops.backend(), out.tolist(), len([m for m in w if 'mpl_fast' in str(m.message)]))\n"
+            "print(w[0].message)\n")
+    proc = _run_python(code, MPL_FAST_NO_EXTENSION="1")
+    assert proc.returncode == 0, proc.stderr
+    first, message = proc.stdout.splitlines()[:2]
+    assert first == "reference [3.0, 3.0, 3.0] 1"
+    assert "MPL_FAST_NO_EXTENSION=1" in message and "pip install" in message
+
+
+def test_stale_extension_is_detected(monkeypatch):
+    class StaleModule:
+        @staticmethod
+        def build_info():
+            return {"torch_version": "1.0.0", "with_cuda": False}
+
+    monkeypatch.setitem(sys.modules, "mpl_fast._C", StaleModule)
+    monkeypatch.setattr(mpl_fast, "_C", StaleModule, raising=False)
+    module, error = _extension._load()
+    assert module is None
+    assert "built for torch 1.0.0" in error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7, 3), (1000, 33)])
+def test_scaled_add_matches_reference(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    y = torch.randn(shape, generator=g).to(dtype)
+    out = ops.scaled_add(x, y, -1.5)
+    assert out.dtype == dtype and out.shape == x.shape
+    expected = (x.double() - 1.5 * y.double())
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-6)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, ops.scaled_add_reference(x, y, -1.5), rtol=0, atol=0)
+
+
+def test_scaled_add_non_contiguous():
+    x = torch.randn(6, 8)[:, ::2]
+    y = torch.randn(4, 6).t()
+    torch.testing.assert_close(ops.scaled_add(x, y, 3.0), x + 3.0 * y)
+
+
+def test_scaled_add_opcheck():
+    x, y = torch.randn(4, 5), torch.randn(4, 5)
+    torch.library.opcheck(torch.ops.mpl_fast.scaled_add.default, (x, y, 0.5))
+
+
+def test_scaled_add_under_compile():
+    fn = torch.compile(lambda a, b: ops.scaled_add(a, b, 2.0) * 2, fullgraph=True, backend="eager")
+    x, y = torch.randn(9), torch.randn(9)
+    torch.testing.assert_close(fn(x, y), (x + 2 * y) * 2)
+
+
+@pytest.mark.parametrize("x,y,match", [
+    (torch.ones(3), torch.ones(4), "`y` must have the shape of `x`"),
+    (torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64), "`x` must be a floating-point"),
+    (torch.ones(3), torch.ones(3, dtype=torch.float64), "`y` must have the dtype of `x`"),
+])
+def test_scaled_add_bad_input(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        ops.scaled_add(x, y, 1.0)
+
+
+@pytest.mark.cuda
+def test_scaled_add_cuda_matches_cpu():
+    x, y = torch.randn(1001), torch.randn(1001)
+    out = ops.scaled_add(x.cuda(), y.cuda(), 0.25)
+    torch.testing.assert_close(out.cpu(), ops.scaled_add(x, y, 0.25))
