@@ -1,6 +1,26 @@
 """Data for MPL: the three streams a step needs (labeled, unlabeled weak+strong, evaluation),
 from embedded data sets or files on disk, through DALI or a torch DataLoader."""
 
+from __future__ import annotations
+
+from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS, DataConfig
 from mpl_fast.data.streams import DataStreams
 
-__all__ = ["DataStreams"]
+
+def build_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
+                  device: str = "cpu") -> DataStreams:
+    """The DataStreams for ``cfg``: embedded data sets in memory, file-based ones from disk.
+
+    ``rank``/``world_size`` shard the training streams for data-parallel runs; ``device`` is
+    where batches should land (GPU pipelines decode and augment there).
+    """
+    if cfg.dataset in EMBEDDED_DATASETS:
+        from mpl_fast.data.embedded import build_embedded_streams
+        return build_embedded_streams(cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+    if cfg.dataset in FILE_DATASETS:
+        from mpl_fast.data.files import build_file_streams
+        return build_file_streams(cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {EMBEDDED_DATASETS + FILE_DATASETS}")
+
+
+__all__ = ["DataConfig", "DataStreams", "build_streams", "EMBEDDED_DATASETS", "FILE_DATASETS"]

@@ -1,0 +1,29 @@
+"""Configuration of the data side of a run (part of the trainer's dataclass tree)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EMBEDDED_DATASETS = ("digits", "two-moons")
+FILE_DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"                 # one of EMBEDDED_DATASETS + FILE_DATASETS
+    data_dir: str | None = None             # file-based data sets only; nothing is downloaded
+    labels_per_class: int | None = None     # labeled examples per class (CIFAR-10-4K: 400)
+    labeled_fraction: float | None = None   # or a fraction of the training set (ImageNet-10%: 0.1)
+    val_per_class: int = 0                  # validation carved from the training data (selection)
+    split_file: str | None = None           # a saved/user-given split instead of drawing one
+    batch_size: int = 64                    # labeled batch per step (per rank)
+    mu: int = 7                             # unlabeled batch = mu * batch_size
+    eval_batch_size: int = 256
+    image_size: int | None = None           # resize/crop target; None = the data set's own
+    randaug_num_ops: int = 2                # strong view: RandAugment ops per image
+    randaug_magnitude: int = 16             # strong view: (maximum) magnitude
+    randaug_policy: str = "mpl"             # "mpl" or "torchvision"
+    cutout: int = 16                        # cutout side in pixels (0 = none)
+    loader: str = "auto"                    # "auto" | "torch" | "dali"
+    num_workers: int = 2
+    strict: bool = False                    # stop on a corrupt image instead of skipping it
