@@ -105,8 +105,9 @@ class _TimedBuildExt:
         return TimedBuildExt.with_options(use_ninja=True)
 
 
-setup(
-    packages=find_packages(include=["mpl_fast", "mpl_fast.*"]),
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": _TimedBuildExt.make()},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    setup(
+        packages=find_packages(include=["mpl_fast", "mpl_fast.*"]),
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": _TimedBuildExt.make()},
+    )
