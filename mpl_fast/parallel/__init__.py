@@ -1,0 +1,1 @@
+"""Where the networks live: memory planning, device placement, distributed process groups."""

@@ -1,0 +1,110 @@
+"""Memory planning before renting GPUs: build a network on the meta device (no memory, no
+download), count its parameters, and estimate the per-device memory of an MPL step.
+
+What one MPL step keeps alive at its peak (see DESIGN.md, "The algorithm"):
+- for each network: fp32 parameters, their gradients, the SGD momentum buffer;
+- the student's saved pseudo-label gradient g_u (one more parameter-sized buffer);
+- the teacher's activations over labeled + weak + strong batches, B * (1 + 2 * mu) images: the
+  teacher's graph stays alive across the student step, because its MPL term needs h;
+- the student's activations over its larger batch, mu * B strong images (its labeled forward
+  comes after that graph is freed).
+
+Activations are counted by running the network on meta tensors with hooks on every leaf module
+and summing their outputs' sizes: an estimate (it ignores allocator slack, workspaces and the
+buffers autograd frees early), good for choosing between layouts, not a guarantee.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
+LAYOUTS = ("single", "model-parallel", "fsdp")
+
+
+@dataclass
+class NetworkFootprint:
+    parameters: int
+    activation_elements_per_image: int
+
+    def state_bytes(self, extra_param_buffers: int = 0) -> int:
+        """fp32 weights + gradients + momentum (+ extra parameter-sized buffers such as g_u)."""
+        return self.parameters * 4 * (3 + extra_param_buffers)
+
+
+@dataclass
+class MemoryPlan:
+    layout: str
+    devices: int
+    precision: str
+    teacher_parameters: int
+    student_parameters: int
+    per_device_bytes: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        gib = [f"{b / 2**30:.1f} GiB" for b in self.per_device_bytes]
+        return (f"teacher {self.teacher_parameters / 1e6:.1f}M parameters, student "
+                f"{self.student_parameters / 1e6:.1f}M parameters; layout {self.layout} on "
+                f"{self.devices} device(s), {self.precision} activations: per device " + ", ".join(gib))
+
+
+def measure_footprint(model: nn.Module, input_shape: tuple[int, ...]) -> NetworkFootprint:
+    """Parameter count and activation elements per image of ``model`` (built on the meta device)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    counted = [0]
+
+    def count_output(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            counted[0] += output.numel()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count_output) for m in leaves]
+    was_training = model.training
+    try:
+        model.train()
+        with torch.no_grad():
+            model(torch.empty((1, *input_shape), device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return NetworkFootprint(parameters=parameters, activation_elements_per_image=counted[0])
+
+
+def plan_mpl_memory(teacher: NetworkFootprint, student: NetworkFootprint, *, batch_size: int, mu: int,
+                    precision: str = "fp32", layout: str = "single", devices: int = 1) -> MemoryPlan:
+    """Per-device peak memory of one MPL step for a layout.
+
+    single:         both networks on each device (data parallel replicates this).
+    model-parallel: the teacher on one device, the student on another (devices must be 2).
+    fsdp:           both networks sharded over ``devices`` (states divided; activations not).
+    """
+    if precision not in BYTES_PER_ELEMENT:
+        raise ValueError(f"precision must be one of {tuple(BYTES_PER_ELEMENT)}, got {precision!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if batch_size < 1 or mu < 0 or devices < 1:
+        raise ValueError(f"need batch_size >= 1, mu >= 0, devices >= 1; got {batch_size}, {mu}, {devices}")
+    act = BYTES_PER_ELEMENT[precision]
+    teacher_acts = teacher.activation_elements_per_image * batch_size * (1 + 2 * mu) * act
+    student_acts = student.activation_elements_per_image * batch_size * max(mu, 1) * act
+    teacher_state = teacher.state_bytes()
+    student_state = student.state_bytes(extra_param_buffers=1)  # + g_u
+    if layout == "single":
+        per_device = [teacher_state + student_state + teacher_acts + student_acts] * devices
+    elif layout == "model-parallel":
+        if devices != 2:
+            raise ValueError(f"layout 'model-parallel' places teacher and student on 2 devices, got devices={devices}")
+        per_device = [teacher_state + teacher_acts, student_state + student_acts]
+    else:
+        shard = (teacher_state + student_state) // devices
+        per_device = [shard + teacher_acts + student_acts] * devices
+    return MemoryPlan(layout=layout, devices=devices, precision=precision,
+                      teacher_parameters=teacher.parameters, student_parameters=student.parameters,
+                      per_device_bytes=per_device)
