@@ -1,0 +1,53 @@
+"""Mixed precision policy: which autocast dtype, and whether fp16 loss scaling is needed.
+
+bf16 runs on CPUs (fast with AMX) and GPUs without loss scaling; fp16 needs a GradScaler and
+only makes sense on a GPU: on a CPU it runs ~100x slower than fp32, so it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+AMP_DTYPES = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    enabled: bool
+    dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return self.enabled and self.dtype == torch.float16
+
+    def autocast(self):
+        """A context that runs the forward passes in this policy's precision (or does nothing)."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that is a no-op unless fp16 needs one."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_loss_scaling)
+
+
+def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device | str) -> PrecisionPolicy:
+    """The policy for ``--amp`` [``--amp-dtype``] on ``device``; bad combinations raise ValueError."""
+    device = torch.device(device)
+    if not amp:
+        if amp_dtype is not None:
+            raise ValueError(f"--amp-dtype {amp_dtype} given without --amp")
+        return PrecisionPolicy(enabled=False, dtype=None, device_type=device.type)
+    if amp_dtype is None:
+        amp_dtype = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"--amp-dtype must be one of {AMP_DTYPES}, got {amp_dtype!r}")
+    if device.type == "cpu" and amp_dtype == "fp16":
+        raise ValueError("--amp-dtype fp16 is refused on the CPU (about 100x slower than fp32 there); "
+                         "use --amp-dtype bf16, or run on a GPU")
+    dtype = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+    return PrecisionPolicy(enabled=True, dtype=dtype, device_type=device.type)
