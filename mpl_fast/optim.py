@@ -78,7 +78,8 @@ class FusedSGD(torch.optim.Optimizer):
 
     def last_updates(self, params: Optional[Iterable[torch.Tensor]] = None) -> list[Optional[torch.Tensor]]:
         """Δθ of the last step for ``params`` (default: every parameter, in group order);
-        None for a parameter never stepped. Needs ``keep_update=True``."""
+        zero for a parameter without a gradient in that step, None before the first step.
+        Needs ``keep_update=True``."""
         if not self.keep_update:
             raise RuntimeError("FusedSGD.last_updates needs FusedSGD(..., keep_update=True)")
         if params is None:
@@ -102,10 +103,15 @@ class FusedSGD(torch.optim.Optimizer):
         # One fused call per (device, first step or not): the kernel handles mixed dtypes.
         batches: dict = defaultdict(lambda: ([], [], [], []))
         for p in group["params"]:
-            state = self.state[p]
-            if p.grad is None:
-                if self.keep_update and "last_update" in state:
-                    state["last_update"].zero_()
+            # Like torch.optim.SGD, touch self.state only for what is stored (an empty entry
+            # would show up in state_dict()).
+            state = self.state[p] if (momentum != 0 and p.grad is not None) or self.keep_update else {}
+            if p.grad is None:  # the parameter does not move: Δθ = 0
+                if self.keep_update:
+                    if "last_update" in state:
+                        state["last_update"].zero_()
+                    else:
+                        state["last_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("FusedSGD does not support sparse gradients")
