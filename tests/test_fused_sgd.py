@@ -96,8 +96,9 @@ def test_update_out_is_the_applied_delta_and_reference_agrees():
     ref_updates = [torch.empty_like(p) for p in params]
     ops.fused_sgd_reference_(ref_params, grads, ref_bufs, lr=0.3, momentum=0.9, weight_decay=1e-3,
                              nesterov=True, first_step=True, update_out=ref_updates)
+    # Δθ inherits one rounding of θ_new (an ulp of θ, FMA or not): compare at θ's scale.
     for a, b in zip(updates + bufs, ref_updates + ref_bufs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=2e-6)
 
 
 def test_zero_buffers_equal_first_step():

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
 #include "multi_tensor.h"
 #include "multi_tensor_checks.h"
 
@@ -29,7 +30,7 @@ struct SgdItem {
 // Returns the sum of (g - g) over the chunk: nan exactly when some gradient is inf or nan,
 // which costs two vectorisable flops instead of a branch per element.
 template <typename scalar_t, bool kMomentum, bool kUpdate>
-double sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h) {
+MPL_ALWAYS_INLINE double sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* p = static_cast<scalar_t*>(it.p) + it.begin;
   const scalar_t* g = static_cast<const scalar_t*>(it.g) + it.begin;
@@ -37,9 +38,9 @@ double sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h
   scalar_t* upd = kUpdate ? static_cast<scalar_t*>(it.upd) + it.begin : nullptr;
   acc_t check = 0;
   for (int64_t i = 0; i < it.n; ++i) {
-    const acc_t p_old = static_cast<acc_t>(p[i]);
-    const acc_t gi = static_cast<acc_t>(g[i]);
-    acc_t b = kMomentum ? static_cast<acc_t>(buf[i]) : acc_t(0);
+    const acc_t p_old = load_as<acc_t>(p[i]);
+    const acc_t gi = load_as<acc_t>(g[i]);
+    acc_t b = kMomentum ? load_as<acc_t>(buf[i]) : acc_t(0);
     const scalar_t p_new = static_cast<scalar_t>(sgd_element<acc_t>(p_old, gi, b, h));
     p[i] = p_new;
     if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(b);
@@ -51,7 +52,7 @@ double sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h
 }
 
 template <typename scalar_t>
-double run_item(const SgdItem& it, const SgdArgs& a, double lr) {
+MPL_ALWAYS_INLINE double run_item_body(const SgdItem& it, const SgdArgs& a, double lr) {
   using acc_t = at::opmath_type<scalar_t>;
   const SgdHyper<acc_t> h{static_cast<acc_t>(lr), static_cast<acc_t>(a.momentum),
                           static_cast<acc_t>(1.0 - a.dampening), static_cast<acc_t>(a.weight_decay),
@@ -62,14 +63,30 @@ double run_item(const SgdItem& it, const SgdArgs& a, double lr) {
   return it.upd ? sgd_chunk<scalar_t, false, true>(it, h) : sgd_chunk<scalar_t, false, false>(it, h);
 }
 
+template <typename scalar_t>
+double run_item(const SgdItem& it, const SgdArgs& a, double lr) {
+  return run_item_body<scalar_t>(it, a, lr);
+}
+
+// The same body compiled for AVX2/FMA/F16C, chosen at run time (same machine, same bits).
+template <typename scalar_t>
+MPL_TARGET_AVX2 double run_item_avx2(const SgdItem& it, const SgdArgs& a, double lr) {
+  return run_item_body<scalar_t>(it, a, lr);
+}
+
 using SgdItemFn = double (*)(const SgdItem&, const SgdArgs&, double);
+
+template <typename scalar_t>
+SgdItemFn pick_isa() {
+  return cpu_has_avx2() ? &run_item_avx2<scalar_t> : &run_item<scalar_t>;
+}
 
 SgdItemFn pick_sgd_fn(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return &run_item<float>;
-    case at::kDouble: return &run_item<double>;
-    case at::kHalf: return &run_item<c10::Half>;
-    default: return &run_item<c10::BFloat16>;  // the checks admit only these four
+    case at::kFloat: return pick_isa<float>();
+    case at::kDouble: return pick_isa<double>();
+    case at::kHalf: return pick_isa<c10::Half>();
+    default: return pick_isa<c10::BFloat16>();  // the checks admit only these four
   }
 }
 

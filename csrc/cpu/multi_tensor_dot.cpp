@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
 #include "multi_tensor.h"
 #include "multi_tensor_checks.h"
 
@@ -26,34 +27,48 @@ using dot_acc_t = std::conditional_t<std::is_same_v<X, double> || std::is_same_v
 // between lanes, so GCC -O3 vectorises it without -ffast-math, and the lanes are combined in
 // a fixed tree order.
 template <typename X, typename Y>
-double dot_chunk(const void* xv, const void* yv, int64_t n) {
+MPL_ALWAYS_INLINE double dot_body(const void* xv, const void* yv, int64_t n) {
   using acc_t = dot_acc_t<X, Y>;
-  constexpr int kLanes = 16;
+  constexpr int kLanes = 32;
   const X* x = static_cast<const X*>(xv);
   const Y* y = static_cast<const Y*>(yv);
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      lanes[l] += static_cast<acc_t>(x[i + l]) * static_cast<acc_t>(y[i + l]);
-    }
+    for (int l = 0; l < kLanes; ++l) lanes[l] += load_as<acc_t>(x[i + l]) * load_as<acc_t>(y[i + l]);
   }
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<acc_t>(x[i]) * static_cast<acc_t>(y[i]);
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += load_as<acc_t>(x[i]) * load_as<acc_t>(y[i]);
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   }
   return static_cast<double>(lanes[0]);
 }
 
+template <typename X, typename Y>
+double dot_chunk(const void* x, const void* y, int64_t n) {
+  return dot_body<X, Y>(x, y, n);
+}
+
+// The same body compiled for AVX2/FMA/F16C, chosen at run time (same machine, same bits).
+template <typename X, typename Y>
+MPL_TARGET_AVX2 double dot_chunk_avx2(const void* x, const void* y, int64_t n) {
+  return dot_body<X, Y>(x, y, n);
+}
+
 using DotChunkFn = double (*)(const void*, const void*, int64_t);
+
+template <typename X, typename Y>
+DotChunkFn pick_isa() {
+  return cpu_has_avx2() ? &dot_chunk_avx2<X, Y> : &dot_chunk<X, Y>;
+}
 
 template <typename X>
 DotChunkFn pick_y(at::ScalarType y) {
   switch (y) {
-    case at::kFloat: return &dot_chunk<X, float>;
-    case at::kDouble: return &dot_chunk<X, double>;
-    case at::kHalf: return &dot_chunk<X, c10::Half>;
-    default: return &dot_chunk<X, c10::BFloat16>;  // the checks admit only these four
+    case at::kFloat: return pick_isa<X, float>();
+    case at::kDouble: return pick_isa<X, double>();
+    case at::kHalf: return pick_isa<X, c10::Half>();
+    default: return pick_isa<X, c10::BFloat16>();  // the checks admit only these four
   }
 }
 
