@@ -211,12 +211,15 @@ def test_opcheck():
                            "found_inf": torch.zeros(1), "found_inf_out": torch.zeros(1)})
 
 
-def test_under_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_under_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
     def step(params, grads, bufs, updates, lr):
         ops.fused_sgd_(params, grads, bufs, lr=lr, momentum=0.9, nesterov=True, update_out=updates)
         return ops.multi_tensor_dot(grads, updates)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     params = _params([(5,), (3, 4)])
     grads = _grads(params, 2)
     eager = [p.clone() for p in params]

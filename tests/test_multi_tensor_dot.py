@@ -134,7 +134,7 @@ def test_bad_input_names_argument_and_index(xs, ys, match):
         ops.multi_tensor_dot(xs, ys)
     if len(xs) == len(ys):  # the C++ kernel itself refuses too, with the same names
         with pytest.raises(ValueError, match=match):
-            torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys, None)
+            torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
 
 
 @pytest.mark.parametrize("flag,match", [
@@ -150,21 +150,29 @@ def test_bad_found_inf(flag, match):
 def test_mixed_devices_refused_by_kernel():
     with pytest.raises(ValueError, match=r"`ys\[1\]` is on meta"):
         torch.ops.mpl_fast.multi_tensor_dot.default([torch.ones(2), torch.ones(2)],
-                                                    [torch.ones(2), torch.ones(2, device="meta")], None)
+                                                    [torch.ones(2), torch.ones(2, device="meta")])
 
 
 def test_opcheck():
     xs, ys = _lists([(5,), (3, 4), (CHUNK + 1,)], torch.float32, torch.bfloat16)
-    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys, None))
-    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys, torch.zeros(1)))
+    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys))
+    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.found_inf, (xs, ys, torch.zeros(1)))
 
 
-def test_under_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_under_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def plain(xs, ys):
+        return 0.05 * ops.multi_tensor_dot(xs, ys)
+
+    xs, ys = _lists([(5,), (3, 4)], seed=6)
+    torch.testing.assert_close(torch.compile(plain, fullgraph=True, backend=backend)(xs, ys), plain(xs, ys))
+
     def feedback(xs, ys, flag):
         return 0.05 * ops.multi_tensor_dot(xs, ys, found_inf=flag)
 
-    compiled = torch.compile(feedback, fullgraph=True, backend="aot_eager")
-    xs, ys = _lists([(5,), (3, 4)], seed=6)
+    compiled = torch.compile(feedback, fullgraph=True, backend=backend)
     flag = torch.zeros(1)
     torch.testing.assert_close(compiled(xs, ys, flag), feedback(xs, ys, torch.zeros(1)))
     ys[1][0, 0] = float("nan")
@@ -219,6 +227,6 @@ def test_cuda_found_inf_non_contiguous_and_opcheck():
     ys[0][CUDA_CHUNK + 1] = float("nan")
     ops.multi_tensor_dot(xs, ys, found_inf=flag)
     assert float(flag) == 1.0
-    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys, None))
+    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys))
     with pytest.raises(ValueError, match=r"`ys\[1\]` is on cpu"):
         ops.multi_tensor_dot(xs, [ys[0], ys[1].cpu()])

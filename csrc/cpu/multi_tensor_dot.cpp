@@ -127,8 +127,19 @@ at::Tensor multi_tensor_dot_cpu(at::TensorList xs, at::TensorList ys,
   return out;
 }
 
+at::Tensor multi_tensor_dot_plain_cpu(at::TensorList xs, at::TensorList ys) {
+  return multi_tensor_dot_cpu(xs, ys, c10::nullopt);
+}
+
+at::Tensor multi_tensor_dot_found_inf_cpu(at::TensorList xs, at::TensorList ys, at::Tensor& found_inf) {
+  return multi_tensor_dot_cpu(xs, ys, found_inf);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mpl_fast, CPU, m) { m.impl("multi_tensor_dot", &multi_tensor_dot_cpu); }
+TORCH_LIBRARY_IMPL(mpl_fast, CPU, m) {
+  m.impl("multi_tensor_dot", &multi_tensor_dot_plain_cpu);
+  m.impl("multi_tensor_dot.found_inf", &multi_tensor_dot_found_inf_cpu);
+}
 
 }  // namespace mpl_fast

@@ -167,6 +167,14 @@ at::Tensor multi_tensor_dot_cuda(at::TensorList xs, at::TensorList ys,
   return out;
 }
 
+at::Tensor multi_tensor_dot_plain_cuda(at::TensorList xs, at::TensorList ys) {
+  return multi_tensor_dot_cuda(xs, ys, c10::nullopt);
+}
+
+at::Tensor multi_tensor_dot_found_inf_cuda(at::TensorList xs, at::TensorList ys, at::Tensor& found_inf) {
+  return multi_tensor_dot_cuda(xs, ys, found_inf);
+}
+
 // ------------------------------------------------------------------ fused_sgd_
 
 struct SgdLaunch {
@@ -303,7 +311,8 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mpl_fast, CUDA, m) {
-  m.impl("multi_tensor_dot", &multi_tensor_dot_cuda);
+  m.impl("multi_tensor_dot", &multi_tensor_dot_plain_cuda);
+  m.impl("multi_tensor_dot.found_inf", &multi_tensor_dot_found_inf_cuda);
   m.impl("fused_sgd_", &fused_sgd_cuda);
 }
 

@@ -96,7 +96,9 @@ def multi_tensor_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
     """
     xs, ys = list(xs), list(ys)
     if xs and len(xs) == len(ys) and _extension.use_kernel(xs[0].device):
-        return torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys, found_inf)
+        if found_inf is None:
+            return torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
+        return torch.ops.mpl_fast.multi_tensor_dot.found_inf(xs, ys, found_inf)
     return multi_tensor_dot_reference(xs, ys, found_inf=found_inf)
 
 
@@ -114,7 +116,6 @@ def _check_devices_and_dtypes(xs, ys, found_inf) -> None:
         _check_flag(found_inf, "found_inf", xs[0].device, "multi_tensor_dot")
 
 
-@_extension.register_fake("multi_tensor_dot")
 def _multi_tensor_dot_fake(xs, ys, found_inf=None):
     torch._check(len(xs) == len(ys), lambda: f"`xs` has {len(xs)} tensors but `ys` has {len(ys)}")
     torch._check(len(xs) > 0, lambda: "`xs` and `ys` are empty")
@@ -123,3 +124,7 @@ def _multi_tensor_dot_fake(xs, ys, found_inf=None):
         torch._check(x.shape == y.shape,
                      lambda: f"`ys[{i}]` must have the shape of `xs[{i}]` {x.shape}, got {y.shape}")
     return xs[0].new_empty((), dtype=torch.float32)
+
+
+_extension.register_fake("multi_tensor_dot")(_multi_tensor_dot_fake)
+_extension.register_fake("multi_tensor_dot.found_inf")(_multi_tensor_dot_fake)
