@@ -13,3 +13,7 @@ __all__ = ["backend", "build_info", "scaled_add", "scaled_add_reference"]
 from mpl_fast.ops.multi_tensor_dot import multi_tensor_dot, multi_tensor_dot_reference  # noqa: E402
 
 __all__ += ["multi_tensor_dot", "multi_tensor_dot_reference"]
+
+from mpl_fast.ops.fused_sgd import fused_sgd_, fused_sgd_reference_  # noqa: E402
+
+__all__ += ["fused_sgd_", "fused_sgd_reference_"]

@@ -1,0 +1,146 @@
+"""``FusedSGD``: a drop-in torch.optim.SGD whose step is one ``mpl_fast.ops.fused_sgd_`` pass.
+
+Same constructor arguments, param groups and state (``state[p]["momentum_buffer"]``) as
+torch.optim.SGD, so state dicts load in both directions. Two additions for MPL and AMP:
+
+- ``keep_update=True``: after each step, ``state[p]["last_update"]`` (or
+  :meth:`FusedSGD.last_updates`) holds the applied update Δθ = θ_new − θ_old of every parameter
+  (zero for a parameter that had no gradient or a skipped step). The MPL ``update-dot`` feedback
+  reads it. It is written by the same fused pass (no extra kernel) and is left out of
+  ``state_dict()`` (it is recomputed by the next step). For the ``grad-dot`` feedback the trainer
+  keeps g_u itself: the step does not modify ``p.grad``.
+- ``step(found_inf=flag)``: a one-element float32 device tensor; when it is non-zero the step
+  is a no-op on the device (no host sync), e.g. a flag filled by ``multi_tensor_dot`` or by
+  ``torch._amp_foreach_non_finite_check_and_unscale_``. Momentum buffers are created as zeros,
+  so a skipped first step leaves them equivalent to "not initialised" (exact for dampening 0).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from mpl_fast.ops.fused_sgd import fused_sgd_
+
+
+class FusedSGD(torch.optim.Optimizer):
+    """torch.optim.SGD (momentum, dampening, weight decay, Nesterov, maximize) in one fused pass.
+
+    ``foreach`` and ``fused`` are accepted for signature compatibility and ignored (the step is
+    always fused); ``differentiable=True`` is refused. See the module docstring for
+    ``keep_update`` and ``found_inf``.
+    """
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None, keep_update: bool = False) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise RuntimeError("FusedSGD does not support differentiable=True (use torch.optim.SGD)")
+        # The very keys of torch.optim.SGD's defaults, so param groups round-trip between the two.
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
+                    "foreach": foreach, "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults)
+        self.keep_update = keep_update
+        self.register_state_dict_post_hook(_drop_last_update)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, then gives every momentum buffer its parameter's layout (the fused pass
+        walks them in the same memory order)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and buf.stride() != p.stride():
+                    self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+
+    def last_updates(self, params: Optional[Iterable[torch.Tensor]] = None) -> list[Optional[torch.Tensor]]:
+        """Δθ of the last step for ``params`` (default: every parameter, in group order);
+        zero for a parameter without a gradient in that step, None before the first step.
+        Needs ``keep_update=True``."""
+        if not self.keep_update:
+            raise RuntimeError("FusedSGD.last_updates needs FusedSGD(..., keep_update=True)")
+        if params is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+        return [self.state[p].get("last_update") if p in self.state else None for p in params]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None, *,
+             found_inf: Optional[torch.Tensor] = None):
+        """One SGD step over every parameter with a gradient (skipped on device if ``found_inf``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group, found_inf)
+        return loss
+
+    def _step_group(self, group: dict, found_inf: Optional[torch.Tensor]) -> None:
+        momentum = group["momentum"]
+        # One fused call per (device, first step or not): the kernel handles mixed dtypes.
+        batches: dict = defaultdict(lambda: ([], [], [], []))
+        for p in group["params"]:
+            # Like torch.optim.SGD, touch self.state only for what is stored (an empty entry
+            # would show up in state_dict()).
+            state = self.state[p] if (momentum != 0 and p.grad is not None) or self.keep_update else {}
+            if p.grad is None:  # the parameter does not move: Δθ = 0
+                if self.keep_update:
+                    if "last_update" in state:
+                        state["last_update"].zero_()
+                    else:
+                        state["last_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("FusedSGD does not support sparse gradients")
+            first = False
+            if momentum != 0 and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                first = True
+            params, grads, bufs, updates = batches[(p.device, first)]
+            params.append(p)
+            grads.append(p.grad)
+            if momentum != 0:
+                bufs.append(state["momentum_buffer"])
+            if self.keep_update:
+                if "last_update" not in state:
+                    state["last_update"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                updates.append(state["last_update"])
+        for (device, first), (params, grads, bufs, updates) in batches.items():
+            flag = found_inf
+            if flag is not None and flag.device != device:
+                flag = flag.to(device, non_blocking=True)
+            fused_sgd_(params, grads, bufs, lr=group["lr"], momentum=momentum,
+                       dampening=group["dampening"], weight_decay=group["weight_decay"],
+                       nesterov=group["nesterov"], maximize=group["maximize"], first_step=first,
+                       update_out=updates or None, found_inf=flag)
+
+
+def _drop_last_update(optimizer: FusedSGD, state_dict: dict) -> dict:
+    """state_dict post-hook: Δθ is scratch for the feedback, not optimizer state worth saving."""
+    # The packed per-parameter dicts are the live state objects: copy, never pop from them.
+    state_dict["state"] = {key: {name: value for name, value in param_state.items() if name != "last_update"}
+                           for key, param_state in state_dict["state"].items()}
+    return state_dict
