@@ -7,6 +7,11 @@
 TORCH_LIBRARY(mpl_fast, m) {
   // Smoke op: out = x + alpha * y (proves schema -> CPU/CUDA kernel -> fake -> reference).
   m.def("scaled_add(Tensor x, Tensor y, float alpha) -> Tensor");
+
+  // Batched RandAugment / Cutout (csrc/augment.h): every image of a uint8 (N, C, H, W) batch runs
+  // its own op sequence; codes (N, K) int32 and params (N, K, 6) float32 come from
+  // mpl_fast/ops/augment.py, fill holds 1 or C uint8 values.
+  m.def("augment_apply(Tensor images, Tensor codes, Tensor params, int[] fill) -> Tensor");
 }
 
 namespace {

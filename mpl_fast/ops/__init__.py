@@ -13,3 +13,7 @@ __all__ = ["backend", "build_info", "scaled_add", "scaled_add_reference"]
 from mpl_fast.ops.multi_tensor_dot import multi_tensor_dot, multi_tensor_dot_reference  # noqa: E402
 
 __all__ += ["multi_tensor_dot", "multi_tensor_dot_reference"]
+
+from mpl_fast.ops.augment import apply_op, cutout, rand_augment  # noqa: E402
+
+__all__ += ["apply_op", "cutout", "rand_augment"]
