@@ -74,12 +74,16 @@ MPL_HOST_DEVICE inline float div_rn(float a, float b) {
   return a / b;
 #endif
 }
-// Round half to even, as torch's nearest grid_sample (std::nearbyint / rintf).
-MPL_HOST_DEVICE inline int64_t round_half_even(float v) {
+// Round half to even, as torch's nearest grid_sample (std::nearbyint / rintf), for |v| < 2^22.
+// On the host, adding and subtracting 1.5 * 2^23 rounds in the default mode and vectorizes
+// without SSE4.1; it equals rintf over that range (IEEE arithmetic: compilers do not fold it
+// unless built with -ffast-math, which this extension is not on the host).
+MPL_HOST_DEVICE inline float round_half_even(float v) {
 #if defined(__CUDA_ARCH__)
-  return static_cast<int64_t>(rintf(v));
+  return rintf(v);
 #else
-  return static_cast<int64_t>(__builtin_rintf(v));
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23
+  return (v + kMagic) - kMagic;
 #endif
 }
 
@@ -100,6 +104,21 @@ MPL_HOST_DEVICE inline uint8_t grayscale(uint8_t r, uint8_t g, uint8_t b) {
   return static_cast<uint8_t>(static_cast<int>(v));
 }
 
+// The three products of grayscale() for every byte value, so a CPU loop can look them up.
+struct GrayTables {
+  float r[256], g[256], b[256];
+};
+inline void fill_gray_tables(GrayTables* t) {
+  for (int v = 0; v < 256; ++v) {
+    t->r[v] = mul_rn(0.2989f, float(v));
+    t->g[v] = mul_rn(0.587f, float(v));
+    t->b[v] = mul_rn(0.114f, float(v));
+  }
+}
+inline uint8_t grayscale(const GrayTables& t, uint8_t r, uint8_t g, uint8_t b) {
+  return static_cast<uint8_t>(static_cast<int>(add_rn(add_rn(t.r[r], t.g[g]), t.b[b])));
+}
+
 // Mean that torch.mean gives for an integer-valued float32 image: sum / count in float32.
 MPL_HOST_DEVICE inline float mean_from_sum(int64_t sum, int64_t count) {
   return div_rn(static_cast<float>(sum), static_cast<float>(count));
@@ -107,24 +126,26 @@ MPL_HOST_DEVICE inline float mean_from_sum(int64_t sum, int64_t count) {
 
 // ---- geometric ops ---------------------------------------------------------------------------
 // Source pixel of output pixel (row, col) under the normalized inverse affine grid that
-// torchvision builds (_gen_affine_grid, then grid_sample nearest, align_corners=False).
-// Returns false when the source falls outside the image (the pixel takes the fill value).
-MPL_HOST_DEVICE inline bool affine_source(const float* p, int64_t height, int64_t width, int64_t row,
-                                          int64_t col, int64_t* src_row, int64_t* src_col) {
+// torchvision builds (_gen_affine_grid, then grid_sample nearest, align_corners=False), as a
+// linear index row * width + col into the source plane, or -1 when it falls outside the image
+// (the pixel takes the fill value). Branch-free so that the CPU loop over a row vectorizes.
+MPL_HOST_DEVICE inline int32_t affine_source_index(const float* p, int32_t height, int32_t width, int32_t row,
+                                                   int32_t col) {
   const float x = add_rn(float(col), 0.5f - 0.5f * float(width));  // exact: half-integers
   const float y = add_rn(float(row), 0.5f - 0.5f * float(height));
   const float gx = add_rn(add_rn(mul_rn(x, p[0]), mul_rn(y, p[1])), p[2]);
   const float gy = add_rn(add_rn(mul_rn(x, p[3]), mul_rn(y, p[4])), p[5]);
   // grid_sample's unnormalization for align_corners=False: ((g + 1) * size - 1) / 2.
-  const float ix = div_rn(sub_rn(mul_rn(add_rn(gx, 1.f), float(width)), 1.f), 2.f);
-  const float iy = div_rn(sub_rn(mul_rn(add_rn(gy, 1.f), float(height)), 1.f), 2.f);
-  // Out of int64 range (huge shears) is simply out of the image.
-  if (!(ix > -1.f && ix < float(width) + 1.f && iy > -1.f && iy < float(height) + 1.f)) return false;
-  const int64_t c = round_half_even(ix), r = round_half_even(iy);
-  if (c < 0 || c >= width || r < 0 || r >= height) return false;
-  *src_row = r;
-  *src_col = c;
-  return true;
+  float ix = div_rn(sub_rn(mul_rn(add_rn(gx, 1.f), float(width)), 1.f), 2.f);
+  float iy = div_rn(sub_rn(mul_rn(add_rn(gy, 1.f), float(height)), 1.f), 2.f);
+  // Anything beyond one pixel outside stays outside after rounding; clamping keeps the
+  // rounding exact and the int conversion defined for huge shears.
+  ix = ix < -2.f ? -2.f : (ix > float(width) + 1.f ? float(width) + 1.f : ix);
+  iy = iy < -2.f ? -2.f : (iy > float(height) + 1.f ? float(height) + 1.f : iy);
+  const int32_t c = static_cast<int32_t>(round_half_even(ix));
+  const int32_t r = static_cast<int32_t>(round_half_even(iy));
+  const bool inside = (c >= 0) & (c < width) & (r >= 0) & (r < height);
+  return inside ? r * width + c : -1;
 }
 
 MPL_HOST_DEVICE inline bool in_cutout(const float* p, int64_t row, int64_t col) {

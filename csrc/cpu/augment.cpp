@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -26,110 +27,157 @@ struct Image {
   int64_t numel() const { return channels * height * width; }
 };
 
-// Applies one op from `src` to `dst` (which may alias `src` for in-place ops).
-void apply_one(int32_t code, const float* p, const uint8_t* fill, const Image& im, const uint8_t* src,
-               uint8_t* dst) {
+// Pointwise ops become a 256-entry lookup table per channel (built with the shared per-pixel
+// math), so the pass over the pixels is a gather. Locals are hoisted because a uint8_t store
+// may alias anything, which otherwise stops the compiler from keeping bounds in registers.
+void apply_lut(const uint8_t* __restrict__ lut, const uint8_t* src, uint8_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]];
+}
+
+// Per-channel tables of ratio * v and (1 - ratio) * v, the two products of a blend.
+struct BlendTables {
+  float a[kHistBins], b[kHistBins];
+  BlendTables(float ratio, float one_minus_ratio) {
+    for (int v = 0; v < kHistBins; ++v) {
+      a[v] = mul_rn(ratio, float(v));
+      b[v] = mul_rn(one_minus_ratio, float(v));
+    }
+  }
+  uint8_t operator()(uint8_t x, uint8_t y) const { return clamp_trunc_u8(add_rn(a[x], b[y])); }
+};
+
+void affine_image(const float* p, const uint8_t* fill, const Image& im, const uint8_t* src, uint8_t* dst,
+                  std::vector<int32_t>& row_index) {
   const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
+  int32_t* index = row_index.data();
+  const float coeffs[kParamsPerOp] = {p[0], p[1], p[2], p[3], p[4], p[5]};
+  const auto h32 = static_cast<int32_t>(H), w32 = static_cast<int32_t>(W);
+  for (int32_t r = 0; r < h32; ++r) {
+    for (int32_t c = 0; c < w32; ++c) index[c] = affine_source_index(coeffs, h32, w32, r, c);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const uint8_t* s = src + ch * plane;
+      uint8_t* d = dst + ch * plane + r * W;
+      const uint8_t f = fill[ch];
+      for (int64_t c = 0; c < W; ++c) d[c] = index[c] >= 0 ? s[index[c]] : f;
+    }
+  }
+}
+
+void sharpness_image(const float* p, const Image& im, const uint8_t* src, uint8_t* dst) {
+  const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
+  const BlendTables blend_of(p[0], p[1]);
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const uint8_t* s = src + ch * plane;
+    uint8_t* d = dst + ch * plane;
+    for (int64_t r = 0; r < H; ++r) {
+      const bool border_row = r == 0 || r == H - 1;
+      for (int64_t c = 0; c < W; ++c) {
+        const uint8_t x = s[r * W + c];
+        const bool border = border_row || c == 0 || c == W - 1;
+        d[r * W + c] = blend_of(x, border ? x : smooth3x3(s, W, r, c));
+      }
+    }
+  }
+}
+
+// Applies one op from `src` to `dst` (which may alias `src` unless needs_second_buffer()).
+void apply_one(int32_t code, const float* p, const uint8_t* fill, const Image& im, const uint8_t* src,
+               uint8_t* dst, std::vector<int32_t>& row_index) {
+  const int64_t plane = im.plane(), C = im.channels, numel = im.numel();
+  const float p0 = p[0], p1 = p[1];
+  uint8_t lut[kHistBins];
   switch (code) {
     case kAffine:
-      for (int64_t r = 0; r < H; ++r) {
-        for (int64_t c = 0; c < W; ++c) {
-          int64_t sr, sc;
-          const bool inside = affine_source(p, H, W, r, c, &sr, &sc);
-          for (int64_t ch = 0; ch < C; ++ch)
-            dst[ch * plane + r * W + c] = inside ? src[ch * plane + sr * W + sc] : fill[ch];
-        }
-      }
-      break;
-    case kBrightness:
-      for (int64_t i = 0; i < im.numel(); ++i) dst[i] = blend(float(src[i]), 0.f, p[0], p[1]);
-      break;
-    case kColor:
-      if (C == 3) {
-        for (int64_t i = 0; i < plane; ++i) {
-          const uint8_t g = grayscale(src[i], src[plane + i], src[2 * plane + i]);
-          for (int64_t ch = 0; ch < 3; ++ch) dst[ch * plane + i] = blend(float(src[ch * plane + i]), float(g), p[0], p[1]);
-        }
-      } else if (dst != src) {
-        std::memcpy(dst, src, im.numel());  // torchvision: saturation of a grayscale image is a no-op
-      }
-      break;
-    case kContrast: {
-      int64_t sum = 0;
-      if (C == 3) {
-        for (int64_t i = 0; i < plane; ++i) sum += grayscale(src[i], src[plane + i], src[2 * plane + i]);
-      } else {
-        for (int64_t i = 0; i < plane; ++i) sum += src[i];
-      }
-      const float mean = mean_from_sum(sum, plane);
-      for (int64_t i = 0; i < im.numel(); ++i) dst[i] = blend(float(src[i]), mean, p[0], p[1]);
-      break;
-    }
+      affine_image(p, fill, im, src, dst, row_index);
+      return;
     case kSharpness:
-      if (H <= 2 || W <= 2) {  // torchvision leaves images this small unchanged
-        if (dst != src) std::memcpy(dst, src, im.numel());
-        break;
+      if (im.height <= 2 || im.width <= 2) break;  // torchvision leaves images this small unchanged
+      sharpness_image(p, im, src, dst);
+      return;
+    case kColor: {
+      if (C != 3) break;  // torchvision: saturation of a grayscale image is a no-op
+      const BlendTables blend_of(p0, p1);
+      GrayTables gray_tables;
+      fill_gray_tables(&gray_tables);
+      for (int64_t i = 0; i < plane; ++i) {
+        const uint8_t r = src[i], g = src[plane + i], b = src[2 * plane + i];
+        const uint8_t gray = grayscale(gray_tables, r, g, b);
+        dst[i] = blend_of(r, gray);
+        dst[plane + i] = blend_of(g, gray);
+        dst[2 * plane + i] = blend_of(b, gray);
       }
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const uint8_t* s = src + ch * plane;
-        uint8_t* d = dst + ch * plane;
-        for (int64_t r = 0; r < H; ++r) {
-          for (int64_t c = 0; c < W; ++c) {
-            const bool border = r == 0 || c == 0 || r == H - 1 || c == W - 1;
-            const uint8_t degenerate = border ? s[r * W + c] : smooth3x3(s, W, r, c);
-            d[r * W + c] = blend(float(s[r * W + c]), float(degenerate), p[0], p[1]);
-          }
+      return;
+    }
+    case kBrightness:
+    case kContrast: {
+      float target = 0.f;  // Brightness blends with black, Contrast with the grayscale mean
+      if (code == kContrast) {
+        int64_t sum = 0;
+        if (C == 3) {
+          for (int64_t i = 0; i < plane; ++i) sum += grayscale(src[i], src[plane + i], src[2 * plane + i]);
+        } else {
+          for (int64_t i = 0; i < plane; ++i) sum += src[i];
         }
+        target = mean_from_sum(sum, plane);
       }
-      break;
+      for (int v = 0; v < kHistBins; ++v) lut[v] = blend(float(v), target, p0, p1);
+      apply_lut(lut, src, dst, numel);
+      return;
+    }
     case kPosterize:
-      for (int64_t i = 0; i < im.numel(); ++i) dst[i] = posterize(src[i], p[0]);
-      break;
     case kSolarize:
-      for (int64_t i = 0; i < im.numel(); ++i) dst[i] = solarize(src[i], p[0]);
-      break;
     case kInvert:
-      for (int64_t i = 0; i < im.numel(); ++i) dst[i] = invert(src[i]);
-      break;
-    case kAutoContrast:
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const uint8_t* s = src + ch * plane;
-        uint8_t* d = dst + ch * plane;
-        const auto [lo, hi] = std::minmax_element(s, s + plane);
-        const AutoContrastScale scale = autocontrast_scale(*lo, *hi);
-        for (int64_t i = 0; i < plane; ++i) d[i] = autocontrast(s[i], scale);
+      for (int v = 0; v < kHistBins; ++v) {
+        const auto x = static_cast<uint8_t>(v);
+        lut[v] = code == kPosterize ? posterize(x, p0) : code == kSolarize ? solarize(x, p0) : invert(x);
       }
-      break;
+      apply_lut(lut, src, dst, numel);
+      return;
+    case kAutoContrast:
     case kEqualize:
       for (int64_t ch = 0; ch < C; ++ch) {
         const uint8_t* s = src + ch * plane;
-        uint8_t* d = dst + ch * plane;
         int32_t hist[kHistBins] = {0};
         for (int64_t i = 0; i < plane; ++i) ++hist[s[i]];
-        uint8_t lut[kHistBins];
-        if (equalize_lut(hist, lut)) {
-          for (int64_t i = 0; i < plane; ++i) d[i] = lut[s[i]];
-        } else if (d != s) {
-          std::memcpy(d, s, plane);
+        bool identity = false;
+        if (code == kEqualize) {
+          identity = !equalize_lut(hist, lut);
+        } else {
+          int lo = 0, hi = kHistBins - 1;
+          while (hist[lo] == 0) ++lo;
+          while (hist[hi] == 0) --hi;
+          const AutoContrastScale scale = autocontrast_scale(lo, hi);
+          for (int v = 0; v < kHistBins; ++v) lut[v] = autocontrast(static_cast<uint8_t>(v), scale);
+        }
+        if (identity) {
+          if (dst != src) std::memcpy(dst + ch * plane, s, plane);
+        } else {
+          apply_lut(lut, s, dst + ch * plane, plane);
         }
       }
-      break;
-    case kCutout:
-      if (dst != src) std::memcpy(dst, src, im.numel());
+      return;
+    case kCutout: {
+      if (dst != src) std::memcpy(dst, src, numel);
+      // Same box as in_cutout(): rows/cols v with y0 <= v < y1 (x likewise), within the image.
+      auto first_inside = [](float bound, int64_t size) {
+        return static_cast<int64_t>(std::clamp(std::ceil(bound), 0.f, float(size)));
+      };
+      const int64_t y0 = first_inside(p[0], im.height), y1 = first_inside(p[1], im.height);
+      const int64_t x0 = first_inside(p[2], im.width), x1 = first_inside(p[3], im.width);
+      if (y1 <= y0 || x1 <= x0) return;
       for (int64_t ch = 0; ch < C; ++ch)
-        for (int64_t r = 0; r < H; ++r)
-          for (int64_t c = 0; c < W; ++c)
-            if (in_cutout(p, r, c)) dst[ch * plane + r * W + c] = fill[ch];
-      break;
+        for (int64_t r = y0; r < y1; ++r) std::memset(dst + ch * plane + r * im.width + x0, fill[ch], x1 - x0);
+      return;
+    }
     default:  // kIdentity (codes were validated on entry)
-      if (dst != src) std::memcpy(dst, src, im.numel());
       break;
   }
+  if (dst != src) std::memcpy(dst, src, numel);
 }
 
 // Runs the op sequence of one image from `in` into `out`, using `scratch` as the second buffer.
 void augment_image(const uint8_t* in, uint8_t* out, uint8_t* scratch, const Image& im, const int32_t* codes,
-                   const float* params, int64_t num_ops, const uint8_t* fill) {
+                   const float* params, int64_t num_ops, const uint8_t* fill, std::vector<int32_t>& row_index) {
   const uint8_t* current = in;
   for (int64_t k = 0; k < num_ops; ++k) {
     const int32_t code = codes[k];
@@ -140,7 +188,7 @@ void augment_image(const uint8_t* in, uint8_t* out, uint8_t* scratch, const Imag
     } else {
       target = current == out ? scratch : out;
     }
-    apply_one(code, params + k * kParamsPerOp, fill, im, current, target);
+    apply_one(code, params + k * kParamsPerOp, fill, im, current, target, row_index);
     current = target;
   }
   if (current != out) std::memcpy(out, current, im.numel());
@@ -169,9 +217,10 @@ at::Tensor augment_apply_cpu(const at::Tensor& images, const at::Tensor& codes, 
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, im.numel()));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> scratch(im.numel());
+    std::vector<int32_t> row_index(im.width);
     for (int64_t i = begin; i < end; ++i) {
       augment_image(src + i * im.numel(), dst + i * im.numel(), scratch.data(), im, code_p + i * num_ops,
-                    param_p + i * num_ops * kParamsPerOp, num_ops, fill_values);
+                    param_p + i * num_ops * kParamsPerOp, num_ops, fill_values, row_index);
     }
   });
   return out;

@@ -44,10 +44,9 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
   switch (code) {
     case kAffine:
       for (int64_t i = tid; i < plane; i += nthreads) {
-        const int64_t r = i / W, c = i % W;
-        int64_t sr, sc;
-        const bool inside = affine_source(p, H, W, r, c, &sr, &sc);
-        for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = inside ? src[ch * plane + sr * W + sc] : fill[ch];
+        const int32_t source = affine_source_index(p, static_cast<int32_t>(H), static_cast<int32_t>(W),
+                                                   static_cast<int32_t>(i / W), static_cast<int32_t>(i % W));
+        for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
       }
       break;
     case kBrightness:

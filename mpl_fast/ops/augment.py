@@ -343,6 +343,10 @@ def rand_augment(images: torch.Tensor, num_ops: int = 2, magnitude: float = 9, n
 
     if isinstance(cutout, bool) or not isinstance(cutout, int) or cutout < 0:
         raise ValueError(f"mpl_fast: `cutout` must be a non-negative int, got {cutout!r}")
-    plan, policy_fill = sample_plan(images.shape, num_ops, magnitude, num_magnitude_bins, policy, generator,
-                                    final_cutout=cutout)
-    return run_plan(images, plan, policy_fill if fill is None else fill)
+    drawn = sample_plan(images.shape, num_ops, magnitude, num_magnitude_bins, policy, generator, final_cutout=cutout)
+    fills = normalize_fill(drawn.fill if fill is None else fill, images.shape[1])
+    if not _extension.use_kernel(images.device):
+        return run_plan_reference(images, drawn.plan, fills)
+    codes = drawn.codes.to(images.device, non_blocking=True)
+    params = drawn.params.to(images.device, non_blocking=True)
+    return torch.ops.mpl_fast.augment_apply.default(images, codes, params, fills)
