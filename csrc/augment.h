@@ -88,8 +88,10 @@ MPL_HOST_DEVICE inline float round_half_even(float v) {
 }
 
 // float -> uint8 as torch's clamp(0, 255).to(torch.uint8): clamp, then truncate.
+// Written as max-then-min selects, which compile to branch-free min/max instructions.
 MPL_HOST_DEVICE inline uint8_t clamp_trunc_u8(float v) {
-  v = v < 0.f ? 0.f : (v > 255.f ? 255.f : v);
+  v = v > 0.f ? v : 0.f;
+  v = v < 255.f ? v : 255.f;
   return static_cast<uint8_t>(static_cast<int>(v));
 }
 
@@ -102,21 +104,6 @@ MPL_HOST_DEVICE inline uint8_t blend(float a, float b, float ratio, float one_mi
 MPL_HOST_DEVICE inline uint8_t grayscale(uint8_t r, uint8_t g, uint8_t b) {
   const float v = add_rn(add_rn(mul_rn(0.2989f, float(r)), mul_rn(0.587f, float(g))), mul_rn(0.114f, float(b)));
   return static_cast<uint8_t>(static_cast<int>(v));
-}
-
-// The three products of grayscale() for every byte value, so a CPU loop can look them up.
-struct GrayTables {
-  float r[256], g[256], b[256];
-};
-inline void fill_gray_tables(GrayTables* t) {
-  for (int v = 0; v < 256; ++v) {
-    t->r[v] = mul_rn(0.2989f, float(v));
-    t->g[v] = mul_rn(0.587f, float(v));
-    t->b[v] = mul_rn(0.114f, float(v));
-  }
-}
-inline uint8_t grayscale(const GrayTables& t, uint8_t r, uint8_t g, uint8_t b) {
-  return static_cast<uint8_t>(static_cast<int>(add_rn(add_rn(t.r[r], t.g[g]), t.b[b])));
 }
 
 // Mean that torch.mean gives for an integer-valued float32 image: sum / count in float32.
@@ -140,8 +127,10 @@ MPL_HOST_DEVICE inline int32_t affine_source_index(const float* p, int32_t heigh
   float iy = div_rn(sub_rn(mul_rn(add_rn(gy, 1.f), float(height)), 1.f), 2.f);
   // Anything beyond one pixel outside stays outside after rounding; clamping keeps the
   // rounding exact and the int conversion defined for huge shears.
-  ix = ix < -2.f ? -2.f : (ix > float(width) + 1.f ? float(width) + 1.f : ix);
-  iy = iy < -2.f ? -2.f : (iy > float(height) + 1.f ? float(height) + 1.f : iy);
+  ix = ix > -2.f ? ix : -2.f;
+  ix = ix < float(width) + 1.f ? ix : float(width) + 1.f;
+  iy = iy > -2.f ? iy : -2.f;
+  iy = iy < float(height) + 1.f ? iy : float(height) + 1.f;
   const int32_t c = static_cast<int32_t>(round_half_even(ix));
   const int32_t r = static_cast<int32_t>(round_half_even(iy));
   const bool inside = (c >= 0) & (c < width) & (r >= 0) & (r < height);

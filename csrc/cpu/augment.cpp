@@ -1,7 +1,8 @@
 // CPU kernel of `augment_apply`: every image of a uint8 (N, C, H, W) batch gets its own sequence
 // of ops (codes and parameters per image). Images run in parallel (at::parallel_for); inside an
 // image the ops run one after the other on two buffers: the output and a per-thread scratch
-// image (the only allocation besides the output, one image large, reused across a chunk).
+// image. Scratch (the only allocation besides the output) is per thread and per call: one image,
+// one plane and one row of indices, reused across the images of a chunk.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,16 +35,12 @@ void apply_lut(const uint8_t* __restrict__ lut, const uint8_t* src, uint8_t* dst
   for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]];
 }
 
-// Per-channel tables of ratio * v and (1 - ratio) * v, the two products of a blend.
-struct BlendTables {
-  float a[kHistBins], b[kHistBins];
-  BlendTables(float ratio, float one_minus_ratio) {
-    for (int v = 0; v < kHistBins; ++v) {
-      a[v] = mul_rn(ratio, float(v));
-      b[v] = mul_rn(one_minus_ratio, float(v));
-    }
-  }
-  uint8_t operator()(uint8_t x, uint8_t y) const { return clamp_trunc_u8(add_rn(a[x], b[y])); }
+// Per-thread working memory, reused across the images of a chunk: a row of source indices
+// (affine) and one plane of bytes (grayscale for Color, a smoothed row for Sharpness).
+struct Scratch {
+  std::vector<int32_t> index;
+  std::vector<uint8_t> bytes;
+  explicit Scratch(const Image& im) : index(im.width), bytes(std::max(im.plane(), im.width)) {}
 };
 
 void affine_image(const float* p, const uint8_t* fill, const Image& im, const uint8_t* src, uint8_t* dst,
@@ -58,54 +55,58 @@ void affine_image(const float* p, const uint8_t* fill, const Image& im, const ui
       const uint8_t* s = src + ch * plane;
       uint8_t* d = dst + ch * plane + r * W;
       const uint8_t f = fill[ch];
-      for (int64_t c = 0; c < W; ++c) d[c] = index[c] >= 0 ? s[index[c]] : f;
+      for (int64_t c = 0; c < W; ++c) {  // branch-free: always load, then select
+        const int32_t j = index[c];
+        const uint8_t v = s[j < 0 ? 0 : j];
+        d[c] = j < 0 ? f : v;
+      }
     }
   }
 }
 
-void sharpness_image(const float* p, const Image& im, const uint8_t* src, uint8_t* dst) {
+// Blends a row with its degenerate row; a plain loop over floats, which vectorizes.
+void blend_row(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t n, float ratio, float one_minus_ratio) {
+  for (int64_t i = 0; i < n; ++i) out[i] = blend(float(x[i]), float(y[i]), ratio, one_minus_ratio);
+}
+
+void sharpness_image(const float* p, const Image& im, const uint8_t* src, uint8_t* dst, uint8_t* row) {
   const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
-  const BlendTables blend_of(p[0], p[1]);
+  const float p0 = p[0], p1 = p[1];
   for (int64_t ch = 0; ch < C; ++ch) {
     const uint8_t* s = src + ch * plane;
     uint8_t* d = dst + ch * plane;
-    for (int64_t r = 0; r < H; ++r) {
-      const bool border_row = r == 0 || r == H - 1;
-      for (int64_t c = 0; c < W; ++c) {
-        const uint8_t x = s[r * W + c];
-        const bool border = border_row || c == 0 || c == W - 1;
-        d[r * W + c] = blend_of(x, border ? x : smooth3x3(s, W, r, c));
-      }
+    // Border pixels keep their value in the degenerate image (blend of a pixel with itself,
+    // which float rounding can still move by one).
+    blend_row(s, s, d, W, p0, p1);
+    blend_row(s + (H - 1) * W, s + (H - 1) * W, d + (H - 1) * W, W, p0, p1);
+    for (int64_t r = 1; r < H - 1; ++r) {
+      row[0] = s[r * W];
+      row[W - 1] = s[r * W + W - 1];
+      for (int64_t c = 1; c < W - 1; ++c) row[c] = smooth3x3(s, W, r, c);
+      blend_row(s + r * W, row, d + r * W, W, p0, p1);
     }
   }
 }
 
 // Applies one op from `src` to `dst` (which may alias `src` unless needs_second_buffer()).
 void apply_one(int32_t code, const float* p, const uint8_t* fill, const Image& im, const uint8_t* src,
-               uint8_t* dst, std::vector<int32_t>& row_index) {
+               uint8_t* dst, Scratch& scratch) {
   const int64_t plane = im.plane(), C = im.channels, numel = im.numel();
   const float p0 = p[0], p1 = p[1];
   uint8_t lut[kHistBins];
   switch (code) {
     case kAffine:
-      affine_image(p, fill, im, src, dst, row_index);
+      affine_image(p, fill, im, src, dst, scratch.index);
       return;
     case kSharpness:
       if (im.height <= 2 || im.width <= 2) break;  // torchvision leaves images this small unchanged
-      sharpness_image(p, im, src, dst);
+      sharpness_image(p, im, src, dst, scratch.bytes.data());
       return;
     case kColor: {
       if (C != 3) break;  // torchvision: saturation of a grayscale image is a no-op
-      const BlendTables blend_of(p0, p1);
-      GrayTables gray_tables;
-      fill_gray_tables(&gray_tables);
-      for (int64_t i = 0; i < plane; ++i) {
-        const uint8_t r = src[i], g = src[plane + i], b = src[2 * plane + i];
-        const uint8_t gray = grayscale(gray_tables, r, g, b);
-        dst[i] = blend_of(r, gray);
-        dst[plane + i] = blend_of(g, gray);
-        dst[2 * plane + i] = blend_of(b, gray);
-      }
+      uint8_t* gray = scratch.bytes.data();
+      for (int64_t i = 0; i < plane; ++i) gray[i] = grayscale(src[i], src[plane + i], src[2 * plane + i]);
+      for (int64_t ch = 0; ch < 3; ++ch) blend_row(src + ch * plane, gray, dst + ch * plane, plane, p0, p1);
       return;
     }
     case kBrightness:
@@ -177,7 +178,7 @@ void apply_one(int32_t code, const float* p, const uint8_t* fill, const Image& i
 
 // Runs the op sequence of one image from `in` into `out`, using `scratch` as the second buffer.
 void augment_image(const uint8_t* in, uint8_t* out, uint8_t* scratch, const Image& im, const int32_t* codes,
-                   const float* params, int64_t num_ops, const uint8_t* fill, std::vector<int32_t>& row_index) {
+                   const float* params, int64_t num_ops, const uint8_t* fill, Scratch& work) {
   const uint8_t* current = in;
   for (int64_t k = 0; k < num_ops; ++k) {
     const int32_t code = codes[k];
@@ -188,7 +189,7 @@ void augment_image(const uint8_t* in, uint8_t* out, uint8_t* scratch, const Imag
     } else {
       target = current == out ? scratch : out;
     }
-    apply_one(code, params + k * kParamsPerOp, fill, im, current, target, row_index);
+    apply_one(code, params + k * kParamsPerOp, fill, im, current, target, work);
     current = target;
   }
   if (current != out) std::memcpy(out, current, im.numel());
@@ -216,11 +217,11 @@ at::Tensor augment_apply_cpu(const at::Tensor& images, const at::Tensor& codes, 
   // Grain: about 64K pixels of work per task, so tiny images are batched per thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, im.numel()));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> scratch(im.numel());
-    std::vector<int32_t> row_index(im.width);
+    std::vector<uint8_t> scratch(im.numel());  // the second image buffer
+    Scratch work(im);
     for (int64_t i = begin; i < end; ++i) {
       augment_image(src + i * im.numel(), dst + i * im.numel(), scratch.data(), im, code_p + i * num_ops,
-                    param_p + i * num_ops * kParamsPerOp, num_ops, fill_values, row_index);
+                    param_p + i * num_ops * kParamsPerOp, num_ops, fill_values, work);
     }
   });
   return out;
