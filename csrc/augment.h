@@ -38,7 +38,8 @@ enum OpCode : int32_t {
   kEqualize = 9,      // no params
   kInvert = 10,       // no params
   kCutout = 11,       // params: y0, y1, x0, x1 (half-open box, already clipped)
-  kNumOpCodes = 12,
+  kTranslate = 12,    // params: dx, dy (whole pixels): out[r][c] = in[r - dy][c - dx], else fill
+  kNumOpCodes = 13,
 };
 
 constexpr int kParamsPerOp = 6;
@@ -205,9 +206,19 @@ MPL_HOST_DEVICE inline bool equalize_lut(const int32_t* hist, uint8_t* lut) {
   return true;
 }
 
+// TranslateX/Y by whole pixels (torchvision truncates the magnitude to int). kAffine with the
+// same translation computes source coordinates within float round-off of the integers
+// (col - dx, row - dy), far from the .5 where nearest rounding could flip, so both give the same
+// image; kTranslate is the fast path. Returns the source index or -1 (fill).
+MPL_HOST_DEVICE inline int32_t translate_source_index(int32_t dx, int32_t dy, int32_t height, int32_t width,
+                                                      int32_t row, int32_t col) {
+  const int32_t r = row - dy, c = col - dx;
+  return (r >= 0 && r < height && c >= 0 && c < width) ? r * width + c : -1;
+}
+
 // Ops that read only the pixel they write can run in place; the others need a second buffer.
 MPL_HOST_DEVICE inline bool needs_second_buffer(int32_t code) {
-  return code == kAffine || code == kSharpness;
+  return code == kAffine || code == kTranslate || code == kSharpness;
 }
 
 }  // namespace augment

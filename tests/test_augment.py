@@ -371,3 +371,23 @@ def test_cuda_opcheck_and_cutout():
     torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, (images.cuda(), codes.cuda(), params.cuda(), fill))
     cpu = ops.cutout(images, 5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(ops.cutout(images.cuda(), 5, generator=torch.Generator().manual_seed(0)).cpu(), cpu)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (37, 53), (224, 224)])
+def test_translate_fast_path_equals_affine_grid(size):
+    # The kernel shifts whole pixels for TranslateX/Y; the general affine path must agree.
+    height, width = size
+    shifts = [-2.0 * width, -width, -0.6 * width, -1.0, 0.0, 1.0, 0.3 * width, width + 1.0]
+    images = photos(height, width, False, len(shifts))
+    for name in ("TranslateX", "TranslateY"):
+        mags = torch.tensor(shifts if name == "TranslateX" else [s * height / width for s in shifts],
+                            dtype=torch.float64).view(-1, 1)
+        op_ids = torch.full_like(mags, A.OP_INDEX[name], dtype=torch.int64)
+        fast_codes, fast_params = A.plan_to_kernel_args(A.AugmentPlan(op_ids, mags, torch.zeros(len(shifts), 1, 4)),
+                                                        height, width)
+        assert (fast_codes == A._K_TRANSLATE).all()
+        grid_params = A._affine_params(op_ids.view(-1), mags.view(-1), height, width).view(-1, 1, 6)
+        grid_codes = torch.full_like(fast_codes, A._K_AFFINE)
+        fast = torch.ops.mpl_fast.augment_apply.default(images, fast_codes, fast_params, [3])
+        grid = torch.ops.mpl_fast.augment_apply.default(images, grid_codes, grid_params, [3])
+        assert torch.equal(fast, grid), name

@@ -69,6 +69,29 @@ void blend_row(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t n, floa
   for (int64_t i = 0; i < n; ++i) out[i] = blend(float(x[i]), float(y[i]), ratio, one_minus_ratio);
 }
 
+void translate_image(const float* p, const uint8_t* fill, const Image& im, const uint8_t* src, uint8_t* dst) {
+  const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
+  // Shifts beyond the image leave only fill; clamping keeps the int arithmetic in range.
+  const auto dx = static_cast<int64_t>(std::clamp(p[0], -float(W), float(W)));
+  const auto dy = static_cast<int64_t>(std::clamp(p[1], -float(H), float(H)));
+  const int64_t c0 = std::max<int64_t>(0, dx), c1 = std::min<int64_t>(W, W + dx);  // columns with a source
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const uint8_t* s = src + ch * plane;
+    uint8_t* d = dst + ch * plane;
+    for (int64_t r = 0; r < H; ++r) {
+      uint8_t* out_row = d + r * W;
+      const int64_t sr = r - dy;
+      if (sr < 0 || sr >= H || c1 <= c0) {
+        std::memset(out_row, fill[ch], W);
+        continue;
+      }
+      std::memset(out_row, fill[ch], c0);
+      std::memcpy(out_row + c0, s + sr * W + (c0 - dx), c1 - c0);
+      std::memset(out_row + c1, fill[ch], W - c1);
+    }
+  }
+}
+
 void sharpness_image(const float* p, const Image& im, const uint8_t* src, uint8_t* dst, uint8_t* row) {
   const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
   const float p0 = p[0], p1 = p[1];
@@ -97,6 +120,9 @@ void apply_one(int32_t code, const float* p, const uint8_t* fill, const Image& i
   switch (code) {
     case kAffine:
       affine_image(p, fill, im, src, dst, scratch.index);
+      return;
+    case kTranslate:
+      translate_image(p, fill, im, src, dst);
       return;
     case kSharpness:
       if (im.height <= 2 || im.width <= 2) break;  // torchvision leaves images this small unchanged

@@ -49,6 +49,16 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
         for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
       }
       break;
+    case kTranslate: {
+      const auto dx = static_cast<int32_t>(fminf(fmaxf(p[0], -float(W)), float(W)));
+      const auto dy = static_cast<int32_t>(fminf(fmaxf(p[1], -float(H)), float(H)));
+      for (int64_t i = tid; i < plane; i += nthreads) {
+        const int32_t source = translate_source_index(dx, dy, static_cast<int32_t>(H), static_cast<int32_t>(W),
+                                                      static_cast<int32_t>(i / W), static_cast<int32_t>(i % W));
+        for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
+      }
+      break;
+    }
     case kBrightness:
       for (int64_t i = tid; i < numel; i += nthreads) dst[i] = blend(float(src[i]), 0.f, p[0], p[1]);
       break;

@@ -41,10 +41,11 @@ OP_INDEX = {name: i for i, name in enumerate(OP_NAMES)}
 # Kernel op codes, as in csrc/augment.h (enum OpCode).
 _K_IDENTITY, _K_AFFINE, _K_BRIGHTNESS, _K_COLOR, _K_CONTRAST, _K_SHARPNESS = 0, 1, 2, 3, 4, 5
 _K_POSTERIZE, _K_SOLARIZE, _K_AUTOCONTRAST, _K_EQUALIZE, _K_INVERT, _K_CUTOUT = 6, 7, 8, 9, 10, 11
+_K_TRANSLATE = 12
 _PARAMS_PER_OP = 6
 # Our op index -> kernel code.
 _CODE_OF_OP = torch.tensor([
-    _K_IDENTITY, _K_AFFINE, _K_AFFINE, _K_AFFINE, _K_AFFINE, _K_AFFINE, _K_BRIGHTNESS, _K_COLOR,
+    _K_IDENTITY, _K_AFFINE, _K_AFFINE, _K_TRANSLATE, _K_TRANSLATE, _K_AFFINE, _K_BRIGHTNESS, _K_COLOR,
     _K_CONTRAST, _K_SHARPNESS, _K_POSTERIZE, _K_SOLARIZE, _K_AUTOCONTRAST, _K_EQUALIZE, _K_INVERT,
     _K_CUTOUT,
 ], dtype=torch.int32)
@@ -173,9 +174,15 @@ def plan_to_kernel_args(plan: AugmentPlan, height: int, width: int) -> tuple[tor
     single = torch.nn.functional.pad(torch.where(op_ids == OP_INDEX["Posterize"], torch.trunc(mags), mags)
                                      .to(torch.float32).unsqueeze(-1), (0, _PARAMS_PER_OP - 1))
     boxes = torch.nn.functional.pad(plan.boxes.to(torch.float32), (0, _PARAMS_PER_OP - 4))
+    # Whole-pixel translations (dx, dy): the kernel's fast path, same image as the affine grid.
+    shift = torch.trunc(mags).clamp(-(2.0 ** 24), 2.0 ** 24).to(torch.float32)
+    is_x, is_y = op_ids == OP_INDEX["TranslateX"], op_ids == OP_INDEX["TranslateY"]
+    translate = torch.stack([torch.where(is_x, shift, 0.0), torch.where(is_y, shift, 0.0)], dim=-1)
+    translate = torch.nn.functional.pad(translate, (0, _PARAMS_PER_OP - 2))
 
     is_single = (op_ids == OP_INDEX["Posterize"]) | (op_ids == OP_INDEX["Solarize"])
     params = torch.where(geometric.unsqueeze(-1), affine, params)
+    params = torch.where((is_x | is_y).unsqueeze(-1), translate, params)
     params = torch.where(blend.unsqueeze(-1), blend_params, params)
     params = torch.where(is_single.unsqueeze(-1), single, params)
     params = torch.where((op_ids == CUTOUT).unsqueeze(-1), boxes, params)
@@ -219,15 +226,33 @@ def run_plan_reference(images: torch.Tensor, plan: AugmentPlan, fill: Fill = 0) 
     return torch.stack(out) if out else images.clone()
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copy that does not block the host: from pinned memory (torch's caching
+    host allocator keeps the block alive until the copy is done)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def run_kernel(images: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, fills: list[int]) -> torch.Tensor:
+    """One call of the kernel; codes and params may still be on the CPU."""
+    codes, params = _to_device(codes, images.device), _to_device(params, images.device)
+    return torch.ops.mpl_fast.augment_apply.default(images, codes, params, fills)
+
+
 def run_plan(images: torch.Tensor, plan: AugmentPlan, fill: Fill = 0) -> torch.Tensor:
-    """Applies ``plan`` to ``images`` in one kernel call (or with the reference, without the extension)."""
+    """Applies ``plan`` to ``images`` in one kernel call (or with the reference, without the extension).
+
+    Kernel parameters are computed where the plan lives (a CPU plan gives the same parameters,
+    hence the same images, for CPU and CUDA images), then copied to the images' device."""
     _check_images(images)
     fills = normalize_fill(fill, images.shape[1])
     if not _extension.use_kernel(images.device):
         return run_plan_reference(images, plan, fills)
-    plan = AugmentPlan(*(t.to(images.device, non_blocking=True) for t in plan))
     codes, params = plan_to_kernel_args(plan, images.shape[2], images.shape[3])
-    return torch.ops.mpl_fast.augment_apply.default(images, codes, params, fills)
+    return run_kernel(images, codes, params, fills)
 
 
 @_extension.register_fake("augment_apply")
@@ -347,6 +372,4 @@ def rand_augment(images: torch.Tensor, num_ops: int = 2, magnitude: float = 9, n
     fills = normalize_fill(drawn.fill if fill is None else fill, images.shape[1])
     if not _extension.use_kernel(images.device):
         return run_plan_reference(images, drawn.plan, fills)
-    codes = drawn.codes.to(images.device, non_blocking=True)
-    params = drawn.params.to(images.device, non_blocking=True)
-    return torch.ops.mpl_fast.augment_apply.default(images, codes, params, fills)
+    return run_kernel(images, drawn.codes, drawn.params, fills)
