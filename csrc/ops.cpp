@@ -23,4 +23,9 @@ TORCH_LIBRARY(mpl_fast, m) {
       "Tensor(c!)[] update_out, *, float lr, Tensor? lr_tensor=None, float momentum=0., "
       "float dampening=0., float weight_decay=0., bool nesterov=False, bool maximize=False, "
       "bool first_step=False, Tensor? found_inf=None, Tensor(d!)? found_inf_out=None) -> ()");
+
+  // Batched RandAugment / Cutout (csrc/augment.h): every image of a uint8 (N, C, H, W) batch runs
+  // its own op sequence; codes (N, K) int32 and params (N, K, 6) float32 come from
+  // mpl_fast/ops/augment.py, fill holds 1 or C uint8 values.
+  m.def("augment_apply(Tensor images, Tensor codes, Tensor params, int[] fill) -> Tensor");
 }

@@ -17,3 +17,7 @@ __all__ += ["multi_tensor_dot", "multi_tensor_dot_reference"]
 from mpl_fast.ops.fused_sgd import fused_sgd_, fused_sgd_reference_  # noqa: E402
 
 __all__ += ["fused_sgd_", "fused_sgd_reference_"]
+
+from mpl_fast.ops.augment import apply_op, cutout, rand_augment  # noqa: E402
+
+__all__ += ["apply_op", "cutout", "rand_augment"]

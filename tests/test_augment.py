@@ -1,0 +1,393 @@
+"""Batched RandAugment / Cutout ops against torchvision, on real photos (scikit-image)."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+from torchvision.transforms.autoaugment import RandAugment as TorchvisionRandAugment
+from torchvision.transforms.autoaugment import _apply_op
+
+from mpl_fast import ops
+from mpl_fast.augment import Cutout, RandAugment
+from mpl_fast.augment.policies import get_policy, torchvision_table
+from mpl_fast.augment.sampling import sample_plan
+from mpl_fast.ops import augment as A
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = [(1, 1), (2, 3), (3, 3), (32, 32), (37, 53), (224, 224)]
+
+
+@functools.lru_cache(maxsize=None)
+def _photo(name: str) -> torch.Tensor:
+    from skimage import data
+
+    array = getattr(data, name)()
+    tensor = torch.from_numpy(array)
+    return tensor.permute(2, 0, 1).contiguous() if tensor.dim() == 3 else tensor.unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=None)
+def photos(height: int, width: int, gray: bool, n: int) -> torch.Tensor:
+    """n different real images of (height, width): crops of photos at several scales, resized."""
+    names = ["camera", "moon", "coins", "page"] if gray else ["astronaut", "coffee", "chelsea", "rocket"]
+    out = []
+    for i in range(n):
+        img = _photo(names[i % len(names)])
+        h, w = img.shape[-2:]
+        scale = 1.0 / (1 + i // len(names))  # later images: tighter crops, more detail
+        ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        out.append(F.resize(img[:, top:top + ch, left:left + cw], [height, width], antialias=True))
+    return torch.stack(out)
+
+
+def _op_magnitudes(name: str, height: int, width: int) -> list[float]:
+    """Magnitudes across torchvision's range for `name`, extremes and zero included."""
+    signed = {"ShearX": 0.3, "ShearY": 0.3, "Rotate": 30.0, "TranslateX": 150 / 331 * width,
+              "TranslateY": 150 / 331 * height, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9,
+              "Sharpness": 0.9}
+    if name in signed:
+        top = signed[name]
+        return [-top, -0.61 * top, -0.27 * top, 0.0, 0.13 * top, 0.5 * top, 0.77 * top, top]
+    if name == "Posterize":
+        return [0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    if name == "Solarize":
+        return [0.0, 1.0, 64.5, 127.0, 128.0, 200.0, 254.0, 255.0]
+    return [0.0] * 4
+
+
+def _reference(images: torch.Tensor, name: str, magnitudes, fill) -> torch.Tensor:
+    fill_list = [float(f) for f in (fill if isinstance(fill, (list, tuple)) else [fill] * images.shape[1])]
+    return torch.stack([_apply_op(img, name, float(m), interpolation=InterpolationMode.NEAREST, fill=fill_list)
+                        for img, m in zip(images, magnitudes)])
+
+
+def assert_matches_contract(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """The issue's contract: at least 99% of the pixels within +-1 of torchvision."""
+    assert out.shape == expected.shape and out.dtype == torch.uint8, what
+    diff = (out.int() - expected.int()).abs()
+    within = (diff <= 1).float().mean().item()
+    assert within >= 0.99, f"{what}: only {within:.4f} of pixels within +-1 (max diff {diff.max().item()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Each op against torchvision's _apply_op
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
+@pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+@pytest.mark.parametrize("name", A.OP_NAMES)
+def test_apply_op_matches_torchvision(name, size, gray):
+    height, width = size
+    mags = _op_magnitudes(name, height, width)
+    images = photos(height, width, gray, len(mags))
+    fill = 7 if gray else [10, 200, 30]
+    magnitudes = torch.tensor(mags, dtype=torch.float64)
+    out = ops.apply_op(images, name, magnitudes, fill=fill)
+    expected = _reference(images, name, mags, fill)
+    assert_matches_contract(out, expected, f"{name} {size} gray={gray}")
+    # Stronger than the contract: the kernels reproduce torchvision's float32 arithmetic.
+    assert (out != expected).float().mean().item() <= 0.001, f"{name} {size}: not bit-exact"
+
+
+def test_apply_op_really_changes_images():
+    # Guards against a kernel that returns its input: every non-identity op changes a photo.
+    images = photos(32, 32, False, 2)
+    for name, m in [("ShearX", 0.3), ("ShearY", -0.3), ("TranslateX", 9.0), ("TranslateY", -9.0), ("Rotate", 30.0),
+                    ("Brightness", 0.5), ("Color", -0.9), ("Contrast", 0.9), ("Sharpness", 0.9), ("Posterize", 2.0),
+                    ("Solarize", 100.0), ("AutoContrast", 0.0), ("Equalize", 0.0), ("Invert", 0.0)]:
+        assert not torch.equal(ops.apply_op(images, name, torch.full((2,), m)), images), name
+
+
+def test_apply_op_per_image_magnitudes_and_float32_magnitudes():
+    images = photos(37, 53, False, 4)
+    mags = torch.tensor([-20.0, -3.5, 7.25, 30.0], dtype=torch.float32)
+    out = ops.apply_op(images, "Rotate", mags)
+    assert_matches_contract(out, _reference(images, "Rotate", mags.tolist(), 0), "rotate")
+    assert torch.equal(out[2], ops.apply_op(images[2:3], "Rotate", mags[2:3])[0])
+
+
+def test_apply_op_accepts_non_contiguous_images_and_scalar_magnitude():
+    images = photos(32, 32, False, 3).permute(0, 1, 3, 2)  # non-contiguous view
+    out = ops.apply_op(images, "ShearX", 0.2)
+    assert_matches_contract(out, _reference(images, "ShearX", [0.2] * 3, 0), "non-contiguous")
+
+
+def test_empty_batch():
+    images = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
+    assert ops.apply_op(images, "Rotate", torch.zeros(0)).shape == (0, 3, 8, 8)
+    assert ops.rand_augment(images).shape == (0, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutout
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 5, 16, 100])
+def test_cutout_box(size):
+    images = photos(37, 53, False, 8)
+    g = torch.Generator().manual_seed(3)
+    out = ops.cutout(images, size, fill=(1, 2, 3), generator=g)
+    g.manual_seed(3)
+    expected = images.clone()
+    cy = torch.randint(37, (8, 1), generator=g)
+    cx = torch.randint(53, (8, 1), generator=g)
+    for i in range(8):
+        y0, x0 = int(cy[i]) - size // 2, int(cx[i]) - size // 2
+        rows = slice(max(y0, 0), max(min(y0 + size, 37), 0))
+        cols = slice(max(x0, 0), max(min(x0 + size, 53), 0))
+        expected[i, :, rows, cols] = torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1)
+    assert torch.equal(out, expected)
+    if size == 100:
+        assert (out == torch.tensor([1, 2, 3], dtype=torch.uint8).view(1, 3, 1, 1)).all()
+
+
+def test_cutout_default_fill_is_mpl_grey():
+    out = ops.cutout(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), 4, generator=torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == {0, 128}
+
+
+# ---------------------------------------------------------------------------------------------
+# rand_augment: distribution, reproducibility, kernel vs reference on whole plans
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_bins,magnitude", [(31, 9), (31, 0), (31, 30), (10, 7), (2, 1)])
+@pytest.mark.parametrize("size", [(32, 32), (37, 53)])
+def test_torchvision_table_equals_torchvision(num_bins, magnitude, size):
+    space = TorchvisionRandAugment._augmentation_space(None, num_bins, size)
+    ours = torchvision_table(magnitude, num_bins, *size)
+    assert [name for name, _, _ in ours] == list(space)
+    for name, value, signed in ours:
+        values, tv_signed = space[name]
+        tv_value = float(values[magnitude].item()) if values.ndim > 0 else 0.0
+        assert (value, signed) == (tv_value, tv_signed), name
+
+
+def test_rand_augment_distribution_matches_torchvision():
+    from scipy.stats import chisquare
+
+    n, k = 7000, 2
+    drawn = sample_plan((n, 3, 32, 32), k, 9, 31, "torchvision", torch.Generator().manual_seed(0))
+    space = TorchvisionRandAugment._augmentation_space(None, 31, (32, 32))
+    names = list(space)
+    op_ids = drawn.plan.op_ids.flatten()
+    counts = torch.bincount(op_ids, minlength=len(A.OP_NAMES)).tolist()
+    observed = [counts[A.OP_INDEX[name]] for name in names]
+    assert sum(observed) == n * k  # only torchvision's 14 ops (no Invert, no Cutout)
+    assert chisquare(observed).pvalue > 1e-3, observed
+    mags = drawn.plan.magnitudes.flatten()
+    for name in names:
+        values, signed = space[name]
+        expected = float(values[9].item()) if values.ndim > 0 else 0.0
+        mine = mags[op_ids == A.OP_INDEX[name]]
+        assert set(mine.abs().tolist()) <= {abs(expected)}, name
+        if signed and expected != 0:
+            negative = int((mine < 0).sum())
+            assert chisquare([negative, len(mine) - negative]).pvalue > 1e-3, name
+        else:
+            assert (mine == expected).all(), name
+
+
+def test_mpl_policy_numbers():
+    # Level 16 on CIFAR (32x32): MPL's formulas (see mpl_fast/augment/policies.py for sources).
+    table = {name: (value, signed) for name, value, signed in get_policy("mpl").table(16, 31, 32, 32)}
+    assert len(table) == 15 and "Identity" not in table
+    assert table["Rotate"] == (pytest.approx(48.0), True)
+    assert table["Posterize"] == (6.0, False)
+    assert table["Solarize"] == (409.0, False)
+    for name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        assert table[name] == (pytest.approx(1.98), False)
+    assert table["ShearX"] == (pytest.approx(0.48), True)
+    assert table["TranslateX"] == (pytest.approx(6.4), True)
+    assert table["Cutout"] == (12.0, False)
+    imagenet = {name: v for name, v, _ in get_policy("mpl-imagenet").table(10, 31, 224, 224)}
+    assert imagenet["TranslateY"] == pytest.approx(100.0) and imagenet["Cutout"] == 80.0
+
+
+def test_mpl_apply_probability_skips_steps():
+    drawn = sample_plan((4000, 3, 32, 32), 2, 10, 31, "mpl", torch.Generator().manual_seed(1))
+    skipped = (drawn.plan.op_ids == A.OP_INDEX["Identity"]).float().mean().item()
+    assert abs(skipped - 0.5) < 0.03  # p ~ U(0.2, 0.8): a step is skipped half the time on average
+
+
+@pytest.mark.parametrize("policy,magnitude", [("torchvision", 9), ("torchvision", 30), ("mpl", 16), ("mpl", 7),
+                                              ("mpl-imagenet", 10)])
+@pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
+def test_rand_augment_kernel_equals_reference(policy, magnitude, gray):
+    images = photos(37, 53, gray, 24)
+    g = torch.Generator().manual_seed(11)
+    out = ops.rand_augment(images, num_ops=3, magnitude=magnitude, policy=policy, generator=g, cutout=10)
+    g.manual_seed(11)
+    drawn = sample_plan(images.shape, 3, magnitude, 31, policy, g, final_cutout=10)
+    expected = A.run_plan_reference(images, drawn.plan, drawn.fill)
+    assert_matches_contract(out, expected, policy)
+    assert torch.equal(out, expected)
+
+
+def test_rand_augment_seed_reproduces_and_differs():
+    images = photos(32, 32, False, 16)
+    a = ops.rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
+    b = ops.rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
+    c = ops.rand_augment(images, generator=torch.Generator().manual_seed(6), policy="mpl", magnitude=16, cutout=16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(0)
+    d = ops.rand_augment(images)
+    torch.manual_seed(0)
+    assert torch.equal(d, ops.rand_augment(images))  # no generator: torch's global CPU generator
+
+
+def test_modules_match_functional():
+    images = photos(32, 32, False, 8)
+    module = RandAugment(num_ops=2, magnitude=12, policy="mpl", cutout=16, generator=torch.Generator().manual_seed(2))
+    expected = ops.rand_augment(images, 2, 12, policy="mpl", generator=torch.Generator().manual_seed(2), cutout=16)
+    assert torch.equal(module(images), expected)
+    cut = Cutout(8, fill=0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(cut(images), ops.cutout(images, 8, fill=0, generator=torch.Generator().manual_seed(4)))
+    assert "policy='mpl'" in repr(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op path: opcheck, compile, fallback
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_args(n=3, h=9, w=7):
+    images = photos(h, w, False, n)
+    drawn = sample_plan(images.shape, 3, 9, 31, "torchvision", torch.Generator().manual_seed(0), final_cutout=4)
+    return images, drawn.codes, drawn.params, [5, 6, 7]
+
+
+def test_augment_apply_opcheck():
+    torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, _kernel_args())
+
+
+def test_apply_op_under_compile():
+    fn = torch.compile(lambda x, m: ops.apply_op(x, "Rotate", m, fill=3), fullgraph=True, backend="eager")
+    images, mags = photos(16, 16, False, 2), torch.tensor([10.0, -25.0], dtype=torch.float64)
+    assert torch.equal(fn(images, mags), ops.apply_op(images, "Rotate", mags, fill=3))
+    raw = torch.compile(lambda *a: torch.ops.mpl_fast.augment_apply.default(*a), fullgraph=True, backend="eager")
+    args = _kernel_args()
+    assert torch.equal(raw(*args), torch.ops.mpl_fast.augment_apply.default(*args))
+
+
+def test_fallback_without_extension_matches_kernel():
+    code = ("import torch, mpl_fast\n"
+            "x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)\n"
+            "y = mpl_fast.ops.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
+            "print(mpl_fast.ops.backend(), y.sum().item(), y.flatten()[::7].tolist())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"})
+    assert proc.returncode == 0, proc.stderr
+    backend, rest = proc.stdout.strip().split(" ", 1)
+    assert backend == "reference"
+    x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)
+    y = ops.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)
+    assert rest == f"{y.sum().item()} {y.flatten()[::7].tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: ValueError naming the argument
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4), "Invert", torch.zeros(2)), "`images` must be a uint8"),
+    (lambda: ops.apply_op(torch.zeros(3, 4, 4, dtype=torch.uint8), "Invert", torch.zeros(3)), "`images` must have shape"),
+    (lambda: ops.apply_op(torch.zeros(2, 2, 4, 4, dtype=torch.uint8), "Invert", torch.zeros(2)), "1 or 3 channels"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Blur", torch.zeros(2)), "`name` must be one of"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(3)), "`magnitudes` must have shape"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2, device="meta")),
+     "`magnitudes` must be on the CPU or on the device of `images`"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Brightness", torch.full((2,), -1.5)),
+     "`magnitudes` of Brightness"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Posterize", torch.full((2,), 9.0)),
+     "`magnitudes` of Posterize"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2), fill=[1, 2]), "`fill` must have"),
+    (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2), fill=300), r"`fill\[0\]`"),
+    (lambda: ops.cutout(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), -1), "`size` must be a non-negative int"),
+    (lambda: ops.cutout(torch.zeros(2, 3, 4, 4, dtype=torch.float32), 2), "`images` must be a uint8"),
+    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_ops=-1), "`num_ops`"),
+    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=31), "`magnitude` must be a bin"),
+    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=-2, policy="mpl"), "`magnitude`"),
+    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_magnitude_bins=1), "`num_magnitude_bins`"),
+    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), policy="fixmatch"), "`policy` must be one of"),
+    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), cutout=-3), "`cutout`"),
+])
+def test_bad_input_raises_value_error_naming_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: (a[0].float(), *a[1:]), "`images` must be a uint8"),
+    (lambda a: (a[0][0], *a[1:]), "`images` must have shape"),
+    (lambda a: (a[0], a[1].long(), *a[2:]), "`codes` must be an int32"),
+    (lambda a: (a[0], a[1][:2], *a[2:]), "`codes` must have shape"),
+    (lambda a: (a[0], a[1], a[2][:, :, :5], a[3]), "`params` must have shape"),
+    (lambda a: (a[0], a[1], a[2].double(), a[3]), "`params` must be a float32"),
+    (lambda a: (a[0], a[1], a[2], [1, 2]), "`fill` must have 1 or C"),
+    (lambda a: (a[0], a[1], a[2], [256]), r"`fill\[0\]` must be in \[0, 255\]"),
+    (lambda a: (a[0], torch.full_like(a[1], 99), a[2], a[3]), r"`codes\[0\]\[0\]` must be an op code"),
+])
+def test_raw_op_bad_input(mutate, match):
+    with pytest.raises(ValueError, match=match):
+        torch.ops.mpl_fast.augment_apply.default(*mutate(_kernel_args()))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): same images as the CPU kernel
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (32, 32), (37, 53), (224, 224)])
+@pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
+def test_cuda_apply_op_equals_cpu(size, gray):
+    for name in A.OP_NAMES:
+        mags = torch.tensor(_op_magnitudes(name, *size), dtype=torch.float64)
+        images = photos(*size, gray, len(mags))
+        cpu = ops.apply_op(images, name, mags, fill=9)
+        assert torch.equal(ops.apply_op(images.cuda(), name, mags, fill=9).cpu(), cpu), name
+        assert torch.equal(ops.apply_op(images.cuda(), name, mags.cuda(), fill=9).cpu(), cpu), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy,magnitude", [("torchvision", 9), ("mpl", 16), ("mpl-imagenet", 10)])
+@pytest.mark.parametrize("size", [(32, 32), (37, 53), (224, 224)])
+def test_cuda_rand_augment_same_images_as_cpu(policy, magnitude, size):
+    images = photos(*size, False, 16)
+    cpu = ops.rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1), cutout=16)
+    gpu = ops.rand_augment(images.cuda(), 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
+                           cutout=16)
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_cutout():
+    images, codes, params, fill = _kernel_args()
+    torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, (images.cuda(), codes.cuda(), params.cuda(), fill))
+    cpu = ops.cutout(images, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ops.cutout(images.cuda(), 5, generator=torch.Generator().manual_seed(0)).cpu(), cpu)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (37, 53), (224, 224)])
+def test_translate_fast_path_equals_affine_grid(size):
+    # The kernel shifts whole pixels for TranslateX/Y; the general affine path must agree.
+    height, width = size
+    shifts = [-2.0 * width, -width, -0.6 * width, -1.0, 0.0, 1.0, 0.3 * width, width + 1.0]
+    images = photos(height, width, False, len(shifts))
+    for name in ("TranslateX", "TranslateY"):
+        mags = torch.tensor(shifts if name == "TranslateX" else [s * height / width for s in shifts],
+                            dtype=torch.float64).view(-1, 1)
+        op_ids = torch.full_like(mags, A.OP_INDEX[name], dtype=torch.int64)
+        fast_codes, fast_params = A.plan_to_kernel_args(A.AugmentPlan(op_ids, mags, torch.zeros(len(shifts), 1, 4)),
+                                                        height, width)
+        assert (fast_codes == A._K_TRANSLATE).all()
+        grid_params = A._affine_params(op_ids.view(-1), mags.view(-1), height, width).view(-1, 1, 6)
+        grid_codes = torch.full_like(fast_codes, A._K_AFFINE)
+        fast = torch.ops.mpl_fast.augment_apply.default(images, fast_codes, fast_params, [3])
+        grid = torch.ops.mpl_fast.augment_apply.default(images, grid_codes, grid_params, [3])
+        assert torch.equal(fast, grid), name
