@@ -47,6 +47,7 @@ class MPLConfig:
     baseline: bool = True           # finite-diff only: subtract a moving-average baseline from h
     baseline_decay: float = 0.99    # finite-diff only: decay of that moving average
     mpl_weight: float = 1.0         # multiplies the MPL term h * CE(y_hat, T(x_strong))
+    sup_weight: float = 1.0         # multiplies the teacher's supervised CE (0: feedback-only teacher)
     uda_weight: float = 8.0         # 0 disables UDA consistency on the teacher
     uda_ramp_steps: int = 5000      # linear ramp of the UDA weight
     uda_temperature: float = 0.7

@@ -161,7 +161,7 @@ def build_mpl(cfg: TrainConfig, streams) -> MPL:
     return MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
                _sgd(student, cfg.student), schedules, method=cfg.method, feedback=m.feedback,
                pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
-               baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, uda_temperature=m.uda_temperature,
+               baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
                grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip)
 

@@ -76,7 +76,7 @@ class MPL:
     def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_opt: torch.optim.Optimizer | None,
                  student_opt: torch.optim.Optimizer, schedules: Schedules, *, method: str = "mpl",
                  feedback: str = "grad-dot", pseudo_label_kind: str = "hard", soft_temperature: float = 0.5,
-                 baseline: bool = True, baseline_decay: float = 0.99, mpl_weight: float = 1.0, uda_temperature: float = 0.7,
+                 baseline: bool = True, baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0):
         if method not in METHODS:
@@ -93,6 +93,7 @@ class MPL:
         self.use_baseline, self.baseline_decay, self.mpl_weight = baseline, baseline_decay, mpl_weight
         self.uda_temperature, self.uda_threshold = uda_temperature, uda_threshold
         self.label_smoothing = label_smoothing
+        self.sup_weight = sup_weight
         self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
         self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 else None
@@ -226,7 +227,7 @@ class MPL:
         # 1. One teacher forward over labeled + weak + strong.
         t_l, t_uw, t_us = self.teacher(torch.cat([x_l, x_uw, x_us])).split([b, u, u])
         loss_sup = cross_entropy(t_l, y_l, self.label_smoothing)
-        loss_teacher = loss_sup
+        loss_teacher = self.sup_weight * loss_sup
         zero = torch.zeros((), device=loss_sup.device)
         loss_uda, uda_mask = zero, zero
         if self.use_uda:
