@@ -44,8 +44,8 @@ class MPLConfig:
     feedback: str = "grad-dot"      # one of FEEDBACK_MODES
     pseudo_labels: str = "hard"     # one of PSEUDO_LABEL_KINDS (same label for student and MPL term)
     soft_temperature: float = 0.5   # soft pseudo labels = softmax(T(x_strong) / soft_temperature)
-    baseline: bool = True           # finite-diff only: subtract a moving-average baseline from h
-    baseline_decay: float = 0.99    # finite-diff only: decay of that moving average
+    baseline: str = "auto"          # subtract a moving average of h: "on" | "off" | "auto" (finite-diff only)
+    baseline_decay: float = 0.99    # decay of that moving average
     mpl_weight: float = 1.0         # multiplies the MPL term h * CE(y_hat, T(x_strong))
     sup_weight: float = 1.0         # multiplies the teacher's supervised CE (0: feedback-only teacher)
     uda_weight: float = 8.0         # 0 disables UDA consistency on the teacher
@@ -108,15 +108,24 @@ def _digits() -> TrainConfig:
 
 
 def _two_moons() -> TrainConfig:
-    """Paper section 3.1: 2000 points, 6 labeled, MLP 2x8 sigmoid, SGD lr 0.1, no augmentation policy."""
-    opt = OptimConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
+    """Paper section 3.1: 2000 points, 6 labeled, MLP 2x8 sigmoid, plain SGD.
+
+    Departures from the paper's numbers, measured here: at lr 0.1 this MLP (U(-0.1, 0.1) init)
+    does not converge in a few thousand steps even with every point labeled (88% after 3k
+    steps; 99.7% at lr 1.0), so both rates are 1.0. Pseudo labels are sampled from the teacher
+    (the paper's y_hat ~ T(x)), h is centred by a moving-average baseline, and the MPL term is
+    weighted 20x: h is ~1e-2 for this sigmoid MLP, which otherwise leaves the teacher's
+    supervised CE in charge. Small unlabeled batches (12) give each sampled label more credit.
+    """
+    opt = OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
     return TrainConfig(
-        preset="two-moons", steps=2000, log_every=50, eval_every=500, checkpoint_every=1000,
-        data=DataConfig(dataset="two-moons", labels_per_class=3, val_per_class=0, batch_size=6, mu=32,
+        preset="two-moons", steps=4000, log_every=50, eval_every=1000, checkpoint_every=2000,
+        data=DataConfig(dataset="two-moons", labels_per_class=3, val_per_class=0, batch_size=6, mu=2,
                         eval_batch_size=2000),
         model=ModelConfig(name="two-moons-mlp"),
         teacher=copy.deepcopy(opt), student=copy.deepcopy(opt),
-        mpl=MPLConfig(uda_weight=0.0, label_smoothing=0.0, student_wait_steps=0, ema_decay=0.0),
+        mpl=MPLConfig(pseudo_labels="sample", baseline="on", mpl_weight=20.0, uda_weight=0.0,
+                      label_smoothing=0.0, student_wait_steps=0, ema_decay=0.0),
         finetune=FinetuneConfig(steps=0),
     )
 
@@ -202,6 +211,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.steps >= 0, "steps must be >= 0")
     need(0.0 <= cfg.mpl.ema_decay < 1.0, "mpl.ema_decay must be in [0, 1)")
     need(0.0 <= cfg.mpl.baseline_decay < 1.0, "mpl.baseline_decay must be in [0, 1)")
+    need(cfg.mpl.baseline in ("auto", "on", "off"), f"mpl.baseline must be 'auto', 'on' or 'off', got {cfg.mpl.baseline!r}")
     need(cfg.mpl.soft_temperature > 0, "mpl.soft_temperature must be > 0")
     need(cfg.log_every > 0 and cfg.eval_every > 0, "log_every and eval_every must be > 0")
     need(cfg.max_nonfinite > 0, "max_nonfinite must be > 0")

@@ -37,7 +37,7 @@ CHOICES = {
     "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
     "teacher.schedule": ("cosine", "constant"), "student.schedule": ("cosine", "constant"),
     "data.dataset": EMBEDDED_DATASETS + FILE_DATASETS, "data.loader": ("auto", "torch", "dali"),
-    "data.randaug_policy": ("mpl", "torchvision"),
+    "data.randaug_policy": ("mpl", "torchvision"), "mpl.baseline": ("auto", "on", "off"),
 }
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback"}

@@ -30,7 +30,7 @@ def _batches(seed: int, b: int = 8, u: int = 24):
 
 
 def _mpl(teacher, student, *, lr_t=0.1, lr_s=0.1, momentum=0.0, weight_decay=0.0, feedback="grad-dot",
-         method="mpl", uda_weight=1.0, label_smoothing=0.1, ema_decay=0.0, baseline=False, wait=0, **kw):
+         method="mpl", uda_weight=1.0, label_smoothing=0.1, ema_decay=0.0, baseline="off", wait=0, **kw):
     t_opt = torch.optim.SGD(teacher.parameters(), lr=lr_t, momentum=momentum, weight_decay=weight_decay)
     s_opt = torch.optim.SGD(student.parameters(), lr=lr_s, momentum=momentum, weight_decay=weight_decay)
     sched = Schedules(total_steps=100, teacher_lr=lr_t, student_lr=lr_s, teacher_schedule="constant",
@@ -85,7 +85,7 @@ def test_feedback_modes_agree_in_sign_and_value_at_small_lr(seed):
     for mode in MODES:
         # fp64 so that the finite difference of two losses resolves a change of ~1e-5.
         teacher, student = _mlp(10 + seed).double(), _mlp(20 + seed).double()
-        mpl = _mpl(teacher, student, lr_s=1e-3, feedback=mode, baseline=False)
+        mpl = _mpl(teacher, student, lr_s=1e-3, feedback=mode, baseline="off")
         torch.manual_seed(seed)  # same dropout masks in the student step of every mode
         hs[mode] = mpl.step(*batches, clock=0)["h"].item()
     assert hs["grad-dot"] != 0.0
@@ -109,7 +109,7 @@ def test_positive_h_means_the_student_improved():
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_h_is_exactly_zero_when_student_lr_is_zero(mode, momentum):
     teacher, student = _mlp(0), _mlp(1)
-    mpl = _mpl(teacher, student, lr_s=0.0, momentum=momentum, weight_decay=5e-4, feedback=mode, baseline=True)
+    mpl = _mpl(teacher, student, lr_s=0.0, momentum=momentum, weight_decay=5e-4, feedback=mode, baseline="on")
     for i in range(3):
         out = mpl.step(*_batches(i), clock=i)
         assert out["h"].item() == 0.0, (mode, i)

@@ -37,10 +37,10 @@ def test_cli_defaults_and_overrides():
     cfg = config_from_args(parser.parse_args([]))
     assert (cfg.preset, cfg.method, cfg.mpl.feedback, cfg.data.dataset) == ("digits", "mpl", "grad-dot", "digits")
     cfg = config_from_args(parser.parse_args(["--preset", "two-moons", "--feedback", "finite-diff", "--teacher.lr",
-                                              "0.3", "--data.labels-per-class", "2", "--no-mpl.baseline",
+                                              "0.3", "--data.labels-per-class", "2", "--mpl.baseline", "off",
                                               "--method", "uda"]))
     assert cfg.preset == "two-moons" and cfg.mpl.feedback == "finite-diff" and cfg.teacher.lr == 0.3
-    assert cfg.data.labels_per_class == 2 and cfg.mpl.baseline is False and cfg.method == "uda"
+    assert cfg.data.labels_per_class == 2 and cfg.mpl.baseline == "off" and cfg.method == "uda"
 
 
 @pytest.mark.parametrize("argv,expect", [(["--preset", "mnist"], "invalid choice"),

@@ -5,8 +5,10 @@ learning rate written once):
   grad-dot:    h = lr_S * <g_l', g_u>          g_u = grad of CE(y_hat, S(x_strong)) at theta_S,
                                                g_l' = grad of CE(y_l, S(x_l)) at theta_S'
   update-dot:  h = <g_l', theta_S - theta_S'>  the optimizer's real update (momentum, weight decay)
-  finite-diff: h = CE_l(theta_S) - CE_l(theta_S') - b,  b a moving average of that difference
-               (the official code's baseline), b updated only on applied steps.
+  finite-diff: h = CE_l(theta_S) - CE_l(theta_S')
+
+Optionally (always for finite-diff by default, as the official code) a moving average b of h
+is subtracted: h <- h - b, b updated only on applied steps.
 
 By Taylor, CE_l(theta_S') ~ CE_l(theta_S) - <g_l, theta_S - theta_S'>, so all three agree in
 sign to first order (tests/test_algo_feedback.py pins it).
@@ -62,15 +64,15 @@ def update_dot(g_new_labeled: Sequence[torch.Tensor], params_before: Sequence[to
     return multi_tensor_dot(g_new_labeled, minus_delta)
 
 
-def finite_diff(old_loss: torch.Tensor, new_loss: torch.Tensor, baseline: torch.Tensor | None,
-                decay: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h, new baseline): the improvement CE_old - CE_new minus its moving average.
+def finite_diff(old_loss: torch.Tensor, new_loss: torch.Tensor) -> torch.Tensor:
+    """h = CE_l(theta_S) - CE_l(theta_S'): positive when the student's step lowered the labeled loss."""
+    return (old_loss - new_loss).detach().float()
 
-    The baseline is updated first (as the official code) and returned; the caller commits it
-    only if the step is applied. With ``baseline=None``, h is the raw difference.
-    """
-    diff = (old_loss - new_loss).detach().float()
-    if baseline is None:
-        return diff, None
-    new_baseline = decay * baseline + (1 - decay) * diff
-    return diff - new_baseline, new_baseline
+
+def subtract_baseline(h: torch.Tensor, baseline: torch.Tensor, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h - b', b') with b' = decay * b + (1 - decay) * h, the moving average of h (updated first,
+    as the official code). A baseline centres h, so that a step that helps less than usual
+    counts as a failure: the variance reduction of REINFORCE. The caller commits b' only if
+    the step is applied."""
+    new_baseline = decay * baseline + (1 - decay) * h.detach().float()
+    return h - new_baseline, new_baseline

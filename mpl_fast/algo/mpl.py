@@ -76,7 +76,7 @@ class MPL:
     def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_opt: torch.optim.Optimizer | None,
                  student_opt: torch.optim.Optimizer, schedules: Schedules, *, method: str = "mpl",
                  feedback: str = "grad-dot", pseudo_label_kind: str = "hard", soft_temperature: float = 0.5,
-                 baseline: bool = True, baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
+                 baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0):
         if method not in METHODS:
@@ -90,7 +90,11 @@ class MPL:
         self.schedules = schedules
         self.method, self.feedback = method, feedback
         self.pseudo_label_kind, self.soft_temperature = pseudo_label_kind, soft_temperature
-        self.use_baseline, self.baseline_decay, self.mpl_weight = baseline, baseline_decay, mpl_weight
+        if baseline not in ("auto", "on", "off"):
+            raise ValueError(f"baseline must be 'auto', 'on' or 'off', got {baseline!r}")
+        # "auto": the official code's choice, a baseline for finite-diff only.
+        self.use_baseline = baseline == "on" or (baseline == "auto" and feedback == "finite-diff")
+        self.baseline_decay, self.mpl_weight = baseline_decay, mpl_weight
         self.uda_temperature, self.uda_threshold = uda_temperature, uda_threshold
         self.label_smoothing = label_smoothing
         self.sup_weight = sup_weight
@@ -249,7 +253,7 @@ class MPL:
         self.teacher_opt.step()
 
         ok = torch.isfinite(loss_teacher) & torch.isfinite(h) & torch.isfinite(loss_student)
-        if self.feedback == "finite-diff" and self.use_baseline and student_active and self.method == "mpl":
+        if self.use_baseline and student_active and self.method == "mpl":
             self.baseline.copy_(torch.where(ok, self._new_baseline, self.baseline))
         skipped = self._finish(ok, student_stepped=student_active)
         return {"loss_teacher": loss_teacher.detach(), "loss_sup": loss_sup.detach(), "loss_uda": loss_uda.detach(),
@@ -279,15 +283,16 @@ class MPL:
             if self.feedback == "finite-diff":
                 with torch.no_grad():
                     new_loss = cross_entropy(student(x_l), y_l)
-                h, self._new_baseline = fb.finite_diff(old_loss, new_loss, self.baseline if self.use_baseline else None,
-                                                       self.baseline_decay)
-                return h, loss_student
-            new_loss = cross_entropy(student(x_l), y_l)
-            g_l_new = torch.autograd.grad(new_loss, self._student_params)
+                h = fb.finite_diff(old_loss, new_loss)
+            else:
+                new_loss = cross_entropy(student(x_l), y_l)
+                g_l_new = torch.autograd.grad(new_loss, self._student_params)
         if self.feedback == "grad-dot":
             h = fb.grad_dot(lr_s, g_l_new, g_u)
-        else:  # update-dot: delta theta from the guard's copy of theta_S before the step
+        elif self.feedback == "update-dot":  # delta theta from the guard's copy of theta_S before the step
             h = fb.update_dot(g_l_new, self._student_params_before, self._student_params)
+        if self.use_baseline:
+            h, self._new_baseline = fb.subtract_baseline(h, self.baseline, self.baseline_decay)
         return h, loss_student
 
 
