@@ -1,0 +1,103 @@
+"""Accuracy of MPL against its baselines on the embedded data sets, over several seeds.
+
+    python benchmarks/accuracy.py                 # digits and two-moons, 4 methods, 5 seeds
+    python benchmarks/accuracy.py --quick         # 2 seeds, fewer steps
+    python benchmarks/accuracy.py --datasets digits --seeds 0 1 2
+
+Every method runs the same preset (same data, split, model, steps, schedules) and differs
+only in --method; the number reported per run is the method's headline model (summary.json
+"headline": MPL/pseudo-labels/supervised: the best-on-validation student, finetuned when the
+preset finetunes; UDA: its teacher). Prints a mean +- std table and writes the same numbers
+as JSON (--json, default benchmarks/results/accuracy.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mpl_fast.config import METHODS, preset  # noqa: E402
+from mpl_fast.train import run  # noqa: E402
+
+PRESET_OF = {"digits": "digits", "two-moons": "two-moons"}
+
+
+def run_one(dataset: str, method: str, seed: int, steps: int | None, out_root: str, threads: int,
+            profile: str | None = None) -> dict:
+    cfg = preset(PRESET_OF[dataset])
+    cfg.method, cfg.seed, cfg.threads = method, seed, threads
+    if steps is not None:
+        cfg.steps = steps
+    cfg.checkpoint_every = 0
+    cfg.output_dir = os.path.join(out_root, f"{dataset}-{method}-{seed}")
+    if profile:
+        import torch.profiler as tp  # noqa: PLC0415
+
+        with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
+            summary = run(cfg, progress=False, quiet=True)
+        os.makedirs(profile, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(profile, f"{dataset}-{method}-{seed}.json"))
+        return summary
+    return run(cfg, progress=False, quiet=True)
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["digits", "two-moons"], choices=sorted(PRESET_OF))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="override the presets' step counts")
+    parser.add_argument("--quick", action="store_true", help="2 seeds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--json", default=os.path.join("benchmarks", "results", "accuracy.json"))
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler Chrome trace per run")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
+    out_root = args.out or tempfile.mkdtemp(prefix="mpl-accuracy-")
+
+    results: dict = {"seeds": seeds, "machine": "2-core CPU dev VM, no GPU", "runs": [], "table": {}}
+    for dataset in args.datasets:
+        for method in args.methods:
+            for seed in seeds:
+                t0 = time.perf_counter()
+                s = run_one(dataset, method, seed, args.steps, out_root, args.threads, args.profile)
+                row = {"dataset": dataset, "method": method, "seed": seed,
+                       "headline_model": s["headline"]["model"], "test_top1": s["headline"]["test_top1"],
+                       "all_test_top1": s["test_top1"], "seconds": round(time.perf_counter() - t0, 1)}
+                results["runs"].append(row)
+                print(f"  {dataset:<9} {method:<13} seed {seed}: {row['test_top1']:6.2f}%  "
+                      f"({row['headline_model']}, {row['seconds']} s)", flush=True)
+
+    print(f"\nTest top-1 (%), mean ± std over seeds {seeds}; headline model of each method\n")
+    header = f"| {'data set':<9} | " + " | ".join(f"{m:>15}" for m in args.methods) + " |"
+    print(header)
+    print("|" + "-" * 11 + "|" + "|".join("-" * 17 for _ in args.methods) + "|")
+    for dataset in args.datasets:
+        cells = []
+        for method in args.methods:
+            accs = [r["test_top1"] for r in results["runs"] if r["dataset"] == dataset and r["method"] == method]
+            mean, std = _stats(accs)
+            results["table"].setdefault(dataset, {})[method] = {"mean": mean, "std": std, "n": len(accs)}
+            cells.append(f"{mean:6.2f} ± {std:5.2f}")
+        print(f"| {dataset:<9} | " + " | ".join(f"{c:>15}" for c in cells) + " |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

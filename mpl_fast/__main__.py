@@ -1,0 +1,3 @@
+from mpl_fast.train import main
+import sys
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Skipping a non-finite step without a host sync.
+
+Before a step, ``save()`` copies every parameter, buffer and momentum buffer of the models
+into preallocated storage; after it, ``restore_unless(ok)`` puts them back where the 0-dim
+bool ``ok`` is False (``torch.where`` on the device). The host never learns inside the step
+whether it was skipped; the trainer reads the skip counters at its log interval.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Creates SGD's momentum buffers as zeros now (SGD's first step gives the same result:
+    0.9 * 0 + g = g), so that they exist before the first step and can be saved."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class StepGuard:
+    """Saves and conditionally restores the state one step may change."""
+
+    def __init__(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+        for opt in optimizers:
+            init_momentum_buffers(opt)
+        live: list[torch.Tensor] = []
+        for m in modules:
+            live.extend(p.data for p in m.parameters())
+            live.extend(m.buffers())
+        for opt in optimizers:
+            for state in opt.state.values():
+                live.extend(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        self.live = live
+        self.saved = [torch.empty_like(t) for t in live]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for s, t in zip(self.saved, self.live):
+            s.copy_(t)
+
+    @torch.no_grad()
+    def restore_unless(self, ok: torch.Tensor) -> None:
+        for s, t in zip(self.saved, self.live):
+            t.copy_(torch.where(ok, t, s))

@@ -1,0 +1,302 @@
+"""One training step of MPL and of the baselines that share its pipeline.
+
+The MPL step (Pham et al. 2021, with DESIGN.md's "The algorithm, precisely"):
+
+  1. teacher T on [x_l, x_u weak, x_u strong] in ONE forward; y_hat_u from T(x_u strong)
+  2. student S steps on CE(y_hat_u, S(x_u strong))                    -> theta_S'
+  3. feedback h from the labeled batch (see mpl_fast.algo.feedback)
+  4. teacher steps on  CE_smooth(y_l, T(x_l)) + w_uda * UDA + h * CE(y_hat_u, T(x_u strong))
+     (the same y_hat_u as in 2)
+
+Methods by name, so they can be compared on the same data and code:
+  mpl            all of the above
+  uda            h = 0 (no MPL term): a UDA teacher, and a student distilled from its labels
+  pseudo-labels  h = 0 and no UDA: a supervised teacher labels data for the student
+  supervised     the student on CE(y_l, S(x_l)) alone; no teacher
+
+No host sync: losses, h and the step's ``ok`` flag stay on the device. A step whose losses or
+h are not finite is undone on the device (teacher, student, momentum, EMA, baseline), and
+counted; the schedule clock the trainer passes in is the number of applied steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpl_fast.algo import feedback as fb
+from mpl_fast.algo.ema import ModelEMA
+from mpl_fast.algo.guard import StepGuard
+from mpl_fast.algo.losses import cross_entropy, pseudo_labels
+from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
+from mpl_fast.algo.uda import uda_consistency
+
+METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
+LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
+
+
+@dataclass
+class Schedules:
+    """Base rates and shapes of the two learning-rate schedules and of the UDA ramp."""
+
+    total_steps: int
+    teacher_lr: float
+    student_lr: float
+    teacher_warmup: int = 0
+    student_warmup: int = 0
+    teacher_schedule: str = "cosine"
+    student_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    student_wait: int = 0
+    uda_weight: float = 0.0
+    uda_ramp: int = 0
+
+    def teacher(self, clock: int) -> float:
+        return warmup_cosine(clock, self.total_steps, self.teacher_lr, self.teacher_warmup,
+                             self.teacher_schedule, self.min_lr_ratio)
+
+    def student(self, clock: int) -> float:
+        return delayed(clock, self.student_wait, self.total_steps, self.student_lr,
+                       warmup_steps=self.student_warmup, schedule=self.student_schedule,
+                       min_lr_ratio=self.min_lr_ratio)
+
+    def uda(self, clock: int) -> float:
+        return linear_ramp(clock, self.uda_ramp, self.uda_weight)
+
+
+class MPL:
+    """Teacher, student, their optimizers, the student EMA and the feedback state.
+
+    ``step(labeled, unlabeled, clock)`` runs one step and returns nothing; the per-step values
+    (``LOG_KEYS``) are summed on the device into ``self.totals`` for the trainer to read.
+    """
+
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_opt: torch.optim.Optimizer | None,
+                 student_opt: torch.optim.Optimizer, schedules: Schedules, *, method: str = "mpl",
+                 feedback: str = "grad-dot", pseudo_label_kind: str = "hard", soft_temperature: float = 0.5,
+                 baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
+                 uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
+                 grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if feedback not in fb.FEEDBACK_MODES:
+            raise ValueError(f"feedback must be one of {fb.FEEDBACK_MODES}, got {feedback!r}")
+        if method != "supervised" and (teacher is None or teacher_opt is None):
+            raise ValueError(f"method {method!r} needs a teacher and its optimizer")
+        self.teacher, self.student = teacher, student
+        self.teacher_opt, self.student_opt = teacher_opt, student_opt
+        self.schedules = schedules
+        self.method, self.feedback = method, feedback
+        self.pseudo_label_kind, self.soft_temperature = pseudo_label_kind, soft_temperature
+        if baseline not in ("auto", "on", "off"):
+            raise ValueError(f"baseline must be 'auto', 'on' or 'off', got {baseline!r}")
+        # "auto": the official code's choice, a baseline for finite-diff only.
+        self.use_baseline = baseline == "on" or (baseline == "auto" and feedback == "finite-diff")
+        self.baseline_decay, self.mpl_weight = baseline_decay, mpl_weight
+        self.uda_temperature, self.uda_threshold = uda_temperature, uda_threshold
+        self.label_smoothing = label_smoothing
+        self.sup_weight = sup_weight
+        self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
+        self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
+        self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 else None
+        device = next(student.parameters()).device
+        self.baseline = torch.zeros((), device=device)           # finite-diff moving average
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
+        self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
+        self.max_consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
+        self.totals = {k: torch.zeros((), device=device) for k in LOG_KEYS}
+        self.steps_in_totals = 0
+        self._build_guards()
+
+    # ------------------------------------------------------------------ state
+
+    def _build_guards(self) -> None:
+        """(Re)binds the guards to the live tensors (after an optimizer's state was loaded)."""
+        self.student_guard = StepGuard([self.student], [self.student_opt])
+        self.teacher_guard = (StepGuard([self.teacher], [self.teacher_opt]) if self.teacher is not None
+                              and self.method != "supervised" else None)
+        params = list(self.student.parameters())
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        self._student_params = [params[i] for i in trainable]
+        # The guard saves parameters first, in order: these copies are theta_S before the step.
+        self._student_params_before = [self.student_guard.saved[i] for i in trainable]
+
+    def state_dict(self) -> dict:
+        return {
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "student": self.student.state_dict(),
+            "teacher_opt": None if self.teacher_opt is None else self.teacher_opt.state_dict(),
+            "student_opt": self.student_opt.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "baseline": self.baseline.clone(),
+            "skipped_total": self.skipped_total.clone(),
+            "consecutive_skips": self.consecutive_skips.clone(),
+            "max_consecutive_skips": self.max_consecutive_skips.clone(),
+            "totals": {k: v.clone() for k, v in self.totals.items()},
+            "steps_in_totals": self.steps_in_totals,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+            self.teacher_opt.load_state_dict(state["teacher_opt"])
+        self.student.load_state_dict(state["student"])
+        self.student_opt.load_state_dict(state["student_opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.baseline.copy_(state["baseline"])
+        self.skipped_total.copy_(state["skipped_total"])
+        self.consecutive_skips.copy_(state["consecutive_skips"])
+        self.max_consecutive_skips.copy_(state["max_consecutive_skips"])
+        for k, v in state["totals"].items():
+            self.totals[k].copy_(v)
+        self.steps_in_totals = int(state["steps_in_totals"])
+        self._build_guards()
+
+    def models(self) -> dict[str, nn.Module]:
+        out = {"student": self.student}
+        if self.ema is not None:
+            out["ema"] = self.ema.module
+        if self.teacher is not None and self.method != "supervised":
+            out["teacher"] = self.teacher
+        return out
+
+    def take_totals(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The sums since the last call (device tensors) and how many steps they cover; resets them."""
+        totals = {k: v.clone() for k, v in self.totals.items()}
+        n = self.steps_in_totals
+        for v in self.totals.values():
+            v.zero_()
+        self.steps_in_totals = 0
+        return totals, n
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, labeled: tuple[torch.Tensor, torch.Tensor], unlabeled: tuple[torch.Tensor, torch.Tensor],
+             clock: int) -> dict[str, torch.Tensor]:
+        """One step at schedule position ``clock``; returns this step's values (device tensors)."""
+        lr_t = self.schedules.teacher(clock)
+        lr_s = self.schedules.student(clock)
+        if self.teacher_opt is not None:
+            set_lr(self.teacher_opt, lr_t)
+        set_lr(self.student_opt, lr_s)
+        if self.method == "supervised":
+            values = self._supervised_step(labeled)
+        else:
+            values = self._teacher_student_step(labeled, unlabeled, lr_s, self.schedules.uda(clock),
+                                                student_active=clock >= self.schedules.student_wait)
+        for k, v in values.items():
+            self.totals[k] += v.detach().float()
+        self.steps_in_totals += 1
+        return values
+
+    def _finish(self, ok: torch.Tensor, student_stepped: bool) -> torch.Tensor:
+        """Undo the step on the device unless ``ok``; update EMA and skip counters."""
+        self.student_guard.restore_unless(ok)
+        if self.teacher_guard is not None:
+            self.teacher_guard.restore_unless(ok)
+        if self.ema is not None and student_stepped:
+            self.ema.update(self.student, ok)
+        skipped = (~ok).to(torch.int64)
+        self.skipped_total += skipped
+        self.consecutive_skips.copy_((self.consecutive_skips + 1) * skipped)
+        torch.maximum(self.max_consecutive_skips, self.consecutive_skips, out=self.max_consecutive_skips)
+        return skipped.float()
+
+    def _supervised_step(self, labeled) -> dict[str, torch.Tensor]:
+        x_l, y_l = labeled
+        self.student_guard.save()
+        self.student.train()
+        loss = cross_entropy(self.student(x_l), y_l, self.label_smoothing)
+        self.student_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _clip(self.student, self.grad_clip_student)
+        self.student_opt.step()
+        ok = torch.isfinite(loss)
+        skipped = self._finish(ok, student_stepped=True)
+        zero = torch.zeros_like(loss)
+        return {"loss_teacher": zero, "loss_sup": zero, "loss_uda": zero, "uda_mask": zero, "loss_mpl": zero,
+                "loss_student": loss.detach(), "h": zero, "skipped": skipped}
+
+    def _teacher_student_step(self, labeled, unlabeled, lr_s: float, uda_weight: float,
+                              student_active: bool) -> dict[str, torch.Tensor]:
+        (x_l, y_l), (x_uw, x_us) = labeled, unlabeled
+        b, u = x_l.shape[0], x_uw.shape[0]
+        self.student_guard.save()
+        self.teacher_guard.save()
+        self.teacher.train()
+
+        # 1. One teacher forward over labeled + weak + strong.
+        t_l, t_uw, t_us = self.teacher(torch.cat([x_l, x_uw, x_us])).split([b, u, u])
+        loss_sup = cross_entropy(t_l, y_l, self.label_smoothing)
+        loss_teacher = self.sup_weight * loss_sup
+        zero = torch.zeros((), device=loss_sup.device)
+        loss_uda, uda_mask = zero, zero
+        if self.use_uda:
+            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.uda_temperature, self.uda_threshold)
+            loss_teacher = loss_teacher + uda_weight * loss_uda
+
+        h, loss_student, loss_mpl = zero, zero, zero
+        if student_active:
+            y_hat = pseudo_labels(t_us, self.pseudo_label_kind, self.soft_temperature)
+            h, loss_student = self._student_step_and_feedback(x_l, y_l, x_us, y_hat, lr_s)
+            if self.method == "mpl":
+                # 4. The MPL term, on the SAME y_hat the student learned from.
+                loss_mpl = cross_entropy(t_us, y_hat)
+                loss_teacher = loss_teacher + self.mpl_weight * h.detach() * loss_mpl
+
+        self.teacher_opt.zero_grad(set_to_none=True)
+        loss_teacher.backward()
+        _clip(self.teacher, self.grad_clip_teacher)
+        self.teacher_opt.step()
+
+        ok = torch.isfinite(loss_teacher) & torch.isfinite(h) & torch.isfinite(loss_student)
+        if self.use_baseline and student_active and self.method == "mpl":
+            self.baseline.copy_(torch.where(ok, self._new_baseline, self.baseline))
+        skipped = self._finish(ok, student_stepped=student_active)
+        return {"loss_teacher": loss_teacher.detach(), "loss_sup": loss_sup.detach(), "loss_uda": loss_uda.detach(),
+                "uda_mask": uda_mask, "loss_mpl": loss_mpl.detach(), "loss_student": loss_student.detach(),
+                "h": h.detach(), "skipped": skipped}
+
+    def _student_step_and_feedback(self, x_l, y_l, x_us, y_hat, lr_s: float):
+        """2. and 3.: the student's step on y_hat, then the feedback h (0 unless method is mpl)."""
+        student = self.student
+        need_h = self.method == "mpl"
+        old_loss = None
+        if need_h and self.feedback == "finite-diff":
+            with torch.no_grad(), fb.deterministic_forward(student):
+                old_loss = cross_entropy(student(x_l), y_l)
+
+        student.train()
+        loss_student = cross_entropy(student(x_us), y_hat)
+        self.student_opt.zero_grad(set_to_none=True)
+        loss_student.backward()
+        _clip(student, self.grad_clip_student)
+        g_u = [p.grad for p in self._student_params]  # SGD leaves .grad as it was: this is g_u
+        self.student_opt.step()                        # (swap in mpl_fast.optim.FusedSGD here)
+        if not need_h:
+            return torch.zeros((), device=loss_student.device), loss_student
+
+        with fb.deterministic_forward(student):
+            if self.feedback == "finite-diff":
+                with torch.no_grad():
+                    new_loss = cross_entropy(student(x_l), y_l)
+                h = fb.finite_diff(old_loss, new_loss)
+            else:
+                new_loss = cross_entropy(student(x_l), y_l)
+                g_l_new = torch.autograd.grad(new_loss, self._student_params)
+        if self.feedback == "grad-dot":
+            h = fb.grad_dot(lr_s, g_l_new, g_u)
+        elif self.feedback == "update-dot":  # delta theta from the guard's copy of theta_S before the step
+            h = fb.update_dot(g_l_new, self._student_params_before, self._student_params)
+        if self.use_baseline:
+            h, self._new_baseline = fb.subtract_baseline(h, self.baseline, self.baseline_decay)
+        return h, loss_student
+
+
+def _clip(model: nn.Module, max_norm: float) -> None:
+    if max_norm > 0:
+        # foreach norm + scale with a device-side coefficient: no host sync.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=None)
