@@ -228,3 +228,25 @@ def test_dali_and_torch_agree_on_samples_and_labels(data):
     wanted = sorted(int(k.split("class_")[1][:2]) for k in torch_s.split["labeled"])
     assert sorted(set(torch.cat([next(dali_s.labeled)[1] for _ in range(6)]).tolist())) == \
         sorted(set(wanted))
+
+
+@pytest.mark.cuda
+def test_torch_pipeline_strong_view_on_gpu(data):
+    s = quiet_build(config(data, "imagefolder", image_size=64), device="cuda")
+    x, y = next(s.labeled)
+    weak, strong = next(s.unlabeled)
+    assert x.is_cuda and y.is_cuda and weak.is_cuda and strong.is_cuda
+    assert weak.shape == strong.shape == (12, 3, 64, 64) and not torch.equal(weak, strong)
+    assert sum(len(y) for _, y in s.test) == 9
+
+
+@pytest.mark.cuda
+@needs_dali
+def test_dali_gpu_decode_matches_cpu_counts(data):
+    cfg = config(data, "imagefolder", loader="auto", image_size=48)
+    s = quiet_build(cfg, device="cuda")
+    assert s.stats["loader"] == "dali"  # auto picks DALI with CUDA present
+    weak, strong = next(s.unlabeled)
+    assert weak.is_cuda and strong.is_cuda and weak.shape == (12, 3, 48, 48)
+    cpu = quiet_build(config(data, "imagefolder", loader="dali", image_size=48))
+    assert [y.tolist() for _, y in s.test] == [y.tolist() for _, y in cpu.test]

@@ -5,6 +5,7 @@ import os
 import pickle
 
 import numpy as np
+import torch
 import pytest
 
 from mpl_fast.data.cifar import load_cifar
@@ -126,3 +127,19 @@ def test_quick_check_flags_truncated_and_non_images(tmp_path):
     assert quick_check(str(png)) is None
     png.write_bytes(png.read_bytes()[:30])
     assert "truncated PNG" in quick_check(str(png))
+
+
+def test_decode_gives_uint8_rgb_for_grey_16bit_palette_and_alpha(tmp_path):
+    from PIL import Image
+
+    from mpl_fast.data.torch_pipeline import decode_file
+
+    ramp = (np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((30, 40, 4), 77, np.uint8)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((30, 40), 5, np.uint8)).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(np.full((30, 40), 9, np.uint8)).save(tmp_path / "grey.jpg")
+    for name in ("g16.png", "rgba.png", "p.png", "grey.jpg"):
+        image = decode_file(str(tmp_path / name))
+        assert image.shape == (3, 30, 40) and image.dtype == torch.uint8, name
+    assert decode_file(str(tmp_path / "rgba.png"))[:, 0, 0].tolist() == [77, 77, 77]

@@ -67,7 +67,10 @@ def decode_file(path: str) -> torch.Tensor:
     """uint8 RGB (3, H, W) of a JPEG/PNG file (grey, palette and alpha images converted)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        image = (image.to(torch.float32) * (255.0 / torch.iinfo(image.dtype).max)).round().to(torch.uint8)
+    return image
 
 
 class BatchDataset(Dataset):

@@ -1,0 +1,172 @@
+"""Images/s of the full weak+strong unlabeled pipeline at 224x224 on real JPEGs:
+
+  baseline  torch DataLoader, PIL decode, per-image PIL RandomResizedCrop/flip and per-image
+            PIL RandAugment + cutout, ToTensor/Normalize per image (as the popular MPL ports do)
+  torch     mpl_fast's DataLoader pipeline: torchvision.io decode, weak view in the workers,
+            strong view batched on the collated uint8 batch
+  dali      mpl_fast's DALI pipeline (CPU decode here; "mixed" GPU decode with --device cuda)
+
+All in the same run, same files, same worker/thread count. Prints a table and writes JSON.
+Usage: python benchmarks/bench_data.py [--quick] [--json PATH] [--profile DIR] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mpl_fast.data import DataConfig, build_streams  # noqa: E402
+from mpl_fast.data.dali_pipeline import dali_unavailable_reason  # noqa: E402
+from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PerImagePIL(torch.utils.data.Dataset):
+    """The per-image PIL pipeline of the popular ports: decode, RRC + flip, then RandAugment
+    and cutout on PIL images one by one, two float tensors per image."""
+
+    def __init__(self, files, size, num_ops, magnitude, cutout):
+        from torchvision import transforms as T
+
+        self.files = files
+        self.weak = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])
+        self.randaugment = T.RandAugment(num_ops=num_ops, magnitude=magnitude)
+        self.to_input = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+        self.cutout = cutout
+
+    def __len__(self):
+        return 10**9  # sampled endlessly
+
+    def __getitem__(self, i):
+        from PIL import Image, ImageDraw
+
+        image = Image.open(self.files[i % len(self.files)]).convert("RGB")
+        weak = self.weak(image)
+        strong = self.randaugment(weak)
+        x, y = torch.randint(0, strong.width, (2,)).tolist()
+        h = self.cutout // 2
+        ImageDraw.Draw(strong).rectangle([x - h, y - h, x + h, y + h], fill=(127, 127, 127))
+        return self.to_input(weak), self.to_input(strong)
+
+
+def time_batches(stream, batches, warmup):
+    for _ in range(warmup):
+        next(stream)
+    start = time.perf_counter()
+    images = 0
+    for _ in range(batches):
+        weak, strong = next(stream)
+        images += weak.shape[0]
+    if weak.is_cuda:
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+def strong_impl():
+    import mpl_fast.ops as ops
+    return "mpl_fast.ops.rand_augment" if hasattr(ops, "rand_augment") else \
+        "torchvision v2 RandAugment per image (fallback until the batched op lands)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few batches, for a smoke run")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "data.json"))
+    parser.add_argument("--profile", default=None, help="write a Chrome trace of the torch pipeline here")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the main process (the workers use 1 each)")
+    parser.add_argument("--batch", type=int, default=8, help="labeled batch; unlabeled = 7x")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--magnitude", type=int, default=9)
+    parser.add_argument("--machine", default="2-core CPU dev VM, no GPU")
+    args = parser.parse_args()
+    batches, warmup = (3, 1) if args.quick else (12, 2)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+
+    root = write_tiny_imagefolder(tempfile.mkdtemp(prefix="bench_data_"), num_classes=8,
+                                  train_per_class=16 if args.quick else 48, val_per_class=1,
+                                  bad_files=False)
+    cfg = DataConfig(dataset="imagefolder", data_dir=root, batch_size=args.batch, mu=7,
+                     image_size=args.size, num_workers=args.workers, randaug_num_ops=2,
+                     randaug_magnitude=args.magnitude, randaug_policy="torchvision", cutout=args.size // 4)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs]
+
+    results = {}
+    base = PerImagePIL(files, args.size, 2, args.magnitude, args.size // 4)
+    sampler = torch.utils.data.RandomSampler(range(len(files)), replacement=True, num_samples=10**9)
+    loader = torch.utils.data.DataLoader(base, batch_size=7 * args.batch, sampler=sampler,
+                                         num_workers=args.workers)
+    results["per-image PIL DataLoader"] = time_batches(iter(loader), batches, warmup)
+
+    torch_streams = build_streams(DataConfig(**{**cfg.__dict__, "loader": "torch"}), seed=0,
+                                  device=args.device)
+    results["mpl_fast torch DataLoader + batched strong view"] = time_batches(
+        torch_streams.unlabeled, batches, warmup)
+
+    # The same pipeline with no strong view at all: the ceiling any strong-view op can reach.
+    weak_only = build_streams(DataConfig(**{**cfg.__dict__, "loader": "torch",
+                                            "batch_size": 7 * args.batch}), seed=0, device=args.device)
+    results["mpl_fast torch DataLoader, weak view only (ceiling)"] = time_batches(
+        ((x, x) for x, _ in weak_only.labeled), batches, warmup)
+    del weak_only
+
+    reason = dali_unavailable_reason()
+    if reason is None:
+        dali_streams = build_streams(DataConfig(**{**cfg.__dict__, "loader": "dali"}), seed=0,
+                                     device=args.device)
+        decode = "GPU (mixed)" if args.device.startswith("cuda") else "CPU"
+        results[f"mpl_fast DALI ({decode} decode) + batched strong view"] = time_batches(
+            dali_streams.unlabeled, batches, warmup)
+        del dali_streams
+        weak_only = build_streams(DataConfig(**{**cfg.__dict__, "loader": "dali",
+                                                "batch_size": 7 * args.batch}), seed=0, device=args.device)
+        results[f"mpl_fast DALI ({decode} decode), weak view only (ceiling)"] = time_batches(
+            ((x, x) for x, _ in weak_only.labeled), batches, warmup)
+        del weak_only
+
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        with torch.profiler.profile() as prof:
+            for _ in range(2):
+                next(torch_streams.unlabeled)
+        prof.export_chrome_trace(os.path.join(args.profile, "bench_data_torch.json"))
+
+    baseline = results["per-image PIL DataLoader"]
+    print(f"\nweak+strong unlabeled images/s at {args.size}x{args.size}, {len(files)} JPEGs, "
+          f"{args.workers} workers, {args.threads} main thread(s), unlabeled batch {7 * args.batch}, "
+          f"device {args.device}")
+    print(f"strong view: {strong_impl()}")
+    print(f"{'case':58s} {'baseline':>10s} {'ours':>10s} {'ratio':>7s}")
+    rows = []
+    for case, rate in results.items():
+        ratio = rate / baseline
+        print(f"{case:58s} {baseline:10.1f} {rate:10.1f} {ratio:6.2f}x")
+        rows.append({"case": case, "baseline_img_s": baseline, "img_s": rate, "ratio": ratio})
+    if reason is not None:
+        print(f"DALI skipped: {reason}")
+    out = {"machine": args.machine, "platform": platform.platform(), "torch": torch.__version__,
+           "size": args.size, "workers": args.workers, "unlabeled_batch": 7 * args.batch,
+           "files": len(files), "device": args.device, "quick": args.quick,
+           "strong_view": strong_impl(), "main_threads": args.threads, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
