@@ -18,6 +18,10 @@ from mpl_fast.data.views import Normalize, pad_crop_flip, strong_view, _cutout_f
 needs_dali = pytest.mark.skipif(dali_unavailable_reason() is not None,
                                 reason="NVIDIA DALI not installed (optional extra `dali`)")
 
+# torchvision 0.29 deprecates its image decoders (for TorchCodec); they still work and are used.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -27,9 +31,20 @@ def data(tmp_path_factory):
         "cifar100": write_tiny_cifar(str(root / "c100"), num_classes=100, train_per_class=2,
                                      test_per_class=1),
         "svhn": write_tiny_svhn(str(root / "svhn"), train_per_class=6, test_per_class=3),
-        "imagefolder": write_tiny_imagefolder(str(root / "if"), num_classes=3, train_per_class=5,
-                                              val_per_class=3, size=96),
+        "imagefolder": _with_corrupt_val(write_tiny_imagefolder(
+            str(root / "if"), num_classes=3, train_per_class=5, val_per_class=3, size=96)),
     }
+
+
+def _with_corrupt_val(root):
+    """Also a truncated JPEG in val/ (the test set): both loaders must leave it out."""
+    import os
+    good = os.path.join(root, "val", "class_01", "val_1_0.jpg")
+    with open(good, "rb") as f:
+        head = f.read(400)
+    with open(os.path.join(root, "val", "class_01", "broken.jpg"), "wb") as f:
+        f.write(head)
+    return root
 
 
 def config(data, dataset, **kw):
@@ -163,6 +178,8 @@ def test_corrupt_image_is_skipped_and_counted(data):
         next(s.labeled)
     assert s.stats["corrupt_images"] == 1 and s.stats["corrupt_skips"] >= 1
     assert s.stats["corrupt_files"][0].endswith("truncated.jpg")
+    assert sum(len(y) for _, y in s.test) == 9  # 10 files in val/, one truncated
+    assert s.stats["corrupt_images"] == 2 and s.stats["corrupt_files"][1].endswith("broken.jpg")
     assert s.stats["skipped_non_image"] == 1 and s.stats["skipped_empty_class"] == 1
 
 
@@ -205,8 +222,15 @@ def test_dali_cpu_pipeline_streams(data):
         assert y.shape == (4,) and y.dtype == torch.int64 and ((0 <= y) & (y < 4)).all()
         weak, strong = next(s.unlabeled)
         assert weak.shape == strong.shape == (12, 3, 48, 48) and not torch.equal(weak, strong)
-    # The truncated JPEG is caught before DALI sees it.
-    assert s.stats["corrupt_images"] == 1
+    # The truncated JPEGs (train/ and val/) are caught before DALI sees them.
+    assert s.stats["corrupt_images"] == 2
+    assert sum(len(y) for _, y in s.test) == 9
+
+
+@needs_dali
+def test_dali_strict_stops_at_build_naming_the_file(data):
+    with pytest.raises(CorruptImageError, match=r"corrupt image .*truncated.jpg: truncated JPEG"):
+        quiet_build(config(data, "imagefolder", loader="dali", strict=True))
 
 
 @needs_dali

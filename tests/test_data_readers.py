@@ -5,13 +5,17 @@ import os
 import pickle
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from mpl_fast.data.cifar import load_cifar
 from mpl_fast.data.imagefolder import load_imagefolder, quick_check
 from mpl_fast.data.svhn import load_svhn
 from mpl_fast.data.tiny import write_tiny_cifar, write_tiny_imagefolder, write_tiny_svhn
+
+# torchvision 0.29 deprecates its image decoders (for TorchCodec); they still work and are used.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 
 
 def test_cifar10_reads_batches_into_hwc_images(tmp_path):
@@ -143,3 +147,14 @@ def test_decode_gives_uint8_rgb_for_grey_16bit_palette_and_alpha(tmp_path):
         image = decode_file(str(tmp_path / name))
         assert image.shape == (3, 30, 40) and image.dtype == torch.uint8, name
     assert decode_file(str(tmp_path / "rgba.png"))[:, 0, 0].tolist() == [77, 77, 77]
+
+
+def test_pil_decode_fallback_matches_torchvision_on_png(tmp_path):
+    from PIL import Image
+
+    from mpl_fast.data.torch_pipeline import _pil_decode, decode_file
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    assert torch.equal(_pil_decode(str(tmp_path / "x.png")), decode_file(str(tmp_path / "x.png")))
+    assert torch.equal(decode_file(str(tmp_path / "x.png")), torch.from_numpy(pixels).permute(2, 0, 1))

@@ -64,13 +64,33 @@ class FiniteBatches(Sampler):
 
 
 def decode_file(path: str) -> torch.Tensor:
-    """uint8 RGB (3, H, W) of a JPEG/PNG file (grey, palette and alpha images converted)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """uint8 RGB (3, H, W) of a JPEG/PNG file (grey, palette, alpha and 16-bit converted).
 
-    image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    torchvision.io (libjpeg-turbo, ~30% faster than PIL here); it is deprecated since
+    torchvision 0.29 in favour of TorchCodec, so PIL takes over once it is gone.
+    """
+    if _tv_decode is None:
+        return _pil_decode(path)
+    from torchvision.io import ImageReadMode, read_file
+
+    image = _tv_decode(read_file(path), mode=ImageReadMode.RGB)
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
         image = (image.to(torch.float32) * (255.0 / torch.iinfo(image.dtype).max)).round().to(torch.uint8)
     return image
+
+
+def _pil_decode(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+try:
+    from torchvision.io import decode_image as _tv_decode
+except ImportError:  # a torchvision without image decoding
+    _tv_decode = None
 
 
 class BatchDataset(Dataset):
