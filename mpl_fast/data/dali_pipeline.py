@@ -171,7 +171,7 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
     def unlabeled_stream(batches):
         for number, (images, _) in enumerate(batches):
             weak = images.to(device)
-            g = torch.Generator(device=device).manual_seed(
+            g = torch.Generator().manual_seed(  # CPU generator, also for GPU batches
                 batch_seed(seed, _STREAM_IDS[UNLABELED], rank, number))
             yield finish.normalize(weak), finish.normalize(strong_view(weak, generator=g, **strong))
 

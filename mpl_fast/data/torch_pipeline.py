@@ -175,7 +175,7 @@ class _Finish:
         if "strong" in batch:
             strong = self.images(batch["strong"])
         else:
-            g = torch.Generator(device=self.device).manual_seed(batch["seed"])
+            g = torch.Generator().manual_seed(batch["seed"])  # CPU: the op draws its plan there
             strong = strong_view(weak, generator=g, **self.strong)
         return self.normalize(weak), self.normalize(strong)
 

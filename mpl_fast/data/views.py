@@ -85,6 +85,7 @@ def strong_view(weak: torch.Tensor, *, num_ops: int, magnitude: int, policy: str
                 generator: torch.Generator) -> torch.Tensor:
     """Strong view of a uint8 batch (B, C, H, W) that already has the weak geometry:
     RandAugment (each image its own ops and magnitudes) then cutout, on the batch's device.
+    ``generator`` is a CPU generator (the op samples its per-image plan on the CPU).
 
     The one place the strong view is computed, by both pipelines.
     """
@@ -93,7 +94,7 @@ def strong_view(weak: torch.Tensor, *, num_ops: int, magnitude: int, policy: str
     rand_augment = getattr(ops, "rand_augment", None)
     if rand_augment is not None:
         out = rand_augment(weak, num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=31,
-                           policy=policy, generator=generator, fill=0)
+                           policy=policy, generator=generator)  # fill: the policy's own
     else:
         out = _rand_augment_fallback(weak, num_ops, magnitude, generator)
     if cutout > 0:
