@@ -8,6 +8,7 @@
 
 All in the same run, same files, same worker/thread count. Prints a table and writes JSON.
 Usage: python benchmarks/bench_data.py [--quick] [--json PATH] [--profile DIR] [--device cuda]
+       python benchmarks/bench_data.py --dataset cifar10 --batch 64   (32x32 arrays in memory)
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class PerImagePIL(torch.utils.data.Dataset):
-    """The per-image PIL pipeline of the popular ports: decode, RRC + flip, then RandAugment
-    and cutout on PIL images one by one, two float tensors per image."""
+    """The per-image PIL pipeline of the popular ports: decode, RRC + flip (or, for CIFAR
+    arrays, reflect-pad-4 crop + flip), then RandAugment and cutout on PIL images one by one,
+    two float tensors per image."""
 
     def __init__(self, files, size, num_ops, magnitude, cutout):
         from torchvision import transforms as T
 
-        self.files = files
-        self.weak = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])
+        self.files = files  # paths, or a uint8 (N, H, W, 3) array
+        self.weak = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()]) \
+            if isinstance(files, list) else \
+            T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()])
         self.randaugment = T.RandAugment(num_ops=num_ops, magnitude=magnitude)
         self.to_input = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
         self.cutout = cutout
@@ -52,7 +56,8 @@ class PerImagePIL(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image, ImageDraw
 
-        image = Image.open(self.files[i % len(self.files)]).convert("RGB")
+        item = self.files[i % len(self.files)]
+        image = Image.open(item).convert("RGB") if isinstance(item, str) else Image.fromarray(item)
         weak = self.weak(image)
         strong = self.randaugment(weak)
         x, y = torch.randint(0, strong.width, (2,)).tolist()
@@ -83,9 +88,12 @@ def strong_impl():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few batches, for a smoke run")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "data.json"))
+    parser.add_argument("--json", default=None,
+                        help="default benchmarks/results/data.json (data_cifar10.json for --dataset cifar10)")
     parser.add_argument("--profile", default=None, help="write a Chrome trace of the torch pipeline here")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dataset", choices=("imagefolder", "cifar10"), default="imagefolder",
+                        help="imagefolder: real JPEGs at --size; cifar10: 32x32 arrays in memory")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the main process (the workers use 1 each)")
@@ -99,16 +107,26 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
 
-    root = write_tiny_imagefolder(tempfile.mkdtemp(prefix="bench_data_"), num_classes=8,
-                                  train_per_class=16 if args.quick else 48, val_per_class=1,
-                                  bad_files=False)
-    cfg = DataConfig(dataset="imagefolder", data_dir=root, batch_size=args.batch, mu=7,
+    if args.dataset == "cifar10":
+        from mpl_fast.data.cifar import load_cifar
+        from mpl_fast.data.tiny import write_tiny_cifar
+
+        args.size = 32
+        root = write_tiny_cifar(tempfile.mkdtemp(prefix="bench_data_"), train_per_class=500)
+        files = load_cifar(root).train.images
+        cutout = 16
+    else:
+        root = write_tiny_imagefolder(tempfile.mkdtemp(prefix="bench_data_"), num_classes=8,
+                                      train_per_class=16 if args.quick else 48, val_per_class=1,
+                                      bad_files=False)
+        files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs]
+        cutout = args.size // 4
+    cfg = DataConfig(dataset=args.dataset, data_dir=root, batch_size=args.batch, mu=7,
                      image_size=args.size, num_workers=args.workers, randaug_num_ops=2,
-                     randaug_magnitude=args.magnitude, randaug_policy="torchvision", cutout=args.size // 4)
-    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs]
+                     randaug_magnitude=args.magnitude, randaug_policy="torchvision", cutout=cutout)
 
     def baseline_stream():
-        dataset = PerImagePIL(files, args.size, 2, args.magnitude, args.size // 4)
+        dataset = PerImagePIL(files, args.size, 2, args.magnitude, cutout)
         sampler = torch.utils.data.RandomSampler(range(len(files)), replacement=True,
                                                  num_samples=10**9)
         return iter(torch.utils.data.DataLoader(dataset, batch_size=7 * args.batch,
@@ -131,7 +149,7 @@ def main():
              "mpl_fast torch DataLoader + batched strong view": ours("torch"),
              "mpl_fast torch DataLoader, weak view only (ceiling)": ours("torch", True)}
     reason = dali_unavailable_reason()
-    if reason is None:
+    if reason is None and args.dataset == "imagefolder":
         decode = "GPU (mixed)" if args.device.startswith("cuda") else "CPU"
         cases[f"mpl_fast DALI ({decode} decode) + batched strong view"] = ours("dali")
         cases[f"mpl_fast DALI ({decode} decode), weak view only (ceiling)"] = ours("dali", True)
@@ -157,7 +175,8 @@ def main():
         prof.export_chrome_trace(os.path.join(args.profile, "bench_data_torch.json"))
 
     baseline = results["per-image PIL DataLoader"]
-    print(f"\nweak+strong unlabeled images/s at {args.size}x{args.size}, {len(files)} JPEGs, "
+    print(f"\nweak+strong unlabeled images/s at {args.size}x{args.size}, {len(files)} "
+          f"{'JPEGs' if args.dataset == 'imagefolder' else 'CIFAR-format images'}, "
           f"{args.workers} workers, {args.threads} main thread(s), unlabeled batch {7 * args.batch}, "
           f"device {args.device}")
     print(f"strong view: {strong_impl()}")
@@ -167,13 +186,16 @@ def main():
         ratio = rate / baseline
         print(f"{case:58s} {baseline:10.1f} {rate:10.1f} {ratio:6.2f}x")
         rows.append({"case": case, "baseline_img_s": baseline, "img_s": rate, "ratio": ratio})
-    if reason is not None:
+    if reason is not None and args.dataset == "imagefolder":
         print(f"DALI skipped: {reason}")
     out = {"machine": args.machine, "platform": platform.platform(), "torch": torch.__version__,
-           "size": args.size, "workers": args.workers, "unlabeled_batch": 7 * args.batch,
+           "dataset": args.dataset, "size": args.size, "workers": args.workers, "unlabeled_batch": 7 * args.batch,
            "files": len(files), "device": args.device, "quick": args.quick,
            "strong_view": strong_impl(), "main_threads": args.threads, "rounds": args.rounds,
            "batches_timed": batches, "rows": rows}
+    if args.json is None:
+        name = "data.json" if args.dataset == "imagefolder" else f"data_{args.dataset}.json"
+        args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
