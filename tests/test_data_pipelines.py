@@ -153,6 +153,12 @@ def test_strong_view_keeps_shape_and_is_seeded():
     b = strong_view(images, generator=torch.Generator().manual_seed(3), **kw)
     assert a.shape == images.shape and a.dtype == torch.uint8 and torch.equal(a, b)
     assert not torch.equal(a, images)
+    # The trainer's global RNG is not touched (dropout etc. must not follow the data).
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    strong_view(images, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_cutout_fallback_masks_a_square():

@@ -112,8 +112,10 @@ def _rand_augment_fallback(weak: torch.Tensor, num_ops: int, magnitude: int,
     from torchvision.transforms import v2
 
     augment = v2.RandAugment(num_ops=num_ops, magnitude=min(magnitude, 30), num_magnitude_bins=31)
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
-    return torch.stack([augment(img) for img in weak])
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        return torch.stack([augment(img) for img in weak])
 
 
 def _cutout_fallback(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
