@@ -280,3 +280,18 @@ def test_dali_gpu_decode_matches_cpu_counts(data):
     assert weak.is_cuda and strong.is_cuda and weak.shape == (12, 3, 48, 48)
     cpu = quiet_build(config(data, "imagefolder", loader="dali", image_size=48))
     assert [y.tolist() for _, y in s.test] == [y.tolist() for _, y in cpu.test]
+
+
+def test_all_corrupt_training_images_stop_with_a_message_not_a_worker_traceback(tmp_path):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            (tmp_path / split / c / "x.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    cfg = DataConfig(dataset="imagefolder", data_dir=str(tmp_path), batch_size=2, mu=1,
+                     num_workers=1, image_size=16, loader="torch")
+    s = quiet_build(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match=r"a batch lost 2 images to 20 corrupt files in a row"):
+            next(s.labeled)
+        assert sum(len(y) for _, y in s.test) == 0 and s.stats["corrupt_images"] == 4

@@ -129,14 +129,12 @@ class BatchDataset(Dataset):
                     image = decode_file(path)
                     break
                 except Exception as e:  # any decoder failure = a corrupt file, reported upstream
-                    corrupt.append((path, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                    corrupt.append((path, _one_line(e)))
+                    image = None
                     if self.view == EVAL or self.replacements is None:
-                        image = None
                         break
                     index = int(self.replacements[torch.randint(len(self.replacements), (1,), generator=g)])
-            else:
-                raise RuntimeError(f"20 corrupt images in a row (last: {path}); check the data")
-            if image is None:
+            if image is None:  # eval: the sample is dropped; training: 20 stand-ins failed too
                 continue
             if self.view == EVAL:
                 image = resize_center_crop(image, self.image_size)
@@ -147,6 +145,11 @@ class BatchDataset(Dataset):
         stacked = torch.stack(images) if images else \
             torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return stacked, labels, corrupt
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
 
 
 class _Finish:
@@ -165,12 +168,19 @@ class _Finish:
         for path, reason in corrupt:
             record_corrupt(self.stats, path, reason, strict=self.strict)
 
-    def labeled(self, batch: dict):
+    def checked(self, batch: dict, expected: int | None):
+        """Count the batch's corrupt files; refuse a training batch left short by them."""
         self.account(batch["corrupt"])
+        if expected is not None and len(batch["label"]) < expected:
+            raise RuntimeError(f"a batch lost {expected - len(batch['label'])} images to 20 corrupt "
+                               f"files in a row (e.g. {batch['corrupt'][-1][0]}); check the data")
+
+    def labeled(self, batch: dict, expected: int | None = None):
+        self.checked(batch, expected)
         return self.normalize(self.images(batch["weak"])), batch["label"].to(self.device, non_blocking=True)
 
-    def unlabeled(self, batch: dict):
-        self.account(batch["corrupt"])
+    def unlabeled(self, batch: dict, expected: int | None = None):
+        self.checked(batch, expected)
         weak = self.images(batch["weak"])
         if "strong" in batch:
             strong = self.images(batch["strong"])
@@ -225,8 +235,8 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
 
     labeled_batches = train(LABELED, split["labeled"], cfg.batch_size)
     unlabeled_batches = train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size)
-    labeled = _lazy(labeled_batches, finish.labeled)
-    unlabeled = _lazy(unlabeled_batches, finish.unlabeled)
+    labeled = _lazy(labeled_batches, lambda b: finish.labeled(b, cfg.batch_size))
+    unlabeled = _lazy(unlabeled_batches, lambda b: finish.unlabeled(b, cfg.mu * cfg.batch_size))
     return (labeled, unlabeled, evaluation(data, split["val"]),
             evaluation(test, np.arange(len(test))))
 
