@@ -110,6 +110,7 @@ class DaliEvalBatches:
         self.finish = finish
         self.batch_size = batch_size
         self.iterator = None
+        self.unfinished = False
         if files:
             from nvidia.dali.plugin.base_iterator import LastBatchPolicy
             from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -126,8 +127,13 @@ class DaliEvalBatches:
     def __iter__(self):
         if self.iterator is None:
             return
+        if self.unfinished:  # DALI cannot reset mid-epoch: finish the abandoned pass first
+            for _ in _batches(self.iterator):
+                pass
+        self.unfinished = True
         for images, labels in _batches(self.iterator):
             yield self.finish.normalize(images.to(self.finish.device)), labels.to(self.finish.device)
+        self.unfinished = False
 
 
 def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, source, seed: int,
