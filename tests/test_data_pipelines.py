@@ -311,3 +311,23 @@ def test_dali_ranks_read_disjoint_shards(data):
     assert set(seen[0].tolist()) | set(seen[1].tolist()) == {0, 1, 2}
     # Shards of 7 and 8 files (seeded shuffle): the ranks do not read the same stream.
     assert np.bincount(seen[0], minlength=3).tolist() != np.bincount(seen[1], minlength=3).tolist()
+
+
+def test_strong_view_left_to_the_main_process_as_on_a_gpu(data):
+    """The GPU path on the CPU: workers send the weak uint8 batch only, the main process
+    computes the strong view (there on the device) with the batch's own seed."""
+    from mpl_fast.data.cifar import load_cifar
+    from mpl_fast.data.torch_pipeline import UNLABELED, BatchDataset, _Finish
+
+    src = load_cifar(data["cifar10"])
+    strong = dict(num_ops=2, magnitude=9, policy="mpl", cutout=8)
+    in_worker = BatchDataset(src.train, view=UNLABELED, image_size=32, flip=True, strong=strong)
+    deferred = BatchDataset(src.train, view=UNLABELED, image_size=32, flip=True, strong=None)
+    item = (1234, list(range(10)))
+    a, b = in_worker[item], deferred[item]
+    assert "strong" in a and "strong" not in b and torch.equal(a["weak"], b["weak"])
+    finish = _Finish(device="cpu", mean=src.mean, std=src.std, strong=strong, stats={}, strict=False)
+    weak, strong_b = finish.unlabeled(b, 10)
+    assert weak.shape == strong_b.shape == (10, 3, 32, 32)
+    # The strong view's generator comes from the batch seed alone: same views either way.
+    assert torch.equal(finish.normalize(a["strong"]), strong_b)

@@ -17,7 +17,8 @@ import torch
 from mpl_fast.data.bad_data import record_corrupt
 from mpl_fast.data.imagefolder import quick_check
 from mpl_fast.data.source import LabeledSet
-from mpl_fast.data.torch_pipeline import _STREAM_IDS, LABELED, UNLABELED, _Finish, batch_seed
+from mpl_fast.data.torch_pipeline import (_STREAM_IDS, LABELED, UNLABELED, _Finish, batch_seed,
+                                          strong_generator)
 from mpl_fast.data.views import strong_view
 
 EVAL_CROP_FRACTION = 0.875
@@ -177,8 +178,7 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
     def unlabeled_stream(batches):
         for number, (images, _) in enumerate(batches):
             weak = images.to(device)
-            g = torch.Generator().manual_seed(  # CPU generator, also for GPU batches
-                batch_seed(seed, _STREAM_IDS[UNLABELED], rank, number))
+            g = strong_generator(batch_seed(seed, _STREAM_IDS[UNLABELED], rank, number))
             yield finish.normalize(weak), finish.normalize(strong_view(weak, generator=g, **strong))
 
     def evaluation(labeled_set, indices):

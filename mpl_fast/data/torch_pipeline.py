@@ -24,6 +24,13 @@ def batch_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def strong_generator(seed: int) -> torch.Generator:
+    """The CPU generator of a batch's strong view: its own stream, derived from the batch seed,
+    so the strong view is the same whether a worker (CPU run) or the main process (GPU run)
+    computes it."""
+    return torch.Generator().manual_seed(batch_seed(seed, 0x57))
+
+
 class InfiniteBatches(Sampler):
     """Endless (batch_seed, indices) pairs over this rank's shard of ``indices``: the shards of
     all ranks are disjoint; each pass over the shard is a fresh permutation; batches run across
@@ -117,7 +124,7 @@ class BatchDataset(Dataset):
         out = {"weak": images.contiguous(), "label": torch.as_tensor(labels, dtype=torch.int64),
                "corrupt": corrupt, "seed": seed}
         if self.view == UNLABELED and self.strong is not None:
-            out["strong"] = strong_view(out["weak"], generator=g, **self.strong)
+            out["strong"] = strong_view(out["weak"], generator=strong_generator(seed), **self.strong)
         return out
 
     def _load_files(self, indices, g):
@@ -185,8 +192,7 @@ class _Finish:
         if "strong" in batch:
             strong = self.images(batch["strong"])
         else:
-            g = torch.Generator().manual_seed(batch["seed"])  # CPU: the op draws its plan there
-            strong = strong_view(weak, generator=g, **self.strong)
+            strong = strong_view(weak, generator=strong_generator(batch["seed"]), **self.strong)
         return self.normalize(weak), self.normalize(strong)
 
 
