@@ -11,6 +11,8 @@ that still fails stops the run with a message pointing at --loader torch.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -35,16 +37,18 @@ def dali_unavailable_reason() -> str | None:
     return None
 
 
-def _checked(files: list[str], labels: np.ndarray, stats: dict, strict: bool):
-    keep_files, keep_labels = [], []
-    for path, label in zip(files, labels):
-        reason = quick_check(path)
-        if reason is None:
-            keep_files.append(path)
-            keep_labels.append(int(label))
-        else:
+def find_bad_files(paths: list[str], stats: dict, strict: bool, threads: int = 16) -> set[str]:
+    """The files among ``paths`` that quick_check rejects, each recorded once in ``stats``
+    (or raised under ``strict``). Threads: the check is file I/O (two small reads a file)."""
+    unique = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = list(pool.map(quick_check, unique, chunksize=256))
+    bad = set()
+    for path, reason in zip(unique, reasons):
+        if reason is not None:
             record_corrupt(stats, path, reason, strict=strict)
-    return keep_files, keep_labels
+            bad.add(path)
+    return bad
 
 
 def _train_pipeline(files, labels, *, batch_size, image_size, flip, shard_id, num_shards,
@@ -152,9 +156,12 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
     finish = _Finish(device=device, mean=source.mean, std=source.std, strong=strong, stats=stats,
                      strict=cfg.strict)
 
+    used = np.unique(np.concatenate([split["labeled"], split["unlabeled"], split["val"]]))
+    bad = find_bad_files([data.images[i] for i in used] + list(test.images), stats, cfg.strict)
+
     def subset(labeled_set, indices):
-        return _checked([labeled_set.images[i] for i in indices], labeled_set.labels[indices],
-                        stats, cfg.strict)
+        keep = [i for i in indices if labeled_set.images[i] not in bad]
+        return [labeled_set.images[i] for i in keep], [int(labeled_set.labels[i]) for i in keep]
 
     def train(view, indices, batch_size):
         files, labels = subset(data, indices)
