@@ -1,0 +1,99 @@
+"""ImageFolder trees of JPEG/PNG files in the ImageNet layout: DATA/train/<class>/<image> and
+DATA/val/<class>/<image>. Class indices follow the sorted folder names of train/."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from mpl_fast.data.source import DatasetSource, LabeledSet
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_LAYOUT_HINT = ("expected an ImageFolder in the ImageNet layout in {dir}: train/<class>/<image> and "
+                "val/<class>/<image> with JPEG or PNG files (for ImageNet, extract the train and val "
+                "archives there and sort val/ into class folders)")
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan(root: str, split: str, class_to_index: dict[str, int], skipped: dict) -> LabeledSet:
+    """Image files under ``root/split/<class>/`` (recursively), sorted, with their labels."""
+    paths, labels, keys = [], [], []
+    split_dir = os.path.join(root, split)
+    for name in _class_folders(split_dir):
+        if name not in class_to_index:
+            raise ValueError(f"{split_dir} has a class folder {name!r} that train/ does not have; "
+                             "the class folders of train/ and val/ must match")
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, name)):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                full = os.path.join(dirpath, fname)
+                if not fname.lower().endswith(IMAGE_EXTENSIONS):
+                    skipped.setdefault("non_image", []).append(full)
+                    continue
+                paths.append(full)
+                labels.append(class_to_index[name])
+                keys.append(os.path.relpath(full, root))
+                found += 1
+        if found == 0:
+            skipped.setdefault("empty_class", []).append(os.path.join(split_dir, name))
+    return LabeledSet(paths, np.asarray(labels, dtype=np.int64), keys)
+
+
+def load_imagefolder(data_dir: str, image_size: int | None = None) -> DatasetSource:
+    """The train/ and val/ trees under ``data_dir``; val/ serves as the test set.
+
+    Files without a JPEG/PNG extension and empty class folders are left out with one warning
+    each (and listed in ``source.skipped``); an empty class keeps its index so train and val
+    labels agree.
+    """
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
+        raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ or val/ is missing")
+    classes = _class_folders(train_dir)
+    if not classes:
+        raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ has no class folders")
+    class_to_index = {c: i for i, c in enumerate(classes)}
+    skipped: dict[str, list[str]] = {}
+    train = _scan(data_dir, "train", class_to_index, skipped)
+    test = _scan(data_dir, "val", class_to_index, skipped)
+    if len(train) == 0:
+        raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ holds no image files")
+    if skipped.get("non_image"):
+        files = skipped["non_image"]
+        warnings.warn(f"skipped {len(files)} non-image files in {data_dir} (only "
+                      f"{', '.join(IMAGE_EXTENSIONS)} are read), e.g. {files[0]}", stacklevel=2)
+    if skipped.get("empty_class"):
+        folders = skipped["empty_class"]
+        warnings.warn(f"{len(folders)} class folders hold no images: {', '.join(folders[:5])}",
+                      stacklevel=2)
+    return DatasetSource(name="imagefolder", train=train, test=test, num_classes=len(classes),
+                         classes=classes, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         image_size=image_size or 224, flip=True, skipped=skipped)
+
+
+def quick_check(path: str) -> str | None:
+    """Why ``path`` cannot be a whole JPEG/PNG image, or None when it looks fine.
+
+    Reads the first and last bytes only (no decoding): catches non-images, empty files and
+    truncated files, which is what stops a DALI pipeline (it cannot skip a bad sample).
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, size - 256))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if head.startswith(b"\xff\xd8"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    return "not a JPEG or PNG file"

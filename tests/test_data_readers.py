@@ -1,0 +1,160 @@
+"""Readers of CIFAR-10/100 pickles, SVHN .mat files and ImageFolder trees, on tiny data sets
+written in the real formats; bad layouts and bad data give one clear sentence."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mpl_fast.data.cifar import load_cifar
+from mpl_fast.data.imagefolder import load_imagefolder, quick_check
+from mpl_fast.data.svhn import load_svhn
+from mpl_fast.data.tiny import write_tiny_cifar, write_tiny_imagefolder, write_tiny_svhn
+
+# torchvision 0.29 deprecates its image decoders (for TorchCodec); they still work and are used.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+
+def test_cifar10_reads_batches_into_hwc_images(tmp_path):
+    root = write_tiny_cifar(str(tmp_path), train_per_class=4, test_per_class=2)
+    # Overwrite one training row with a known pattern: red ramp, green 7, blue 200.
+    with open(tmp_path / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    batch["data"][0] = np.concatenate([np.arange(1024) % 256, np.full(1024, 7), np.full(1024, 200)])
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f)
+    src = load_cifar(root, 10)
+    assert src.train.images.shape == (40, 32, 32, 3) and src.train.images.dtype == np.uint8
+    assert src.test.images.shape == (20, 32, 32, 3)
+    assert src.train.labels.dtype == np.int64 and sorted(np.bincount(src.train.labels)) == [4] * 10
+    first = src.train.images[0]
+    assert first[0, :, 0].tolist() == list(range(32)) and first[1, 0, 0] == 32  # row-major red
+    assert (first[..., 1] == 7).all() and (first[..., 2] == 200).all()
+    assert src.classes[3] == "class3" and src.num_classes == 10 and src.flip
+
+
+def test_cifar100_uses_fine_labels_and_finds_the_extracted_subfolder(tmp_path):
+    write_tiny_cifar(str(tmp_path / "cifar-100-python"), num_classes=100, train_per_class=2,
+                     test_per_class=1)
+    src = load_cifar(str(tmp_path), 100)
+    assert len(src.train) == 200 and len(src.test) == 100
+    assert set(src.train.labels.tolist()) == set(range(100))
+
+
+def test_cifar_missing_layout_says_what_and_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected CIFAR-10 python batches .*data_batch_1.*"
+                                                r"test_batch.* in .*cifar-10-python.tar.gz"):
+        load_cifar(str(tmp_path), 10)
+
+
+def test_cifar_label_out_of_range_names_the_file(tmp_path):
+    write_tiny_cifar(str(tmp_path))
+    with open(tmp_path / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    batch["labels"][5] = 10
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(ValueError, match=r"test_batch: label 10 at position 5 is outside 0..9"):
+        load_cifar(str(tmp_path), 10)
+
+
+def test_cifar_garbage_batch_is_a_clear_error(tmp_path):
+    write_tiny_cifar(str(tmp_path))
+    (tmp_path / "data_batch_3").write_bytes(b"this is not a pickle")
+    with pytest.raises(ValueError, match=r"data_batch_3 is not a readable CIFAR python batch"):
+        load_cifar(str(tmp_path), 10)
+
+
+def test_svhn_maps_label_10_to_digit_0_and_transposes(tmp_path):
+    from scipy.io import loadmat
+
+    write_tiny_svhn(str(tmp_path), train_per_class=3, test_per_class=2)
+    raw = loadmat(str(tmp_path / "train_32x32.mat"))
+    src = load_svhn(str(tmp_path))
+    assert src.train.images.shape == (30, 32, 32, 3) and len(src.test) == 20
+    assert set(src.train.labels.tolist()) == set(range(10))
+    expected = np.where(raw["y"].reshape(-1) == 10, 0, raw["y"].reshape(-1))
+    assert (src.train.labels == expected).all()
+    assert (src.train.images[4] == raw["X"][..., 4]).all()
+    assert not src.flip  # digits are not mirrored
+
+
+def test_svhn_missing_and_bad_labels(tmp_path):
+    from scipy.io import savemat
+
+    with pytest.raises(FileNotFoundError, match=r"expected SVHN files train_32x32.mat and "
+                                                r"test_32x32.mat in .*ufldl"):
+        load_svhn(str(tmp_path))
+    write_tiny_svhn(str(tmp_path))
+    x = np.zeros((32, 32, 3, 2), np.uint8)
+    savemat(str(tmp_path / "test_32x32.mat"), {"X": x, "y": np.array([[3], [11]], np.uint8)})
+    with pytest.raises(ValueError, match=r"test_32x32.mat: label 11 .* outside 0..9"):
+        load_svhn(str(tmp_path))
+
+
+def test_imagefolder_scan_skips_non_images_and_keeps_empty_class_index(tmp_path):
+    root = write_tiny_imagefolder(str(tmp_path), num_classes=3, train_per_class=4, val_per_class=2)
+    with pytest.warns(UserWarning) as caught:
+        src = load_imagefolder(root)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "non-image" in messages and "class_zz_empty" in messages
+    assert src.classes == ["class_00", "class_01", "class_02", "class_zz_empty"]
+    assert len(src.train) == 3 * 4 + 1  # + the truncated JPEG, found only when decoded
+    assert len(src.test) == 3 * 2
+    assert all(k.startswith("train" + os.sep) for k in src.train.keys)
+    assert all(os.path.isabs(p) for p in src.train.images)
+    assert src.skipped["non_image"][0].endswith("notes.txt")
+    assert src.image_size == 224
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected an ImageFolder in the ImageNet layout"):
+        load_imagefolder(str(tmp_path))
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "dog").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"class folder 'dog' that train/ does not have"):
+        load_imagefolder(str(tmp_path))
+
+
+def test_quick_check_flags_truncated_and_non_images(tmp_path):
+    root = write_tiny_imagefolder(str(tmp_path), num_classes=1, train_per_class=1, val_per_class=1)
+    train0 = os.path.join(root, "train", "class_00")
+    assert quick_check(os.path.join(train0, "train_0_0.jpg")) is None
+    assert "truncated JPEG" in quick_check(os.path.join(train0, "truncated.jpg"))
+    assert quick_check(os.path.join(train0, "notes.txt")) == "not a JPEG or PNG file"
+    from PIL import Image
+    png = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(png)
+    assert quick_check(str(png)) is None
+    png.write_bytes(png.read_bytes()[:30])
+    assert "truncated PNG" in quick_check(str(png))
+
+
+def test_decode_gives_uint8_rgb_for_grey_16bit_palette_and_alpha(tmp_path):
+    from PIL import Image
+
+    from mpl_fast.data.torch_pipeline import decode_file
+
+    ramp = (np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((30, 40, 4), 77, np.uint8)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((30, 40), 5, np.uint8)).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(np.full((30, 40), 9, np.uint8)).save(tmp_path / "grey.jpg")
+    for name in ("g16.png", "rgba.png", "p.png", "grey.jpg"):
+        image = decode_file(str(tmp_path / name))
+        assert image.shape == (3, 30, 40) and image.dtype == torch.uint8, name
+    assert decode_file(str(tmp_path / "rgba.png"))[:, 0, 0].tolist() == [77, 77, 77]
+
+
+def test_pil_decode_fallback_matches_torchvision_on_png(tmp_path):
+    from PIL import Image
+
+    from mpl_fast.data.torch_pipeline import _pil_decode, decode_file
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    assert torch.equal(_pil_decode(str(tmp_path / "x.png")), decode_file(str(tmp_path / "x.png")))
+    assert torch.equal(decode_file(str(tmp_path / "x.png")), torch.from_numpy(pixels).permute(2, 0, 1))
