@@ -68,7 +68,7 @@ def test_file_preset_without_data_gives_one_clear_sentence(tmp_path):
         main(["--preset", "cifar10-4k", "--data.data-dir", str(tmp_path / "nowhere"), "--output-dir",
               str(tmp_path / "out")])
     msg = str(exc.value)
-    assert msg.startswith("error:") and ("cifar10" in msg.lower())
+    assert msg.startswith("error:") and ("cifar-10" in msg.lower())
 
 
 def test_outputs_written(tmp_path):

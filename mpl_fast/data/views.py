@@ -89,44 +89,13 @@ def strong_view(weak: torch.Tensor, *, num_ops: int, magnitude: int, policy: str
 
     The one place the strong view is computed, by both pipelines.
     """
-    import mpl_fast.ops as ops
+    from mpl_fast.ops import cutout as cutout_op, rand_augment
 
-    rand_augment = getattr(ops, "rand_augment", None)
-    if rand_augment is not None:
-        out = rand_augment(weak, num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=31,
-                           policy=policy, generator=generator)  # fill: the policy's own
-    else:
-        out = _rand_augment_fallback(weak, num_ops, magnitude, generator)
+    out = rand_augment(weak, num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=31,
+                       policy=policy, generator=generator)  # fill: the policy's own
     if cutout > 0:
-        cut = getattr(ops, "cutout", None)
-        out = cut(out, cutout, generator=generator) if cut is not None else \
-            _cutout_fallback(out, cutout, generator)
+        out = cutout_op(out, cutout, generator=generator)
     return out
-
-
-# --- Fallbacks: exist only until mpl_fast.ops.rand_augment / cutout land (the lead removes
-# them at merge). torchvision's RandAugment draws from the global RNG, one image at a time.
-
-def _rand_augment_fallback(weak: torch.Tensor, num_ops: int, magnitude: int,
-                           generator: torch.Generator) -> torch.Tensor:
-    from torchvision.transforms import v2
-
-    augment = v2.RandAugment(num_ops=num_ops, magnitude=min(magnitude, 30), num_magnitude_bins=31)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
-        torch.manual_seed(seed)
-        return torch.stack([augment(img) for img in weak])
-
-
-def _cutout_fallback(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    b, _, h, w = images.shape
-    cy = torch.randint(0, h, (b, 1, 1), generator=generator, device=generator.device).to(images.device)
-    cx = torch.randint(0, w, (b, 1, 1), generator=generator, device=generator.device).to(images.device)
-    ys = torch.arange(h, device=images.device)[None, :, None]
-    xs = torch.arange(w, device=images.device)[None, None, :]
-    half = size // 2
-    inside = (ys - cy >= -half) & (ys - cy < size - half) & (xs - cx >= -half) & (xs - cx < size - half)
-    return images.masked_fill(inside[:, None], 0)
 
 
 class Normalize:
