@@ -13,7 +13,7 @@ from mpl_fast.data.bad_data import CorruptImageError
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.data.tiny import write_tiny_cifar, write_tiny_imagefolder, write_tiny_svhn
 from mpl_fast.data.torch_pipeline import InfiniteBatches
-from mpl_fast.data.views import Normalize, pad_crop_flip, strong_view, _cutout_fallback
+from mpl_fast.data.views import Normalize, pad_crop_flip, strong_view
 
 needs_dali = pytest.mark.skipif(dali_unavailable_reason() is not None,
                                 reason="NVIDIA DALI not installed (optional extra `dali`)")
@@ -159,13 +159,6 @@ def test_strong_view_keeps_shape_and_is_seeded():
     torch.manual_seed(123)
     strong_view(images, generator=torch.Generator().manual_seed(4), **kw)
     assert torch.equal(torch.rand(3), expected)
-
-
-def test_cutout_fallback_masks_a_square():
-    images = torch.full((4, 3, 40, 40), 9, dtype=torch.uint8)
-    out = _cutout_fallback(images, 8, torch.Generator().manual_seed(0))
-    zeroed = (out[:, 0] == 0).sum(dim=(1, 2))
-    assert (zeroed <= 64).all() and (zeroed > 0).all()
 
 
 def test_normalize():
