@@ -391,3 +391,12 @@ def test_translate_fast_path_equals_affine_grid(size):
         fast = torch.ops.mpl_fast.augment_apply.default(images, fast_codes, fast_params, [3])
         grid = torch.ops.mpl_fast.augment_apply.default(images, grid_codes, grid_params, [3])
         assert torch.equal(fast, grid), name
+
+
+def test_rand_augment_under_compile_draws_eagerly():
+    # The draws graph-break (torch.compiler.disable); results equal eager for the same seed.
+    images = photos(16, 16, False, 4)
+    fn = lambda x, g: ops.rand_augment(x, 2, 12, policy="mpl", generator=g, cutout=6)  # noqa: E731
+    compiled = torch.compile(fn, backend="eager")
+    expected = fn(images, torch.Generator().manual_seed(3))
+    assert torch.equal(compiled(images, torch.Generator().manual_seed(3)), expected)
