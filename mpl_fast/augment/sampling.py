@@ -2,10 +2,12 @@
 
 Drawing every random number here, into small (N, num_ops) tensors, and handing them to one
 kernel call keeps the kernels deterministic and makes CPU and CUDA produce the same images for
-the same seed. Under torch.compile the draws run eagerly (a graph break: fullgraph=True needs
-``apply_op`` or a pre-drawn plan); the kernel call itself is traced. Draw order (fixed, so a seed fixes the plan): op indices (N, K), signs (N, K),
+the same seed. Draw order (fixed, so a seed fixes the plan): op indices (N, K), signs (N, K),
 then for policies with an apply probability p per image (N,) and the uniforms (N, K) that decide
 each step, then Cutout centres rows (N, K) and columns (N, K), then the final cutout's centre.
+
+Under torch.compile the draws run eagerly (a graph break; fullgraph=True needs ``apply_op`` or a
+pre-drawn plan); the kernel call itself is traced.
 """
 
 from __future__ import annotations
