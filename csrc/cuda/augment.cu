@@ -44,8 +44,8 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
   switch (code) {
     case kAffine:
       for (int64_t i = tid; i < plane; i += nthreads) {
-        const int32_t source = affine_source_index(p, static_cast<int32_t>(H), static_cast<int32_t>(W),
-                                                   static_cast<int32_t>(i / W), static_cast<int32_t>(i % W));
+        const AffineRow row = affine_row(p, static_cast<int32_t>(H), static_cast<int32_t>(W), static_cast<int32_t>(i / W));
+        const int32_t source = affine_source_index(row, static_cast<int32_t>(i % W));
         for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
       }
       break;
