@@ -23,8 +23,9 @@
 namespace mpl_fast {
 namespace augment {
 
-// Kernel-level op codes. The five geometric torchvision ops (ShearX/Y, TranslateX/Y, Rotate) all
-// become kAffine with their inverse matrix as parameters. Keep in sync with augment.py's _CODES.
+// Kernel-level op codes. ShearX/Y and Rotate become kAffine with torchvision's inverse matrix as
+// parameters, TranslateX/Y become kTranslate. Keep in sync with the _K_* constants of
+// mpl_fast/ops/augment.py.
 enum OpCode : int32_t {
   kIdentity = 0,
   kAffine = 1,        // params: gx = x*p0 + y*p1 + p2, gy = x*p3 + y*p4 + p5 (normalized grid)

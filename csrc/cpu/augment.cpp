@@ -69,6 +69,8 @@ void blend_row(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t n, floa
   for (int64_t i = 0; i < n; ++i) out[i] = blend(float(x[i]), float(y[i]), ratio, one_minus_ratio);
 }
 
+// Whole-pixel shift (see translate_source_index in augment.h): row by row, memcpy of the part
+// that has a source and fill around it.
 void translate_image(const float* p, const uint8_t* fill, const Image& im, const uint8_t* src, uint8_t* dst) {
   const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
   // Shifts beyond the image leave only fill; clamping keeps the int arithmetic in range.
