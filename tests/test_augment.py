@@ -421,3 +421,10 @@ def test_rand_augment_draws_match_torchvision_randaugment(monkeypatch):
     assert set(ours) == set(seen), set(ours) ^ set(seen)  # identical (op, magnitude) support
     table = [[seen.count(c) for c in categories], [ours.count(c) for c in categories]]
     assert chi2_contingency(table).pvalue > 1e-3
+
+
+def test_raw_op_refuses_images_beyond_int32_indexing():
+    huge = torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(1, 3, 2 ** 15, 2 ** 15)  # a view: no memory
+    codes, params = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, 6)
+    with pytest.raises(ValueError, match="fewer than 2\\^31 values per image"):
+        torch.ops.mpl_fast.augment_apply.default(huge, codes, params, [0])
