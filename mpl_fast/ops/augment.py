@@ -16,9 +16,10 @@ How a call flows:
 2. ``plan_to_kernel_args`` turns magnitudes into kernel parameters (affine matrices, blend
    ratios, thresholds) with torchvision's formulas, in float64 then float32 exactly as
    torchvision does. Computed on the plan's device: a plan drawn on the CPU gives identical
-   parameters, hence identical images, on the CPU and the GPU.
-3. ``run_plan`` calls the kernel, or ``run_plan_reference`` (a loop over images calling
-   torchvision, the specification) when the extension is missing.
+   parameters, hence identical images, on the CPU and the GPU. (``rand_augment`` computes them
+   once per policy table and gathers them per image: see sampling.py.)
+3. ``run_plan`` / ``run_kernel`` call the kernel, or ``run_plan_reference`` (a loop over images
+   calling torchvision, the specification) runs when the extension is missing.
 """
 
 from __future__ import annotations
