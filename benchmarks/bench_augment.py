@@ -172,7 +172,11 @@ def main() -> None:
                                  "ratio": rates["ours"] / rates[kind]})
             if torch.cuda.is_available():
                 ours = _time_ours(images, repeats, "cuda")
-                dali = _time_dali(size, batch)
+                try:  # untested here (no GPU on the dev VM): report a failure instead of crashing
+                    dali = _time_dali(size, batch)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"DALI rand_augment failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    dali = None
                 rows.append({"case": f"{size}x{size} N={batch} cuda", "baseline": "DALI rand_augment" if dali else "none",
                              "baseline_img_s": dali, "ours_img_s": ours, "ratio": ours / dali if dali else None})
 
