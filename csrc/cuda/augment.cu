@@ -158,7 +158,9 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
   __syncthreads();  // the next op reads what this one wrote
 }
 
-__global__ void augment_kernel(const uint8_t* __restrict__ images, uint8_t* __restrict__ out,
+constexpr int kMaxThreads = 512;
+
+__global__ void __launch_bounds__(kMaxThreads) augment_kernel(const uint8_t* __restrict__ images, uint8_t* __restrict__ out,
                                uint8_t* __restrict__ scratch, const int32_t* __restrict__ codes,
                                const float* __restrict__ params, int64_t num_ops, int64_t C, int64_t H, int64_t W,
                                uint8_t fill0, uint8_t fill1, uint8_t fill2, bool in_shared) {
@@ -213,7 +215,7 @@ at::Tensor augment_apply_cuda(const at::Tensor& images, const at::Tensor& codes,
   const uint8_t f0 = static_cast<uint8_t>(fill[0]);
   const uint8_t f1 = static_cast<uint8_t>(fill[std::min<size_t>(1, fill.size() - 1)]);
   const uint8_t f2 = static_cast<uint8_t>(fill[std::min<size_t>(2, fill.size() - 1)]);
-  const int threads = H * W >= 4096 ? 512 : 256;
+  const int threads = H * W >= 4096 ? kMaxThreads : 256;
   const size_t smem_bytes = in_shared ? static_cast<size_t>(2 * numel) : 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   augment_kernel<<<static_cast<unsigned>(n), threads, smem_bytes, stream>>>(
