@@ -23,8 +23,9 @@
 namespace mpl_fast {
 namespace augment {
 
-// Kernel-level op codes. The five geometric torchvision ops (ShearX/Y, TranslateX/Y, Rotate) all
-// become kAffine with their inverse matrix as parameters. Keep in sync with augment.py's _CODES.
+// Kernel-level op codes. ShearX/Y and Rotate become kAffine with torchvision's inverse matrix as
+// parameters, TranslateX/Y become kTranslate. Keep in sync with the _K_* constants of
+// mpl_fast/ops/augment.py.
 enum OpCode : int32_t {
   kIdentity = 0,
   kAffine = 1,        // params: gx = x*p0 + y*p1 + p2, gy = x*p3 + y*p4 + p5 (normalized grid)
@@ -116,26 +117,43 @@ MPL_HOST_DEVICE inline float mean_from_sum(int64_t sum, int64_t count) {
 // Source pixel of output pixel (row, col) under the normalized inverse affine grid that
 // torchvision builds (_gen_affine_grid, then grid_sample nearest, align_corners=False), as a
 // linear index row * width + col into the source plane, or -1 when it falls outside the image
-// (the pixel takes the fill value). Branch-free so that the CPU loop over a row vectorizes.
-MPL_HOST_DEVICE inline int32_t affine_source_index(const float* p, int32_t height, int32_t width, int32_t row,
-                                                   int32_t col) {
-  const float x = add_rn(float(col), 0.5f - 0.5f * float(width));  // exact: half-integers
-  const float y = add_rn(float(row), 0.5f - 0.5f * float(height));
-  const float gx = add_rn(add_rn(mul_rn(x, p[0]), mul_rn(y, p[1])), p[2]);
-  const float gy = add_rn(add_rn(mul_rn(x, p[3]), mul_rn(y, p[4])), p[5]);
+// (the pixel takes the fill value). Split into a per-row part (AffineRow: the row's terms, the
+// same float32 values torchvision computes) and a branch-free per-pixel part, so that the CPU
+// loop over a row vectorizes.
+struct AffineRow {
+  float p0, p2, p3, p5;  // column coefficients and offsets of gx and gy
+  float y_p1, y_p4;      // this row's terms y * p1 and y * p4
+  float x_offset;        // x of column 0 is col + (0.5 - width / 2), exact (half-integers)
+  float width_f, height_f;
+  int32_t width, height;
+};
+
+MPL_HOST_DEVICE inline AffineRow affine_row(const float* p, int32_t height, int32_t width, int32_t row) {
+  const float y = add_rn(float(row), 0.5f - 0.5f * float(height));  // exact: half-integers
+  return {p[0], p[2], p[3], p[5], mul_rn(y, p[1]), mul_rn(y, p[4]), 0.5f - 0.5f * float(width),
+          float(width), float(height), width, height};
+}
+
+MPL_HOST_DEVICE inline int32_t affine_source_index(const AffineRow& a, int32_t col) {
+  const float x = add_rn(float(col), a.x_offset);
+  // torchvision's bmm order: (x * p0 + y * p1) + p2.
+  const float gx = add_rn(add_rn(mul_rn(x, a.p0), a.y_p1), a.p2);
+  const float gy = add_rn(add_rn(mul_rn(x, a.p3), a.y_p4), a.p5);
   // grid_sample's unnormalization for align_corners=False: ((g + 1) * size - 1) / 2.
-  float ix = div_rn(sub_rn(mul_rn(add_rn(gx, 1.f), float(width)), 1.f), 2.f);
-  float iy = div_rn(sub_rn(mul_rn(add_rn(gy, 1.f), float(height)), 1.f), 2.f);
+  float ix = div_rn(sub_rn(mul_rn(add_rn(gx, 1.f), a.width_f), 1.f), 2.f);
+  float iy = div_rn(sub_rn(mul_rn(add_rn(gy, 1.f), a.height_f), 1.f), 2.f);
   // Anything beyond one pixel outside stays outside after rounding; clamping keeps the
   // rounding exact and the int conversion defined for huge shears.
   ix = ix > -2.f ? ix : -2.f;
-  ix = ix < float(width) + 1.f ? ix : float(width) + 1.f;
+  ix = ix < a.width_f + 1.f ? ix : a.width_f + 1.f;
   iy = iy > -2.f ? iy : -2.f;
-  iy = iy < float(height) + 1.f ? iy : float(height) + 1.f;
+  iy = iy < a.height_f + 1.f ? iy : a.height_f + 1.f;
   const int32_t c = static_cast<int32_t>(round_half_even(ix));
   const int32_t r = static_cast<int32_t>(round_half_even(iy));
-  const bool inside = (c >= 0) & (c < width) & (r >= 0) & (r < height);
-  return inside ? r * width + c : -1;
+  // All-ones mask when inside (unsigned compares also reject negatives), else 0; -1 outside.
+  const int32_t inside = -static_cast<int32_t>(static_cast<uint32_t>(c) < static_cast<uint32_t>(a.width)) &
+                         -static_cast<int32_t>(static_cast<uint32_t>(r) < static_cast<uint32_t>(a.height));
+  return ((r * a.width + c) & inside) | ~inside;
 }
 
 MPL_HOST_DEVICE inline bool in_cutout(const float* p, int64_t row, int64_t col) {

@@ -16,8 +16,9 @@ inline void check_augment_args(const at::Tensor& images, const at::Tensor& codes
                 " dimensions: ", images.sizes());
   const int64_t n = images.size(0), channels = images.size(1);
   MPL_CHECK_ARG(channels == 1 || channels == 3, "`images` must have 1 or 3 channels (dim 1), got ", channels);
-  MPL_CHECK_ARG(images.size(2) * images.size(3) < (int64_t(1) << 31), "`images` must have fewer than 2^31 pixels "
-                "per image (the kernels index a plane with int32), got ", images.size(2), " x ", images.size(3));
+  MPL_CHECK_ARG(channels * images.size(2) * images.size(3) < (int64_t(1) << 31),
+                "`images` must have fewer than 2^31 values per image (the kernels index an image with int32), got ",
+                channels, " x ", images.size(2), " x ", images.size(3));
   MPL_CHECK_ARG(codes.scalar_type() == at::kInt, "`codes` must be an int32 tensor, got ", codes.scalar_type());
   MPL_CHECK_ARG(codes.dim() == 2 && codes.size(0) == n, "`codes` must have shape (N, num_ops) with N = ", n,
                 ", got ", codes.sizes());

@@ -391,3 +391,40 @@ def test_translate_fast_path_equals_affine_grid(size):
         fast = torch.ops.mpl_fast.augment_apply.default(images, fast_codes, fast_params, [3])
         grid = torch.ops.mpl_fast.augment_apply.default(images, grid_codes, grid_params, [3])
         assert torch.equal(fast, grid), name
+
+
+def test_rand_augment_under_compile_draws_eagerly():
+    # The draws graph-break (torch.compiler.disable); results equal eager for the same seed.
+    images = photos(16, 16, False, 4)
+    fn = lambda x, g: ops.rand_augment(x, 2, 12, policy="mpl", generator=g, cutout=6)  # noqa: E731
+    compiled = torch.compile(fn, backend="eager")
+    expected = fn(images, torch.Generator().manual_seed(3))
+    assert torch.equal(compiled(images, torch.Generator().manual_seed(3)), expected)
+
+
+def test_rand_augment_draws_match_torchvision_randaugment(monkeypatch):
+    # Record what torchvision.transforms.RandAugment itself applies (op, signed magnitude) over
+    # many calls, and compare with our draws: same support, and a chi-square two-sample test.
+    from scipy.stats import chi2_contingency
+    from torchvision.transforms import autoaugment
+
+    seen = []
+    monkeypatch.setattr(autoaugment, "_apply_op", lambda img, name, m, **kw: seen.append((name, m)) or img)
+    torch.manual_seed(0)
+    transform = autoaugment.RandAugment(num_ops=2, magnitude=13)
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    for _ in range(3000):
+        transform(image)
+    drawn = sample_plan((3000, 3, 20, 30), 2, 13, 31, "torchvision", torch.Generator().manual_seed(0))
+    ours = [(A.OP_NAMES[int(i)], float(m)) for i, m in zip(drawn.plan.op_ids.flatten(), drawn.plan.magnitudes.flatten())]
+    categories = sorted(set(seen) | set(ours))
+    assert set(ours) == set(seen), set(ours) ^ set(seen)  # identical (op, magnitude) support
+    table = [[seen.count(c) for c in categories], [ours.count(c) for c in categories]]
+    assert chi2_contingency(table).pvalue > 1e-3
+
+
+def test_raw_op_refuses_images_beyond_int32_indexing():
+    huge = torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(1, 3, 2 ** 15, 2 ** 15)  # a view: no memory
+    codes, params = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, 6)
+    with pytest.raises(ValueError, match="fewer than 2\\^31 values per image"):
+        torch.ops.mpl_fast.augment_apply.default(huge, codes, params, [0])

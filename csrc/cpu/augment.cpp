@@ -46,11 +46,11 @@ struct Scratch {
 void affine_image(const float* p, const uint8_t* fill, const Image& im, const uint8_t* src, uint8_t* dst,
                   std::vector<int32_t>& row_index) {
   const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
-  int32_t* index = row_index.data();
-  const float coeffs[kParamsPerOp] = {p[0], p[1], p[2], p[3], p[4], p[5]};
+  int32_t* __restrict__ index = row_index.data();
   const auto h32 = static_cast<int32_t>(H), w32 = static_cast<int32_t>(W);
   for (int32_t r = 0; r < h32; ++r) {
-    for (int32_t c = 0; c < w32; ++c) index[c] = affine_source_index(coeffs, h32, w32, r, c);
+    const AffineRow row = affine_row(p, h32, w32, r);
+    for (int32_t c = 0; c < w32; ++c) index[c] = affine_source_index(row, c);
     for (int64_t ch = 0; ch < C; ++ch) {
       const uint8_t* s = src + ch * plane;
       uint8_t* d = dst + ch * plane + r * W;
@@ -69,6 +69,8 @@ void blend_row(const uint8_t* x, const uint8_t* y, uint8_t* out, int64_t n, floa
   for (int64_t i = 0; i < n; ++i) out[i] = blend(float(x[i]), float(y[i]), ratio, one_minus_ratio);
 }
 
+// Whole-pixel shift (see translate_source_index in augment.h): row by row, memcpy of the part
+// that has a source and fill around it.
 void translate_image(const float* p, const uint8_t* fill, const Image& im, const uint8_t* src, uint8_t* dst) {
   const int64_t plane = im.plane(), C = im.channels, H = im.height, W = im.width;
   // Shifts beyond the image leave only fill; clamping keeps the int arithmetic in range.

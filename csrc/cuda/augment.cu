@@ -32,39 +32,40 @@ struct Shared {
   unsigned long long sum;
 };
 
-__device__ void copy_block(const uint8_t* src, uint8_t* dst, int64_t n) {
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+__device__ void copy_block(const uint8_t* src, uint8_t* dst, int32_t n) {
+  for (int32_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
 // One op of one image, by the whole block. `dst` may alias `src` unless needs_second_buffer().
-__device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int64_t C, int64_t H, int64_t W,
+// 32-bit indexing inside an image (check_augment_args bounds C * H * W below 2^31): 64-bit
+// division and modulo are slow on the GPU.
+__device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int32_t C, int32_t H, int32_t W,
                           const uint8_t* src, uint8_t* dst, Shared& sh) {
-  const int64_t plane = H * W, numel = C * plane;
-  const int64_t tid = threadIdx.x, nthreads = blockDim.x;
+  const int32_t plane = H * W, numel = C * plane;
+  const int32_t tid = threadIdx.x, nthreads = blockDim.x;
   switch (code) {
     case kAffine:
-      for (int64_t i = tid; i < plane; i += nthreads) {
-        const int32_t source = affine_source_index(p, static_cast<int32_t>(H), static_cast<int32_t>(W),
-                                                   static_cast<int32_t>(i / W), static_cast<int32_t>(i % W));
-        for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
+      for (int32_t i = tid; i < plane; i += nthreads) {
+        const AffineRow row = affine_row(p, H, W, i / W);
+        const int32_t source = affine_source_index(row, i % W);
+        for (int32_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
       }
       break;
     case kTranslate: {
       const auto dx = static_cast<int32_t>(fminf(fmaxf(p[0], -float(W)), float(W)));
       const auto dy = static_cast<int32_t>(fminf(fmaxf(p[1], -float(H)), float(H)));
-      for (int64_t i = tid; i < plane; i += nthreads) {
-        const int32_t source = translate_source_index(dx, dy, static_cast<int32_t>(H), static_cast<int32_t>(W),
-                                                      static_cast<int32_t>(i / W), static_cast<int32_t>(i % W));
-        for (int64_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
+      for (int32_t i = tid; i < plane; i += nthreads) {
+        const int32_t source = translate_source_index(dx, dy, H, W, i / W, i % W);
+        for (int32_t ch = 0; ch < C; ++ch) dst[ch * plane + i] = source >= 0 ? src[ch * plane + source] : fill[ch];
       }
       break;
     }
     case kBrightness:
-      for (int64_t i = tid; i < numel; i += nthreads) dst[i] = blend(float(src[i]), 0.f, p[0], p[1]);
+      for (int32_t i = tid; i < numel; i += nthreads) dst[i] = blend(float(src[i]), 0.f, p[0], p[1]);
       break;
     case kColor:
       if (C == 3) {
-        for (int64_t i = tid; i < plane; i += nthreads) {
+        for (int32_t i = tid; i < plane; i += nthreads) {
           const uint8_t r = src[i], g = src[plane + i], b = src[2 * plane + i];
           const float gray = float(grayscale(r, g, b));
           dst[i] = blend(float(r), gray, p[0], p[1]);
@@ -79,12 +80,12 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
       if (tid == 0) sh.sum = 0;
       __syncthreads();
       unsigned long long local = 0;
-      for (int64_t i = tid; i < plane; i += nthreads)
+      for (int32_t i = tid; i < plane; i += nthreads)
         local += C == 3 ? grayscale(src[i], src[plane + i], src[2 * plane + i]) : src[i];
       atomicAdd(&sh.sum, local);
       __syncthreads();
-      const float mean = mean_from_sum(static_cast<int64_t>(sh.sum), plane);
-      for (int64_t i = tid; i < numel; i += nthreads) dst[i] = blend(float(src[i]), mean, p[0], p[1]);
+      const float mean = mean_from_sum(static_cast<int32_t>(sh.sum), plane);
+      for (int32_t i = tid; i < numel; i += nthreads) dst[i] = blend(float(src[i]), mean, p[0], p[1]);
       break;
     }
     case kSharpness:
@@ -92,8 +93,8 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
         if (dst != src) copy_block(src, dst, numel);
         break;
       }
-      for (int64_t i = tid; i < numel; i += nthreads) {
-        const int64_t ch = i / plane, r = (i % plane) / W, c = i % W;
+      for (int32_t i = tid; i < numel; i += nthreads) {
+        const int32_t ch = i / plane, r = (i % plane) / W, c = i % W;
         const uint8_t* s = src + ch * plane;
         const bool border = r == 0 || c == 0 || r == H - 1 || c == W - 1;
         const uint8_t degenerate = border ? s[r * W + c] : smooth3x3(s, W, r, c);
@@ -101,13 +102,13 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
       }
       break;
     case kPosterize:
-      for (int64_t i = tid; i < numel; i += nthreads) dst[i] = posterize(src[i], p[0]);
+      for (int32_t i = tid; i < numel; i += nthreads) dst[i] = posterize(src[i], p[0]);
       break;
     case kSolarize:
-      for (int64_t i = tid; i < numel; i += nthreads) dst[i] = solarize(src[i], p[0]);
+      for (int32_t i = tid; i < numel; i += nthreads) dst[i] = solarize(src[i], p[0]);
       break;
     case kInvert:
-      for (int64_t i = tid; i < numel; i += nthreads) dst[i] = invert(src[i]);
+      for (int32_t i = tid; i < numel; i += nthreads) dst[i] = invert(src[i]);
       break;
     case kAutoContrast: {
       if (tid < C) {
@@ -115,9 +116,9 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
         sh.hi[tid] = 0;
       }
       __syncthreads();
-      for (int64_t ch = 0; ch < C; ++ch) {
+      for (int32_t ch = 0; ch < C; ++ch) {
         int lo = 255, hi = 0;
-        for (int64_t i = tid; i < plane; i += nthreads) {
+        for (int32_t i = tid; i < plane; i += nthreads) {
           const int v = src[ch * plane + i];
           lo = min(lo, v);
           hi = max(hi, v);
@@ -126,27 +127,27 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
         atomicMax(&sh.hi[ch], hi);
       }
       __syncthreads();
-      for (int64_t i = tid; i < numel; i += nthreads) {
-        const int64_t ch = i / plane;
+      for (int32_t i = tid; i < numel; i += nthreads) {
+        const int32_t ch = i / plane;
         dst[i] = autocontrast(src[i], autocontrast_scale(sh.lo[ch], sh.hi[ch]));
       }
       break;
     }
     case kEqualize:
-      for (int64_t i = tid; i < C * kHistBins; i += nthreads) sh.hist[i / kHistBins][i % kHistBins] = 0;
+      for (int32_t i = tid; i < C * kHistBins; i += nthreads) sh.hist[i / kHistBins][i % kHistBins] = 0;
       __syncthreads();
-      for (int64_t i = tid; i < numel; i += nthreads) atomicAdd(&sh.hist[i / plane][src[i]], 1);
+      for (int32_t i = tid; i < numel; i += nthreads) atomicAdd(&sh.hist[i / plane][src[i]], 1);
       __syncthreads();
       if (tid < C) sh.lut_valid[tid] = equalize_lut(sh.hist[tid], sh.lut[tid]);
       __syncthreads();
-      for (int64_t i = tid; i < numel; i += nthreads) {
-        const int64_t ch = i / plane;
+      for (int32_t i = tid; i < numel; i += nthreads) {
+        const int32_t ch = i / plane;
         dst[i] = sh.lut_valid[ch] ? sh.lut[ch][src[i]] : src[i];
       }
       break;
     case kCutout:
-      for (int64_t i = tid; i < numel; i += nthreads) {
-        const int64_t ch = i / plane, r = (i % plane) / W, c = i % W;
+      for (int32_t i = tid; i < numel; i += nthreads) {
+        const int32_t ch = i / plane, r = (i % plane) / W, c = i % W;
         dst[i] = in_cutout(p, r, c) ? fill[ch] : src[i];
       }
       break;
@@ -157,7 +158,9 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
   __syncthreads();  // the next op reads what this one wrote
 }
 
-__global__ void augment_kernel(const uint8_t* __restrict__ images, uint8_t* __restrict__ out,
+constexpr int kMaxThreads = 512;
+
+__global__ void __launch_bounds__(kMaxThreads) augment_kernel(const uint8_t* __restrict__ images, uint8_t* __restrict__ out,
                                uint8_t* __restrict__ scratch, const int32_t* __restrict__ codes,
                                const float* __restrict__ params, int64_t num_ops, int64_t C, int64_t H, int64_t W,
                                uint8_t fill0, uint8_t fill1, uint8_t fill2, bool in_shared) {
@@ -173,7 +176,7 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, uint8_t* __re
   if (in_shared) {
     primary = smem;
     secondary = smem + numel;
-    copy_block(in, primary, numel);
+    copy_block(in, primary, static_cast<int32_t>(numel));
     __syncthreads();
     current = primary;
   }
@@ -188,10 +191,11 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, uint8_t* __re
     } else {
       target = current == primary ? secondary : primary;
     }
-    apply_one(code, my_params + k * kParamsPerOp, fill, C, H, W, current, target, sh);
+    apply_one(code, my_params + k * kParamsPerOp, fill, static_cast<int32_t>(C), static_cast<int32_t>(H),
+              static_cast<int32_t>(W), current, target, sh);
     current = target;
   }
-  if (current != final_out) copy_block(current, final_out, numel);
+  if (current != final_out) copy_block(current, final_out, static_cast<int32_t>(numel));
 }
 
 at::Tensor augment_apply_cuda(const at::Tensor& images, const at::Tensor& codes, const at::Tensor& params,
@@ -211,7 +215,7 @@ at::Tensor augment_apply_cuda(const at::Tensor& images, const at::Tensor& codes,
   const uint8_t f0 = static_cast<uint8_t>(fill[0]);
   const uint8_t f1 = static_cast<uint8_t>(fill[std::min<size_t>(1, fill.size() - 1)]);
   const uint8_t f2 = static_cast<uint8_t>(fill[std::min<size_t>(2, fill.size() - 1)]);
-  const int threads = H * W >= 4096 ? 512 : 256;
+  const int threads = H * W >= 4096 ? kMaxThreads : 256;
   const size_t smem_bytes = in_shared ? static_cast<size_t>(2 * numel) : 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   augment_kernel<<<static_cast<unsigned>(n), threads, smem_bytes, stream>>>(

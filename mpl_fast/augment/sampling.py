@@ -5,6 +5,9 @@ kernel call keeps the kernels deterministic and makes CPU and CUDA produce the s
 the same seed. Draw order (fixed, so a seed fixes the plan): op indices (N, K), signs (N, K),
 then for policies with an apply probability p per image (N,) and the uniforms (N, K) that decide
 each step, then Cutout centres rows (N, K) and columns (N, K), then the final cutout's centre.
+
+Under torch.compile the draws run eagerly (a graph break; fullgraph=True needs ``apply_op`` or a
+pre-drawn plan); the kernel call itself is traced.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mpl_fast.ops.augment import _K_CUTOUT as _CUTOUT_CODE
 from mpl_fast.ops.augment import CUTOUT, OP_INDEX, AugmentPlan, plan_to_kernel_args
 
 
+@torch.compiler.disable  # host-side draws from a Generator: torch.compile runs them eagerly
 def cutout_boxes(n: int, k: int, height: int, width: int, sizes: torch.Tensor,
                  generator: Optional[torch.Generator]) -> torch.Tensor:
     """(n, k, 4) float64 boxes ``(y0, y1, x0, x1)``: squares of side ``sizes`` (n, k) at uniform
@@ -72,6 +76,7 @@ class SampledAugment(NamedTuple):
     fill: int
 
 
+@torch.compiler.disable  # host-side draws from a Generator: torch.compile runs them eagerly
 def sample_plan(shape, num_ops: int, magnitude: float, num_magnitude_bins: int, policy_name: str,
                 generator: Optional[torch.Generator], final_cutout: int = 0) -> SampledAugment:
     """Draws a plan for a batch of ``shape`` (N, C, H, W), with its kernel arguments."""

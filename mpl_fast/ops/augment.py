@@ -16,14 +16,16 @@ How a call flows:
 2. ``plan_to_kernel_args`` turns magnitudes into kernel parameters (affine matrices, blend
    ratios, thresholds) with torchvision's formulas, in float64 then float32 exactly as
    torchvision does. Computed on the plan's device: a plan drawn on the CPU gives identical
-   parameters, hence identical images, on the CPU and the GPU.
-3. ``run_plan`` calls the kernel, or ``run_plan_reference`` (a loop over images calling
-   torchvision, the specification) when the extension is missing.
+   parameters, hence identical images, on the CPU and the GPU. (``rand_augment`` computes them
+   once per policy table and gathers them per image: see sampling.py.)
+3. ``run_plan`` / ``run_kernel`` call the kernel, or ``run_plan_reference`` (a loop over images
+   calling torchvision, the specification) runs when the extension is missing.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -52,7 +54,7 @@ _CODE_OF_OP = torch.tensor([
 _BLEND_OPS = ("Brightness", "Color", "Contrast", "Sharpness")
 _GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
-Fill = Union[int, float, Sequence[Union[int, float]], None]
+Fill = Union[numbers.Real, Sequence[numbers.Real], None]
 
 
 class AugmentPlan(NamedTuple):
@@ -95,12 +97,12 @@ def normalize_fill(fill: Fill, channels: int) -> list[int]:
     does when it casts the filled float image back to uint8); None means 0."""
     if fill is None:
         return [0]
-    values = [fill] if isinstance(fill, (int, float)) else list(fill)
+    values = [fill] if isinstance(fill, numbers.Real) else list(fill)
     if len(values) not in (1, channels):
         raise ValueError(f"mpl_fast: `fill` must have 1 or C = {channels} values, got {len(values)}")
     out = []
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 255:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 255:
             raise ValueError(f"mpl_fast: `fill[{i}]` must be a number in [0, 255], got {v!r}")
         out.append(int(round(v)))
     return out
