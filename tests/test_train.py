@@ -68,7 +68,8 @@ def test_file_preset_without_data_gives_one_clear_sentence(tmp_path):
         main(["--preset", "cifar10-4k", "--data.data-dir", str(tmp_path / "nowhere"), "--output-dir",
               str(tmp_path / "out")])
     msg = str(exc.value)
-    assert msg.startswith("error:") and ("cifar10" in msg.lower())
+    assert msg.startswith("error:") and ("cifar10" in msg.lower() or "nowhere" in msg)
+    assert "Traceback" not in msg
 
 
 def test_outputs_written(tmp_path):
@@ -148,13 +149,16 @@ def test_non_finite_run_stops_and_never_checkpoints_non_finite(tmp_path):
         assert ckpt.all_finite([state["mpl"]["teacher"], state["mpl"]["student"]])
 
 
-def test_short_digits_mpl_beats_supervised(tmp_path):
-    """A few hundred steps of the default recipe: MPL's student ahead of a supervised one."""
+@pytest.mark.slow
+def test_default_digits_mpl_beats_supervised(tmp_path):
+    """The default recipe (1500 steps, ~20 s alone on 2 cores): MPL's student ahead of a
+    supervised one on the same split. (In 400-700 steps it is not: the student, learning on
+    strong views from step 200, needs ~1000 steps to pass a supervised model.)"""
     results = {}
     for method in ("mpl", "supervised"):
         cfg = preset("digits")
-        cfg.method, cfg.steps, cfg.threads = method, 400, 1
-        cfg.eval_every, cfg.checkpoint_every = 100, 0
+        cfg.method, cfg.threads = method, 1
+        cfg.checkpoint_every = 0
         cfg.output_dir = str(tmp_path / method)
         results[method] = run(cfg, progress=False, quiet=True)["headline"]["test_top1"]
     assert results["mpl"] > results["supervised"] + 2.0, results
