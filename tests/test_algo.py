@@ -210,3 +210,16 @@ def test_schedules():
     assert warmup_cosine(55, 100, 1.0, warmup_steps=10) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 1.0, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
     assert delayed(4, 5, 100, 1.0) == 0.0 and delayed(5, 5, 100, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft", "sample"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pseudo_label_kind_and_feedback_mode_trains_the_teacher_through_h(kind, mode):
+    teacher, student = _mlp(0), _mlp(1)
+    mpl = _mpl(teacher, student, feedback=mode, pseudo_label_kind=kind, uda_weight=0.0, label_smoothing=0.0,
+               baseline="off")
+    mpl.sup_weight = 0.0  # the teacher moves only through the MPL term h * CE(y_hat, T(x_strong))
+    before = [p.clone() for p in teacher.parameters()]
+    out = mpl.step(*_batches(0), clock=0)
+    assert torch.isfinite(out["h"]) and out["h"].item() != 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))

@@ -22,6 +22,7 @@ def _tiny(tmp_path, name="run", **kw):
     cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps = 4, 10
     cfg.teacher.warmup_steps = cfg.student.warmup_steps = 3
     cfg.finetune.steps = 3
+    cfg.threads = 1  # shared CI cores: one thread avoids oversubscription
     cfg.output_dir = str(tmp_path / name)
     for k, v in kw.items():
         obj = cfg
