@@ -250,6 +250,9 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     for key, msg in NOT_YET.items():
         if getattr(cfg, key):
             raise SystemExit(f"error: {msg}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
+                         f"(use --device cpu)")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir = cfg.output_dir or _default_output_dir(cfg)

@@ -163,3 +163,30 @@ def test_default_digits_mpl_beats_supervised(tmp_path):
         cfg.output_dir = str(tmp_path / method)
         results[method] = run(cfg, progress=False, quiet=True)["headline"]["test_top1"]
     assert results["mpl"] > results["supervised"] + 2.0, results
+
+
+@pytest.mark.parametrize("name", ["digits", "two-moons", "cifar10-4k", "svhn-1k", "imagenet-10pct", "imagenet-l2"])
+def test_every_preset_is_a_valid_config(name):
+    from mpl_fast.config import validate
+
+    validate(preset(name))
+
+
+@pytest.mark.parametrize("argv", [["--preset", "two-moons"], ["--feedback", "update-dot"],
+                                  ["--feedback", "finite-diff", "--mpl.pseudo-labels", "soft"],
+                                  ["--mpl.pseudo-labels", "sample", "--mpl.baseline", "on"],
+                                  ["--method", "uda"], ["--method", "pseudo-labels"], ["--method", "supervised"]])
+def test_cli_variants_run(argv, tmp_path, capsys):
+    assert main(argv + ["--steps", "6", "--mpl.student-wait-steps", "2", "--eval-every", "3", "--log-every", "3",
+                        "--finetune.steps", "1", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test top-1" in out
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+
+
+def test_cuda_device_without_gpu_is_refused_clearly(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        main(["--device", "cuda", "--steps", "1", "--output-dir", str(tmp_path)])
