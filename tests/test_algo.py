@@ -128,7 +128,6 @@ def test_deterministic_forward_leaves_no_trace_and_is_repeatable():
     assert torch.equal(bn.num_batches_tracked, before[2])
     assert model.training and model[3].training and bn.track_running_stats  # flags restored
     # It normalises with batch statistics (as training does), not with the running ones.
-    torch.testing.assert_close(a, model.eval()(x)) if False else None
     model.train()
     torch.manual_seed(0)
     with deterministic_forward(model):
@@ -175,10 +174,11 @@ def test_student_waits_then_learns():
 @pytest.mark.parametrize("method", ["uda", "pseudo-labels", "supervised"])
 def test_baselines_run_without_feedback(method):
     teacher, student = _mlp(0), _mlp(1)
-    mpl = _mpl(teacher, None if False else student, method=method) if method != "supervised" else None
     if method == "supervised":
         s_opt = torch.optim.SGD(student.parameters(), lr=0.1)
         mpl = MPL(None, student, None, s_opt, Schedules(100, 0.0, 0.1), method="supervised")
+    else:
+        mpl = _mpl(teacher, student, method=method)
     out = mpl.step(*_batches(0), clock=0)
     assert out["h"].item() == 0.0 and out["loss_mpl"].item() == 0.0
     assert torch.isfinite(out["loss_student"]) and out["loss_student"].item() > 0
