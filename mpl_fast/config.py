@@ -96,7 +96,9 @@ def _digits() -> TrainConfig:
     """The embedded default: 8x8 digits from scikit-learn, few labels, a small CNN, CPU, ~1 min."""
     opt = OptimConfig(lr=0.05, warmup_steps=100, weight_decay=5e-4)
     return TrainConfig(
-        preset="digits", steps=1500, log_every=25, eval_every=250, checkpoint_every=500,
+        # One thread: for a model this small, more threads add synchronisation, and on a shared
+        # 2-core machine oversubscription made a run 2-12x slower (measured).
+        preset="digits", steps=1500, log_every=25, eval_every=250, checkpoint_every=500, threads=1,
         data=DataConfig(dataset="digits", labels_per_class=3, val_per_class=5, batch_size=16, mu=4,
                         eval_batch_size=512),
         model=ModelConfig(name="digits-cnn", dropout=0.2),
@@ -119,7 +121,7 @@ def _two_moons() -> TrainConfig:
     """
     opt = OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
     return TrainConfig(
-        preset="two-moons", steps=4000, log_every=50, eval_every=1000, checkpoint_every=2000,
+        preset="two-moons", steps=4000, log_every=50, eval_every=1000, checkpoint_every=2000, threads=1,
         data=DataConfig(dataset="two-moons", labels_per_class=3, val_per_class=0, batch_size=6, mu=2,
                         eval_batch_size=2000),
         model=ModelConfig(name="two-moons-mlp"),

@@ -81,12 +81,19 @@ def _parse_type(tp):
     return parse
 
 
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mpl_fast.train",
         description="Meta Pseudo Labels and its baselines. Defaults come from --preset; any flag overrides them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe")
+    )
+    digits = preset("digits")
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe (default: digits)")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
     for name, tp, _field in _leaves(TrainConfig):
@@ -94,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + name.replace("_", "-")
         flags = [flag] + ([ALIASES[name]] if name in ALIASES else [])
-        kwargs = {"dest": name, "default": None, "help": f"(preset value if not given)"}
+        kwargs = {"dest": name, "default": None, "help": f"default: the preset's (digits: {_get(digits, name)!r})"}
         if _parse_type(tp) is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -243,6 +250,9 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     for key, msg in NOT_YET.items():
         if getattr(cfg, key):
             raise SystemExit(f"error: {msg}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
+                         f"(use --device cpu)")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir = cfg.output_dir or _default_output_dir(cfg)

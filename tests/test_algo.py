@@ -128,7 +128,6 @@ def test_deterministic_forward_leaves_no_trace_and_is_repeatable():
     assert torch.equal(bn.num_batches_tracked, before[2])
     assert model.training and model[3].training and bn.track_running_stats  # flags restored
     # It normalises with batch statistics (as training does), not with the running ones.
-    torch.testing.assert_close(a, model.eval()(x)) if False else None
     model.train()
     torch.manual_seed(0)
     with deterministic_forward(model):
@@ -175,10 +174,11 @@ def test_student_waits_then_learns():
 @pytest.mark.parametrize("method", ["uda", "pseudo-labels", "supervised"])
 def test_baselines_run_without_feedback(method):
     teacher, student = _mlp(0), _mlp(1)
-    mpl = _mpl(teacher, None if False else student, method=method) if method != "supervised" else None
     if method == "supervised":
         s_opt = torch.optim.SGD(student.parameters(), lr=0.1)
         mpl = MPL(None, student, None, s_opt, Schedules(100, 0.0, 0.1), method="supervised")
+    else:
+        mpl = _mpl(teacher, student, method=method)
     out = mpl.step(*_batches(0), clock=0)
     assert out["h"].item() == 0.0 and out["loss_mpl"].item() == 0.0
     assert torch.isfinite(out["loss_student"]) and out["loss_student"].item() > 0
@@ -210,3 +210,16 @@ def test_schedules():
     assert warmup_cosine(55, 100, 1.0, warmup_steps=10) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 1.0, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
     assert delayed(4, 5, 100, 1.0) == 0.0 and delayed(5, 5, 100, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft", "sample"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pseudo_label_kind_and_feedback_mode_trains_the_teacher_through_h(kind, mode):
+    teacher, student = _mlp(0), _mlp(1)
+    mpl = _mpl(teacher, student, feedback=mode, pseudo_label_kind=kind, uda_weight=0.0, label_smoothing=0.0,
+               baseline="off")
+    mpl.sup_weight = 0.0  # the teacher moves only through the MPL term h * CE(y_hat, T(x_strong))
+    before = [p.clone() for p in teacher.parameters()]
+    out = mpl.step(*_batches(0), clock=0)
+    assert torch.isfinite(out["h"]) and out["h"].item() != 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))

@@ -22,6 +22,7 @@ def _tiny(tmp_path, name="run", **kw):
     cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps = 4, 10
     cfg.teacher.warmup_steps = cfg.student.warmup_steps = 3
     cfg.finetune.steps = 3
+    cfg.threads = 1  # shared CI cores: one thread avoids oversubscription
     cfg.output_dir = str(tmp_path / name)
     for k, v in kw.items():
         obj = cfg
@@ -68,7 +69,8 @@ def test_file_preset_without_data_gives_one_clear_sentence(tmp_path):
         main(["--preset", "cifar10-4k", "--data.data-dir", str(tmp_path / "nowhere"), "--output-dir",
               str(tmp_path / "out")])
     msg = str(exc.value)
-    assert msg.startswith("error:") and ("cifar-10" in msg.lower())
+    assert msg.startswith("error:") and "cifar-10" in msg.lower() and "nowhere" in msg
+    assert "Traceback" not in msg
 
 
 def test_outputs_written(tmp_path):
@@ -148,13 +150,43 @@ def test_non_finite_run_stops_and_never_checkpoints_non_finite(tmp_path):
         assert ckpt.all_finite([state["mpl"]["teacher"], state["mpl"]["student"]])
 
 
-def test_short_digits_mpl_beats_supervised(tmp_path):
-    """A few hundred steps of the default recipe: MPL's student ahead of a supervised one."""
+@pytest.mark.slow
+def test_default_digits_mpl_beats_supervised(tmp_path):
+    """The default recipe (1500 steps, ~20 s alone on 2 cores): MPL's student ahead of a
+    supervised one on the same split. (In 400-700 steps it is not: the student, learning on
+    strong views from step 200, needs ~1000 steps to pass a supervised model.)"""
     results = {}
     for method in ("mpl", "supervised"):
         cfg = preset("digits")
-        cfg.method, cfg.steps, cfg.threads = method, 400, 1
-        cfg.eval_every, cfg.checkpoint_every = 100, 0
+        cfg.method, cfg.threads = method, 1
+        cfg.checkpoint_every = 0
         cfg.output_dir = str(tmp_path / method)
         results[method] = run(cfg, progress=False, quiet=True)["headline"]["test_top1"]
     assert results["mpl"] > results["supervised"] + 2.0, results
+
+
+@pytest.mark.parametrize("name", ["digits", "two-moons", "cifar10-4k", "svhn-1k", "imagenet-10pct", "imagenet-l2"])
+def test_every_preset_is_a_valid_config(name):
+    from mpl_fast.config import validate
+
+    validate(preset(name))
+
+
+@pytest.mark.parametrize("argv", [["--preset", "two-moons"], ["--feedback", "update-dot"],
+                                  ["--feedback", "finite-diff", "--mpl.pseudo-labels", "soft"],
+                                  ["--mpl.pseudo-labels", "sample", "--mpl.baseline", "on"],
+                                  ["--method", "uda"], ["--method", "pseudo-labels"], ["--method", "supervised"]])
+def test_cli_variants_run(argv, tmp_path, capsys):
+    assert main(argv + ["--steps", "6", "--mpl.student-wait-steps", "2", "--eval-every", "3", "--log-every", "3",
+                        "--finetune.steps", "1", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test top-1" in out
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+
+
+def test_cuda_device_without_gpu_is_refused_clearly(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        main(["--device", "cuda", "--steps", "1", "--output-dir", str(tmp_path)])
