@@ -156,6 +156,21 @@ def test_channels_last_and_non_contiguous_grads():
     torch.testing.assert_close(p2.double(), expected[1])
 
 
+def test_thousand_tensor_list_matches_torch_sgd():
+    g = torch.Generator().manual_seed(13)
+    sizes = torch.randint(0, 2000, (1200,), generator=g).tolist()
+    params = _params([(n,) for n in sizes])
+    grads = _grads(params, 14)
+    torch_params = [p.clone().requires_grad_() for p in params]
+    for p, gr in zip(torch_params, grads):
+        p.grad = gr.clone()
+    torch.optim.SGD(torch_params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True).step()
+    ops.fused_sgd_(params, grads, [torch.zeros_like(p) for p in params], lr=0.1, momentum=0.9,
+                   weight_decay=1e-4, first_step=True)
+    for mine, theirs in zip(params, torch_params):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-6, atol=1e-6)
+
+
 def _call(params, grads, bufs=None, updates=None, **kw):
     kw = {"lr": 0.1, **kw}
     ops.fused_sgd_(params, grads, bufs, update_out=updates, **kw)
@@ -308,6 +323,27 @@ def test_found_inf_skips_step_and_first_step_stays_exact():
     _train(theirs, ref, 3)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_sync_free_amp_step_with_grad_scaler():
+    """GradScaler.unscale_ finds the inf, FusedSGD.step(found_inf=...) skips on the device and
+    GradScaler.update() backs the scale off: no .item() anywhere in the step."""
+    model, _ = _models()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for poison in (True, False):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(8, 6)).square().mean()).backward()
+        if poison:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        found_inf = sum(scaler._found_inf_per_device(opt).values())
+        opt.step(found_inf=found_inf)
+        scaler.update()
+        moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+        assert not any(moved) if poison else all(moved)
+    assert scaler.get_scale() == 512.0  # backed off once, for the poisoned step
 
 
 def test_tensor_lr_and_scheduler():
