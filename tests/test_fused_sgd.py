@@ -143,6 +143,19 @@ def test_found_inf_out_reports_non_finite_grads(impl, bad):
     assert float(flag) == 1.0  # never cleared
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_found_inf_out_reports_non_finite_params_and_buffers(impl):
+    fn = ops.fused_sgd_ if impl == "kernel" else ops.fused_sgd_reference_
+    for poison in ("param", "buffer"):
+        params = _params()
+        grads = _grads(params, 10)
+        bufs = [torch.zeros_like(p) for p in params]
+        (params if poison == "param" else bufs)[3][2, 1] = float("inf")
+        flag = torch.zeros(1)
+        fn(params, grads, bufs, lr=0.1, momentum=0.9, found_inf_out=flag)
+        assert float(flag) == 1.0, poison
+
+
 def test_channels_last_and_non_contiguous_grads():
     p = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
     g = torch.randn(4, 3, 5, 5)  # contiguous: read through a copy in p's layout

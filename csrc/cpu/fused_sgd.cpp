@@ -27,8 +27,9 @@ struct SgdItem {
   int64_t begin, n;
 };
 
-// Returns whether some gradient of the chunk is inf or nan: (g - g) != 0 exactly then. An
-// integer OR reduction, unlike a float sum, vectorises without -ffast-math.
+// Returns whether some gradient or some new parameter value of the chunk is inf or nan
+// ((v - v) != 0 exactly then; a non-finite parameter or momentum buffer always shows up in the
+// new parameter). An integer OR reduction, unlike a float sum, vectorises without -ffast-math.
 template <typename scalar_t, bool kMomentum, bool kUpdate>
 MPL_ALWAYS_INLINE bool sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -49,7 +50,8 @@ MPL_ALWAYS_INLINE bool sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_ty
     if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(b);
     // Δθ exactly as applied: the stored new value minus the old one.
     if constexpr (kUpdate) upd[i] = static_cast<scalar_t>(static_cast<acc_t>(p_new) - p_old);
-    nonfinite |= static_cast<unsigned>((gi - gi) != acc_t(0));
+    const acc_t stored = static_cast<acc_t>(p_new);
+    nonfinite |= static_cast<unsigned>(((gi - gi) + (stored - stored)) != acc_t(0));
   }
   return nonfinite != 0;
 }

@@ -23,8 +23,9 @@ What is written where:
 - ``found_inf`` (input, optional one-element float32 tensor on the parameters' device): when
   non-zero the whole step is a no-op on the device (params and buffers untouched,
   ``update_out`` zeroed) — pass a GradScaler's or ``multi_tensor_dot``'s flag here.
-- ``found_inf_out`` (output, optional): set to 1 when any gradient is inf/nan, never cleared.
-  The step itself still runs: a flag cannot be both detected and acted on in the same pass
+- ``found_inf_out`` (output, optional): set to 1 when any gradient or any new parameter value is
+  inf/nan (so a non-finite parameter, momentum buffer or lr, or an overflow, is reported too),
+  never cleared. The step itself still runs: a flag cannot be both detected and acted on in the same pass
   (blocks that already wrote would not see the others' findings), so detecting and skipping are
   two calls. ``found_inf`` and ``found_inf_out`` must therefore be different tensors.
 
@@ -124,7 +125,8 @@ def fused_sgd_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.T
         if updates:
             updates[i].copy_((p_new.to(acc) - p_old).to(p.dtype))
         if found_inf_out is not None:
-            found_inf_out.masked_fill_(~torch.isfinite(grads[i]).all(), 1.0)
+            finite = torch.isfinite(grads[i]).all() & torch.isfinite(p_new).all()
+            found_inf_out.masked_fill_(~finite, 1.0)
         with torch.no_grad():
             p.copy_(p_new)
 
@@ -148,7 +150,7 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         first_step: the buffers hold nothing yet (torch's ``buf = d`` on its first step).
         update_out: optional list receiving Δθ = θ_new − θ_old per parameter.
         found_inf: optional flag; when non-zero the step is a no-op (update_out zeroed).
-        found_inf_out: optional flag set to 1 when any gradient is non-finite.
+        found_inf_out: optional flag set to 1 when any gradient or new parameter is non-finite.
     """
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers or [])
