@@ -61,22 +61,43 @@ MPL_HOST_DEVICE MPL_INLINE acc_t pick(bool cond, acc_t a, acc_t b) {
 }
 
 // One element of torch.optim.SGD's step, in its order of operations (all in acc_t):
-//   d = maximize ? -g : g;  d += wd * p (when wd != 0);
-//   buf = first_step ? d : momentum * buf + one_minus_dampening * d;       (momentum != 0)
-//   d = nesterov ? d + momentum * buf : buf;                                (momentum != 0)
+//   d = maximize ? -g : g;  d += wd * p                                    (wd != 0 only);
+//   buf = first_step ? d : momentum * buf + one_minus_dampening * d;       (momentum != 0 only)
+//   d = nesterov ? d + momentum * buf : buf;                                (momentum != 0 only)
 //   p -= lr * d.
-// Written as selects (pick), never branches, so CPU loops over it vectorise; the unused side
-// of each select is computed but discarded, so the result is torch's exactly.
-// `buf` is left unchanged when momentum == 0.
+// The flags that change which operations run are template parameters (CPU loops then carry
+// no control flow and vectorise); maximize and first_step are selects (pick) whose unused side
+// is discarded, so the result is torch's exactly. `buf` is unchanged when !kMomentum.
+template <typename acc_t, bool kMomentum, bool kNesterov, bool kWeightDecay>
+MPL_HOST_DEVICE MPL_INLINE acc_t sgd_element_static(acc_t p, acc_t g, acc_t& buf, const SgdHyper<acc_t>& h) {
+  acc_t d = g * pick(h.maximize, acc_t(-1), acc_t(1));  // exact: a sign flip or nothing
+  if constexpr (kWeightDecay) d = d + h.weight_decay * p;
+  if constexpr (kMomentum) {
+    buf = pick(h.first_step, d, h.momentum * buf + h.one_minus_dampening * d);
+    if constexpr (kNesterov) {
+      d = d + h.momentum * buf;
+    } else {
+      d = buf;
+    }
+  }
+  return p - h.lr * d;
+}
+
+// The same with the flags read at run time (the CUDA kernels: a uniform branch costs nothing
+// there, and fewer template instantiations keep the .cu compile short).
 template <typename acc_t>
 MPL_HOST_DEVICE MPL_INLINE acc_t sgd_element(acc_t p, acc_t g, acc_t& buf, const SgdHyper<acc_t>& h) {
-  const bool has_momentum = h.momentum != acc_t(0);
-  acc_t d = pick(h.maximize, -g, g);
-  d = pick(h.weight_decay != acc_t(0), d + h.weight_decay * p, d);
-  const acc_t new_buf = pick(h.first_step, d, h.momentum * buf + h.one_minus_dampening * d);
-  const acc_t step = pick(has_momentum, pick(h.nesterov, d + h.momentum * new_buf, new_buf), d);
-  buf = pick(has_momentum, new_buf, buf);
-  return p - h.lr * step;
+  const bool wd = h.weight_decay != acc_t(0);
+  if (h.momentum == acc_t(0)) {
+    return wd ? sgd_element_static<acc_t, false, false, true>(p, g, buf, h)
+              : sgd_element_static<acc_t, false, false, false>(p, g, buf, h);
+  }
+  if (h.nesterov) {
+    return wd ? sgd_element_static<acc_t, true, true, true>(p, g, buf, h)
+              : sgd_element_static<acc_t, true, true, false>(p, g, buf, h);
+  }
+  return wd ? sgd_element_static<acc_t, true, false, true>(p, g, buf, h)
+            : sgd_element_static<acc_t, true, false, false>(p, g, buf, h);
 }
 
 }  // namespace mpl_fast

@@ -30,7 +30,7 @@ struct SgdItem {
 // Returns whether some gradient or some new parameter value of the chunk is inf or nan
 // ((v - v) != 0 exactly then; a non-finite parameter or momentum buffer always shows up in the
 // new parameter). An integer OR reduction, unlike a float sum, vectorises without -ffast-math.
-template <typename scalar_t, bool kMomentum, bool kUpdate>
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kWeightDecay, bool kUpdate>
 MPL_ALWAYS_INLINE bool sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* __restrict__ p = static_cast<scalar_t*>(it.p) + it.begin;
@@ -45,7 +45,7 @@ MPL_ALWAYS_INLINE bool sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_ty
     const acc_t p_old = load_as<acc_t>(p[i]);
     const acc_t gi = load_as<acc_t>(g[i]);
     acc_t b = kMomentum ? load_as<acc_t>(buf[i]) : acc_t(0);
-    const scalar_t p_new = static_cast<scalar_t>(sgd_element<acc_t>(p_old, gi, b, hl));
+    const scalar_t p_new = static_cast<scalar_t>(sgd_element_static<acc_t, kMomentum, kNesterov, kWeightDecay>(p_old, gi, b, hl));
     p[i] = p_new;
     if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(b);
     // Δθ exactly as applied: the stored new value minus the old one.
@@ -62,10 +62,19 @@ MPL_ALWAYS_INLINE bool run_item_body(const SgdItem& it, const SgdArgs& a, double
   const SgdHyper<acc_t> h{static_cast<acc_t>(lr), static_cast<acc_t>(a.momentum),
                           static_cast<acc_t>(1.0 - a.dampening), static_cast<acc_t>(a.weight_decay),
                           a.nesterov, a.maximize, a.first_step};
-  if (it.buf != nullptr) {
-    return it.upd ? sgd_chunk<scalar_t, true, true>(it, h) : sgd_chunk<scalar_t, true, false>(it, h);
+  // The flags that change which operations run are template parameters: no control flow in
+  // the loop (6 combinations x with/without update_out).
+  const bool wd = a.weight_decay != 0, upd = it.upd != nullptr;
+  if (it.buf == nullptr) {
+    if (wd) return upd ? sgd_chunk<scalar_t, false, false, true, true>(it, h) : sgd_chunk<scalar_t, false, false, true, false>(it, h);
+    return upd ? sgd_chunk<scalar_t, false, false, false, true>(it, h) : sgd_chunk<scalar_t, false, false, false, false>(it, h);
   }
-  return it.upd ? sgd_chunk<scalar_t, false, true>(it, h) : sgd_chunk<scalar_t, false, false>(it, h);
+  if (a.nesterov) {
+    if (wd) return upd ? sgd_chunk<scalar_t, true, true, true, true>(it, h) : sgd_chunk<scalar_t, true, true, true, false>(it, h);
+    return upd ? sgd_chunk<scalar_t, true, true, false, true>(it, h) : sgd_chunk<scalar_t, true, true, false, false>(it, h);
+  }
+  if (wd) return upd ? sgd_chunk<scalar_t, true, false, true, true>(it, h) : sgd_chunk<scalar_t, true, false, true, false>(it, h);
+  return upd ? sgd_chunk<scalar_t, true, false, false, true>(it, h) : sgd_chunk<scalar_t, true, false, false, false>(it, h);
 }
 
 template <typename scalar_t>
@@ -81,9 +90,13 @@ MPL_TARGET_AVX2 bool run_item_avx2(const SgdItem& it, const SgdArgs& a, double l
 
 using SgdItemFn = bool (*)(const SgdItem&, const SgdArgs&, double);
 
+// fp16/bf16 stores go through c10's scalar rounding and do not vectorise: no AVX2 clone for them.
 template <typename scalar_t>
 SgdItemFn pick_isa() {
-  return cpu_has_avx2() ? &run_item_avx2<scalar_t> : &run_item<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (cpu_has_avx2()) return &run_item_avx2<scalar_t>;
+  }
+  return &run_item<scalar_t>;
 }
 
 SgdItemFn pick_sgd_fn(at::ScalarType t) {
