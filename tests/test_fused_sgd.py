@@ -2,7 +2,9 @@
 out, lr tensors, layouts, bad input, state_dict round trips, opcheck and torch.compile."""
 
 import copy
-import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -371,6 +373,28 @@ def test_tensor_lr_and_scheduler():
             s.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_sgd_on_the_reference_fallback():
+    """Without the extension FusedSGD still matches torch.optim.SGD (through fused_sgd_reference_)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "import copy, torch, mpl_fast\n"
+            "from mpl_fast.optim import FusedSGD\n"
+            "torch.manual_seed(0)\n"
+            "a = torch.nn.Linear(4, 3); b = copy.deepcopy(a)\n"
+            "kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)\n"
+            "oa, ob = FusedSGD(a.parameters(), keep_update=True, **kw), torch.optim.SGD(b.parameters(), **kw)\n"
+            "for _ in range(3):\n"
+            "    x = torch.randn(5, 4)\n"
+            "    for m, o in ((a, oa), (b, ob)):\n"
+            "        o.zero_grad(); m(x).square().sum().backward(); o.step()\n"
+            "err = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))\n"
+            "print(mpl_fast.ops.backend(), err < 1e-6, oa.last_updates()[0].abs().sum().item() > 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["reference", "True", "True"]
 
 
 def test_constructor_validation_like_torch():

@@ -207,7 +207,7 @@ def test_cuda_matches_oracle(x_dtype, y_dtype):
 @pytest.mark.cuda
 def test_cuda_thousand_tensors_split_launches_and_deterministic():
     g = torch.Generator().manual_seed(8)
-    sizes = torch.randint(0, 200_000, (1500,), generator=g).tolist()
+    sizes = torch.randint(0, 50_000, (1500,), generator=g).tolist()  # ~37M values
     xs, ys = _lists([(n,) for n in sizes], seed=9, device="cuda")
     # Mixed dtype pairs in one list go to separate launches of the same partials buffer.
     ys[3] = ys[3].half()
