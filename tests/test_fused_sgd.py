@@ -221,6 +221,11 @@ def test_bad_input_names_argument_and_index(case, match):
         case()
 
 
+def test_none_gradient_names_the_index():
+    with pytest.raises(TypeError, match=r"`grads\[1\]` must be a tensor, got NoneType"):
+        ops.fused_sgd_([torch.ones(2), torch.ones(3)], [torch.ones(2), None], lr=0.1)
+
+
 def test_kernel_refuses_bad_input_itself():
     op = torch.ops.mpl_fast.fused_sgd_.default
     with pytest.raises(ValueError, match=r"`grads\[1\]` must have the shape of `params\[1\]`"):

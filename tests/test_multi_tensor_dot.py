@@ -137,6 +137,11 @@ def test_bad_input_names_argument_and_index(xs, ys, match):
             torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
 
 
+def test_none_in_a_list_names_the_index():
+    with pytest.raises(TypeError, match=r"`xs\[1\]` must be a tensor, got NoneType"):
+        ops.multi_tensor_dot([torch.ones(2), None], [torch.ones(2), torch.ones(2)])
+
+
 @pytest.mark.parametrize("flag,match", [
     (torch.zeros(2), "`found_inf` must be a float32 tensor with one element"),
     (torch.zeros(1, dtype=torch.float64), "`found_inf` must be a float32 tensor with one element"),

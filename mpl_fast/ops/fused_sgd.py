@@ -78,6 +78,10 @@ def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
                    "both detected and acted on in one pass")
     lists = [("grads", grads)] + ([("momentum_buffers", bufs)] if momentum != 0 else []) + \
             ([("update_out", updates)] if updates else [])
+    for name, ts in (("params", params), ("grads", grads), ("momentum_buffers", bufs), ("update_out", updates)):
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"mpl_fast.{_OP}: `{name}[{i}]` must be a tensor, got {type(t).__name__}")
     for i, p in enumerate(params):
         if p.dtype not in _FLOAT_DTYPES:
             raise _err(f"`params[{i}]` must be float32, float64, float16 or bfloat16, got {p.dtype}")
@@ -155,13 +159,21 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
-    if params and _extension.use_kernel(params[0].device):
+    if params and isinstance(params[0], torch.Tensor) and _extension.use_kernel(params[0].device):
         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
-        torch.ops.mpl_fast.fused_sgd_.default(
-            params, grads, bufs, updates, lr=lr_value, lr_tensor=lr_tensor, momentum=float(momentum),
-            dampening=float(dampening), weight_decay=float(weight_decay), nesterov=bool(nesterov),
-            maximize=bool(maximize), first_step=bool(first_step), found_inf=found_inf,
-            found_inf_out=found_inf_out)
+        try:
+            torch.ops.mpl_fast.fused_sgd_.default(
+                params, grads, bufs, updates, lr=lr_value, lr_tensor=lr_tensor, momentum=float(momentum),
+                dampening=float(dampening), weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                maximize=bool(maximize), first_step=bool(first_step), found_inf=found_inf,
+                found_inf_out=found_inf_out)
+        except RuntimeError as exc:
+            # The op's argument parser names the list but not the element (e.g. a None gradient):
+            # re-check in Python, at no cost to the calls that succeed, to name the index.
+            if "Expected a value of type" in str(exc):
+                _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
+                            found_inf, found_inf_out)
+            raise
         return
     fused_sgd_reference_(params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
