@@ -76,24 +76,28 @@ def make(shapes, device, seed):
 # ------------------------------------------------------------------ timing
 
 
-def timeit(fn, device, repeats, min_time=0.2) -> float:
-    """Median wall time (s) of fn over `repeats` runs after warm-up (the sync is the benchmark's)."""
+def time_all(fns: dict, device, repeats) -> dict:
+    """Best wall time (s) per candidate, measured round-robin (one sample of each in turn), so
+    load from other processes on a shared machine hits every candidate alike; the minimum is
+    the least disturbed sample. The syncs are the benchmark's, never the ops'."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = time.perf_counter() - start
-    inner = max(1, int(min_time / max(once, 1e-6) / repeats))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
+    inner = {}
+    for name, fn in fns.items():  # warm-up, and enough calls per sample to last ~20 ms
+        fn()
         sync()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+        start = time.perf_counter()
+        fn()
+        sync()
+        inner[name] = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: min(v) for name, v in samples.items()}
 
 
 # ------------------------------------------------------------------ dot
@@ -122,20 +126,20 @@ def bench_dot(name, shapes, device, repeats, use_compile, peak):
     expected = float(torch.dot(flat_x.double(), flat_y.double()))
     got = float(ops.multi_tensor_dot(xs, ys))
     assert abs(got - expected) <= 1e-5 * float((flat_x.double().abs() * flat_y.double().abs()).sum()) + 1e-6, (got, expected)
-    t_ours = timeit(lambda: ops.multi_tensor_dot(xs, ys), device, repeats)
-    t_flat = timeit(lambda: torch.dot(flat_x, flat_y), device, repeats)
-    baselines = {"torch.dot loop": lambda: dot_loop(xs, ys), "cat + dot": lambda: dot_cat(xs, ys),
-                 "_foreach_mul + sum": lambda: dot_foreach(xs, ys)}
+    fns = {"ours": lambda: ops.multi_tensor_dot(xs, ys), "flat": lambda: torch.dot(flat_x, flat_y),
+           "torch.dot loop": lambda: dot_loop(xs, ys), "cat + dot": lambda: dot_cat(xs, ys),
+           "_foreach_mul + sum": lambda: dot_foreach(xs, ys)}
     if use_compile:
         compiled = torch.compile(dot_loop)
         start = time.perf_counter()
         compiled(xs, ys)
         print(f"  [{name}] torch.compile of the loop: first call {time.perf_counter() - start:.1f} s", flush=True)
-        baselines["compile(loop)"] = lambda: compiled(xs, ys)
+        fns["compile(loop)"] = lambda: compiled(xs, ys)
+    times = time_all(fns, device, repeats)
+    t_ours, t_flat = times.pop("ours"), times.pop("flat")
     bytes_read = 2 * 4 * n
     rows = []
-    for base, fn in baselines.items():
-        t_base = timeit(fn, device, repeats)
+    for base, t_base in times.items():
         rows.append({"op": "dot", "case": name, "tensors": len(shapes), "values": n, "baseline": base,
                      "baseline_ms": t_base * 1e3, "ours_ms": t_ours * 1e3, "ratio": t_base / t_ours})
     limit = (bytes_read / t_ours / 1e9) / peak * 100 if peak else t_flat / t_ours * 100
@@ -163,7 +167,7 @@ def bench_step(name, shapes, device, repeats, t_flat_dot, peak):
         optimizers["SGD fused=True"] = fused
     except (RuntimeError, ValueError) as exc:
         print(f"  [{name}] torch.optim.SGD(fused=True) unavailable on {device}: {exc}", flush=True)
-    times = {k: timeit(opt.step, device, repeats) for k, opt in optimizers.items()}
+    times = time_all({k: opt.step for k, opt in optimizers.items()}, device, repeats)
     t_ours = times["ours"]
     bytes_moved = 5 * 4 * n  # read p, g, buf; write p, buf
     rows = []
@@ -204,12 +208,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small cases, few repeats, no torch.compile")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_multi_tensor.json"))
     parser.add_argument("--profile", default=None, help="write a torch.profiler Chrome trace of one call of each op here")
     parser.add_argument("--peak-gbps", type=float, default=None, help="GPU peak memory bandwidth (default: by card name)")
     args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (5 if args.quick else 15)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = None
     if args.device == "cuda":
         name = torch.cuda.get_device_name()

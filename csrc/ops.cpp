@@ -17,7 +17,8 @@ TORCH_LIBRARY(mpl_fast, m) {
   m.def("multi_tensor_dot(Tensor[] xs, Tensor[] ys) -> Tensor");
   m.def("multi_tensor_dot.found_inf(Tensor[] xs, Tensor[] ys, Tensor(a!) found_inf) -> Tensor");
   // torch.optim.SGD's step in one pass. update_out ([] for none) receives theta_new - theta_old;
-  // found_inf set => the step is skipped; found_inf_out is set to 1 when a gradient is non-finite.
+  // found_inf set => the step is skipped; found_inf_out is set to 1 when a gradient or a new
+  // parameter value is non-finite.
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] update_out, *, float lr, Tensor? lr_tensor=None, float momentum=0., "

@@ -13,6 +13,17 @@ torch.optim.SGD, so state dicts load in both directions. Two additions for MPL a
   is a no-op on the device (no host sync), e.g. a flag filled by ``multi_tensor_dot`` or by
   ``torch._amp_foreach_non_finite_check_and_unscale_``. Momentum buffers are created as zeros,
   so a skipped first step leaves them equivalent to "not initialised" (exact for dampening 0).
+
+With AMP, ``scaler.step(opt)`` works as for any optimizer (GradScaler then reads its inf flag
+on the host once). The sync-free sequence (tested in tests/test_fused_sgd.py)::
+
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    found_inf = sum(scaler._found_inf_per_device(opt).values())  # device tensor, no sync
+    opt.step(found_inf=found_inf)
+    scaler.update()
+
+(``_found_inf_per_device`` is GradScaler's own, private, accessor of the flags ``unscale_`` filled.)
 """
 
 from __future__ import annotations

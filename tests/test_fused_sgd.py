@@ -2,7 +2,9 @@
 out, lr tensors, layouts, bad input, state_dict round trips, opcheck and torch.compile."""
 
 import copy
-import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,6 +145,19 @@ def test_found_inf_out_reports_non_finite_grads(impl, bad):
     assert float(flag) == 1.0  # never cleared
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_found_inf_out_reports_non_finite_params_and_buffers(impl):
+    fn = ops.fused_sgd_ if impl == "kernel" else ops.fused_sgd_reference_
+    for poison in ("param", "buffer"):
+        params = _params()
+        grads = _grads(params, 10)
+        bufs = [torch.zeros_like(p) for p in params]
+        (params if poison == "param" else bufs)[3][2, 1] = float("inf")
+        flag = torch.zeros(1)
+        fn(params, grads, bufs, lr=0.1, momentum=0.9, found_inf_out=flag)
+        assert float(flag) == 1.0, poison
+
+
 def test_channels_last_and_non_contiguous_grads():
     p = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
     g = torch.randn(4, 3, 5, 5)  # contiguous: read through a copy in p's layout
@@ -154,6 +169,21 @@ def test_channels_last_and_non_contiguous_grads():
     assert p.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(p.double(), expected[0])
     torch.testing.assert_close(p2.double(), expected[1])
+
+
+def test_thousand_tensor_list_matches_torch_sgd():
+    g = torch.Generator().manual_seed(13)
+    sizes = torch.randint(0, 2000, (1200,), generator=g).tolist()
+    params = _params([(n,) for n in sizes])
+    grads = _grads(params, 14)
+    torch_params = [p.clone().requires_grad_() for p in params]
+    for p, gr in zip(torch_params, grads):
+        p.grad = gr.clone()
+    torch.optim.SGD(torch_params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True).step()
+    ops.fused_sgd_(params, grads, [torch.zeros_like(p) for p in params], lr=0.1, momentum=0.9,
+                   weight_decay=1e-4, first_step=True)
+    for mine, theirs in zip(params, torch_params):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-6, atol=1e-6)
 
 
 def _call(params, grads, bufs=None, updates=None, **kw):
@@ -189,6 +219,11 @@ def _aliased_flags():
 def test_bad_input_names_argument_and_index(case, match):
     with pytest.raises(ValueError, match=match):
         case()
+
+
+def test_none_gradient_names_the_index():
+    with pytest.raises(TypeError, match=r"`grads\[1\]` must be a tensor, got NoneType"):
+        ops.fused_sgd_([torch.ones(2), torch.ones(3)], [torch.ones(2), None], lr=0.1)
 
 
 def test_kernel_refuses_bad_input_itself():
@@ -310,6 +345,27 @@ def test_found_inf_skips_step_and_first_step_stays_exact():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_sync_free_amp_step_with_grad_scaler():
+    """GradScaler.unscale_ finds the inf, FusedSGD.step(found_inf=...) skips on the device and
+    GradScaler.update() backs the scale off: no .item() anywhere in the step."""
+    model, _ = _models()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for poison in (True, False):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(8, 6)).square().mean()).backward()
+        if poison:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        found_inf = sum(scaler._found_inf_per_device(opt).values())
+        opt.step(found_inf=found_inf)
+        scaler.update()
+        moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+        assert not any(moved) if poison else all(moved)
+    assert scaler.get_scale() == 512.0  # backed off once, for the poisoned step
+
+
 def test_tensor_lr_and_scheduler():
     ours, theirs = _models()
     opt = FusedSGD(ours.parameters(), lr=torch.tensor(0.1), momentum=0.9)
@@ -322,6 +378,28 @@ def test_tensor_lr_and_scheduler():
             s.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_sgd_on_the_reference_fallback():
+    """Without the extension FusedSGD still matches torch.optim.SGD (through fused_sgd_reference_)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "import copy, torch, mpl_fast\n"
+            "from mpl_fast.optim import FusedSGD\n"
+            "torch.manual_seed(0)\n"
+            "a = torch.nn.Linear(4, 3); b = copy.deepcopy(a)\n"
+            "kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)\n"
+            "oa, ob = FusedSGD(a.parameters(), keep_update=True, **kw), torch.optim.SGD(b.parameters(), **kw)\n"
+            "for _ in range(3):\n"
+            "    x = torch.randn(5, 4)\n"
+            "    for m, o in ((a, oa), (b, ob)):\n"
+            "        o.zero_grad(); m(x).square().sum().backward(); o.step()\n"
+            "err = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))\n"
+            "print(mpl_fast.ops.backend(), err < 1e-6, oa.last_updates()[0].abs().sum().item() > 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["reference", "True", "True"]
 
 
 def test_constructor_validation_like_torch():

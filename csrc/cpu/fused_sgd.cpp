@@ -27,58 +27,76 @@ struct SgdItem {
   int64_t begin, n;
 };
 
-// Returns the sum of (g - g) over the chunk: nan exactly when some gradient is inf or nan,
-// which costs two vectorisable flops instead of a branch per element.
-template <typename scalar_t, bool kMomentum, bool kUpdate>
-MPL_ALWAYS_INLINE double sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h) {
+// Returns whether some gradient or some new parameter value of the chunk is inf or nan
+// ((v - v) != 0 exactly then; a non-finite parameter or momentum buffer always shows up in the
+// new parameter). An integer OR reduction, unlike a float sum, vectorises without -ffast-math.
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kWeightDecay, bool kUpdate>
+MPL_ALWAYS_INLINE bool sgd_chunk(const SgdItem& it, const SgdHyper<at::opmath_type<scalar_t>>& h) {
   using acc_t = at::opmath_type<scalar_t>;
-  scalar_t* p = static_cast<scalar_t*>(it.p) + it.begin;
-  const scalar_t* g = static_cast<const scalar_t*>(it.g) + it.begin;
-  scalar_t* buf = kMomentum ? static_cast<scalar_t*>(it.buf) + it.begin : nullptr;
-  scalar_t* upd = kUpdate ? static_cast<scalar_t*>(it.upd) + it.begin : nullptr;
-  acc_t check = 0;
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(it.p) + it.begin;
+  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(it.g) + it.begin;
+  scalar_t* __restrict__ buf = kMomentum ? static_cast<scalar_t*>(it.buf) + it.begin : nullptr;
+  scalar_t* __restrict__ upd = kUpdate ? static_cast<scalar_t*>(it.upd) + it.begin : nullptr;
+  // A local copy: stores through p could alias a referenced h, forcing a reload per element
+  // and blocking vectorisation.
+  const SgdHyper<acc_t> hl = h;
+  unsigned nonfinite = 0;
   for (int64_t i = 0; i < it.n; ++i) {
     const acc_t p_old = load_as<acc_t>(p[i]);
     const acc_t gi = load_as<acc_t>(g[i]);
     acc_t b = kMomentum ? load_as<acc_t>(buf[i]) : acc_t(0);
-    const scalar_t p_new = static_cast<scalar_t>(sgd_element<acc_t>(p_old, gi, b, h));
+    const scalar_t p_new = static_cast<scalar_t>(sgd_element_static<acc_t, kMomentum, kNesterov, kWeightDecay>(p_old, gi, b, hl));
     p[i] = p_new;
     if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(b);
     // Δθ exactly as applied: the stored new value minus the old one.
     if constexpr (kUpdate) upd[i] = static_cast<scalar_t>(static_cast<acc_t>(p_new) - p_old);
-    check += gi - gi;
+    const acc_t stored = static_cast<acc_t>(p_new);
+    nonfinite |= static_cast<unsigned>(((gi - gi) + (stored - stored)) != acc_t(0));
   }
-  return static_cast<double>(check);
+  return nonfinite != 0;
 }
 
 template <typename scalar_t>
-MPL_ALWAYS_INLINE double run_item_body(const SgdItem& it, const SgdArgs& a, double lr) {
+MPL_ALWAYS_INLINE bool run_item_body(const SgdItem& it, const SgdArgs& a, double lr) {
   using acc_t = at::opmath_type<scalar_t>;
   const SgdHyper<acc_t> h{static_cast<acc_t>(lr), static_cast<acc_t>(a.momentum),
                           static_cast<acc_t>(1.0 - a.dampening), static_cast<acc_t>(a.weight_decay),
                           a.nesterov, a.maximize, a.first_step};
-  if (it.buf != nullptr) {
-    return it.upd ? sgd_chunk<scalar_t, true, true>(it, h) : sgd_chunk<scalar_t, true, false>(it, h);
+  // The flags that change which operations run are template parameters: no control flow in
+  // the loop (6 combinations x with/without update_out).
+  const bool wd = a.weight_decay != 0, upd = it.upd != nullptr;
+  if (it.buf == nullptr) {
+    if (wd) return upd ? sgd_chunk<scalar_t, false, false, true, true>(it, h) : sgd_chunk<scalar_t, false, false, true, false>(it, h);
+    return upd ? sgd_chunk<scalar_t, false, false, false, true>(it, h) : sgd_chunk<scalar_t, false, false, false, false>(it, h);
   }
-  return it.upd ? sgd_chunk<scalar_t, false, true>(it, h) : sgd_chunk<scalar_t, false, false>(it, h);
+  if (a.nesterov) {
+    if (wd) return upd ? sgd_chunk<scalar_t, true, true, true, true>(it, h) : sgd_chunk<scalar_t, true, true, true, false>(it, h);
+    return upd ? sgd_chunk<scalar_t, true, true, false, true>(it, h) : sgd_chunk<scalar_t, true, true, false, false>(it, h);
+  }
+  if (wd) return upd ? sgd_chunk<scalar_t, true, false, true, true>(it, h) : sgd_chunk<scalar_t, true, false, true, false>(it, h);
+  return upd ? sgd_chunk<scalar_t, true, false, false, true>(it, h) : sgd_chunk<scalar_t, true, false, false, false>(it, h);
 }
 
 template <typename scalar_t>
-double run_item(const SgdItem& it, const SgdArgs& a, double lr) {
+bool run_item(const SgdItem& it, const SgdArgs& a, double lr) {
   return run_item_body<scalar_t>(it, a, lr);
 }
 
 // The same body compiled for AVX2/FMA/F16C, chosen at run time (same machine, same bits).
 template <typename scalar_t>
-MPL_TARGET_AVX2 double run_item_avx2(const SgdItem& it, const SgdArgs& a, double lr) {
+MPL_TARGET_AVX2 bool run_item_avx2(const SgdItem& it, const SgdArgs& a, double lr) {
   return run_item_body<scalar_t>(it, a, lr);
 }
 
-using SgdItemFn = double (*)(const SgdItem&, const SgdArgs&, double);
+using SgdItemFn = bool (*)(const SgdItem&, const SgdArgs&, double);
 
+// fp16/bf16 stores go through c10's scalar rounding and do not vectorise: no AVX2 clone for them.
 template <typename scalar_t>
 SgdItemFn pick_isa() {
-  return cpu_has_avx2() ? &run_item_avx2<scalar_t> : &run_item<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (cpu_has_avx2()) return &run_item_avx2<scalar_t>;
+  }
+  return &run_item<scalar_t>;
 }
 
 SgdItemFn pick_sgd_fn(at::ScalarType t) {
@@ -111,7 +129,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const double lr_value =
       (lr_tensor.has_value() && lr_tensor->defined()) ? lr_tensor->item<double>() : lr;
 
-  // Host scratch: one descriptor and one check value per 32K-element chunk.
+  // Host scratch: one descriptor and one flag per 32K-element chunk.
   std::vector<SgdItem> items;
   std::vector<SgdItemFn> fns;
   int64_t total_elems = 0;
@@ -127,14 +145,14 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     }
     total_elems += n;
   }
-  std::vector<double> checks(items.size());
+  std::vector<char> nonfinite(items.size());
   const int64_t grain = total_elems < 4 * kCpuChunk ? static_cast<int64_t>(items.size()) + 1 : 1;
   at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) checks[k] = fns[k](items[k], args, lr_value);
+    for (int64_t k = begin; k < end; ++k) nonfinite[k] = fns[k](items[k], args, lr_value);
   });
   if (found_inf_out.has_value() && found_inf_out->defined()) {
-    for (double c : checks) {
-      if (!std::isfinite(c)) {
+    for (char bad : nonfinite) {
+      if (bad) {
         *found_inf_out->mutable_data_ptr<float>() = 1.0f;
         break;
       }

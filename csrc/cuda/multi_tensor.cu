@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) sgd_chunks_kernel(SgdLaunch args, Sg
     p[i] = p_new;
     if constexpr (kMomentum) buf[i] = static_cast<scalar_t>(b);
     if constexpr (kUpdate) upd[i] = static_cast<scalar_t>(static_cast<acc_t>(p_new) - p_old);
-    nonfinite |= !isfinite(gi);
+    nonfinite |= !isfinite(gi) || !isfinite(static_cast<acc_t>(p_new));
   }
   if (found_inf_out != nullptr) {
     // Every block that sees an inf/nan writes the same 1: a benign race.

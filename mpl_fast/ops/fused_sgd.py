@@ -23,8 +23,9 @@ What is written where:
 - ``found_inf`` (input, optional one-element float32 tensor on the parameters' device): when
   non-zero the whole step is a no-op on the device (params and buffers untouched,
   ``update_out`` zeroed) — pass a GradScaler's or ``multi_tensor_dot``'s flag here.
-- ``found_inf_out`` (output, optional): set to 1 when any gradient is inf/nan, never cleared.
-  The step itself still runs: a flag cannot be both detected and acted on in the same pass
+- ``found_inf_out`` (output, optional): set to 1 when any gradient or any new parameter value is
+  inf/nan (so a non-finite parameter, momentum buffer or lr, or an overflow, is reported too),
+  never cleared. The step itself still runs: a flag cannot be both detected and acted on in the same pass
   (blocks that already wrote would not see the others' findings), so detecting and skipping are
   two calls. ``found_inf`` and ``found_inf_out`` must therefore be different tensors.
 
@@ -77,6 +78,10 @@ def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
                    "both detected and acted on in one pass")
     lists = [("grads", grads)] + ([("momentum_buffers", bufs)] if momentum != 0 else []) + \
             ([("update_out", updates)] if updates else [])
+    for name, ts in (("params", params), ("grads", grads), ("momentum_buffers", bufs), ("update_out", updates)):
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"mpl_fast.{_OP}: `{name}[{i}]` must be a tensor, got {type(t).__name__}")
     for i, p in enumerate(params):
         if p.dtype not in _FLOAT_DTYPES:
             raise _err(f"`params[{i}]` must be float32, float64, float16 or bfloat16, got {p.dtype}")
@@ -124,7 +129,8 @@ def fused_sgd_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.T
         if updates:
             updates[i].copy_((p_new.to(acc) - p_old).to(p.dtype))
         if found_inf_out is not None:
-            found_inf_out.masked_fill_(~torch.isfinite(grads[i]).all(), 1.0)
+            finite = torch.isfinite(grads[i]).all() & torch.isfinite(p_new).all()
+            found_inf_out.masked_fill_(~finite, 1.0)
         with torch.no_grad():
             p.copy_(p_new)
 
@@ -148,18 +154,26 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         first_step: the buffers hold nothing yet (torch's ``buf = d`` on its first step).
         update_out: optional list receiving Δθ = θ_new − θ_old per parameter.
         found_inf: optional flag; when non-zero the step is a no-op (update_out zeroed).
-        found_inf_out: optional flag set to 1 when any gradient is non-finite.
+        found_inf_out: optional flag set to 1 when any gradient or new parameter is non-finite.
     """
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
-    if params and _extension.use_kernel(params[0].device):
+    if params and isinstance(params[0], torch.Tensor) and _extension.use_kernel(params[0].device):
         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
-        torch.ops.mpl_fast.fused_sgd_.default(
-            params, grads, bufs, updates, lr=lr_value, lr_tensor=lr_tensor, momentum=float(momentum),
-            dampening=float(dampening), weight_decay=float(weight_decay), nesterov=bool(nesterov),
-            maximize=bool(maximize), first_step=bool(first_step), found_inf=found_inf,
-            found_inf_out=found_inf_out)
+        try:
+            torch.ops.mpl_fast.fused_sgd_.default(
+                params, grads, bufs, updates, lr=lr_value, lr_tensor=lr_tensor, momentum=float(momentum),
+                dampening=float(dampening), weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                maximize=bool(maximize), first_step=bool(first_step), found_inf=found_inf,
+                found_inf_out=found_inf_out)
+        except RuntimeError as exc:
+            # The op's argument parser names the list but not the element (e.g. a None gradient):
+            # re-check in Python, at no cost to the calls that succeed, to name the index.
+            if "Expected a value of type" in str(exc):
+                _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
+                            found_inf, found_inf_out)
+            raise
         return
     fused_sgd_reference_(params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,

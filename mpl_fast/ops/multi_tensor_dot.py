@@ -95,10 +95,17 @@ def multi_tensor_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
     index for lists of different lengths, shape or device mismatches and non-float dtypes.
     """
     xs, ys = list(xs), list(ys)
-    if xs and len(xs) == len(ys) and _extension.use_kernel(xs[0].device):
-        if found_inf is None:
-            return torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
-        return torch.ops.mpl_fast.multi_tensor_dot.found_inf(xs, ys, found_inf)
+    if xs and len(xs) == len(ys) and isinstance(xs[0], torch.Tensor) and _extension.use_kernel(xs[0].device):
+        try:
+            if found_inf is None:
+                return torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
+            return torch.ops.mpl_fast.multi_tensor_dot.found_inf(xs, ys, found_inf)
+        except RuntimeError as exc:
+            # The op's argument parser names the list but not the element (e.g. a None gradient):
+            # re-check in Python, at no cost to the calls that succeed, to name the index.
+            if "Expected a value of type" in str(exc):
+                _check_lists(xs, ys, found_inf)
+            raise
     return multi_tensor_dot_reference(xs, ys, found_inf=found_inf)
 
 
