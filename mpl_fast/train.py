@@ -32,6 +32,7 @@ from mpl_fast.algo import MPL, Schedules, finetune, larger_batches
 from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, from_dict, preset, to_dict, validate
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
+from mpl_fast.optim import FusedSGD
 
 CHOICES = {
     "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
@@ -148,9 +149,10 @@ def _make_model(cfg: TrainConfig, streams) -> torch.nn.Module:
 
 
 def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
-    # The one place to swap in mpl_fast.optim.FusedSGD (same constructor) when it lands.
-    return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
-                           nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
+    # torch.optim.SGD's math in one fused pass per step; it leaves p.grad untouched, so the
+    # grad-dot feedback can still read g_u from .grad after the student's step.
+    return FusedSGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
+                    nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
 
 
 def build_mpl(cfg: TrainConfig, streams) -> MPL:

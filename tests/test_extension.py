@@ -101,3 +101,13 @@ def test_scaled_add_cuda_matches_cpu():
     x, y = torch.randn(1001), torch.randn(1001)
     out = ops.scaled_add(x.cuda(), y.cuda(), 0.25)
     torch.testing.assert_close(out.cpu(), ops.scaled_add(x, y, 0.25))
+
+
+def test_missing_extension_is_named_not_a_circular_import(monkeypatch):
+    def not_built(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(_extension.importlib, "import_module", not_built)
+    module, error = _extension._load()
+    assert module is None
+    assert error.startswith("mpl_fast._C was not built")

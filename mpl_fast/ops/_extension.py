@@ -8,6 +8,7 @@ it to exercise the reference path).
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Callable
@@ -26,8 +27,12 @@ def _load():
     if os.environ.get("MPL_FAST_NO_EXTENSION") == "1":
         return None, "MPL_FAST_NO_EXTENSION=1"
     try:
-        from mpl_fast import _C  # noqa: PLC0415 - loading is the point of this module
-    except ImportError as exc:  # missing .so, or one built for another torch (undefined symbols)
+        # import_module, not `from mpl_fast import _C`: during `import mpl_fast` the latter
+        # reports a missing .so as a "circular import", hiding that nothing was built.
+        _C = importlib.import_module("mpl_fast._C")
+    except ModuleNotFoundError:
+        return None, "mpl_fast._C was not built (no compiled extension next to the package)"
+    except ImportError as exc:  # e.g. built for another torch (undefined symbols)
         return None, f"{type(exc).__name__}: {exc}"
     built_for = _C.build_info()["torch_version"]
     if _public_version(built_for) != _public_version(torch.__version__):
