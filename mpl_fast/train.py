@@ -397,9 +397,12 @@ def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds:
         selected.load_state_dict(best["state"])
     val["selected"], test["selected"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
     if cfg.finetune.steps > 0 and cfg.method != "uda":
+        from tqdm import tqdm  # noqa: PLC0415
+
         batches = larger_batches(streams.labeled, cfg.finetune.batch_size)
-        finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
-                 cfg.finetune.weight_decay)
+        with tqdm(total=cfg.finetune.steps, desc="finetune student", dynamic_ncols=True, disable=None) as bar:
+            finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
+                     cfg.finetune.weight_decay, on_step=bar.update)
         val["finetuned"], test["finetuned"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
     headline = _headline_model(cfg)
     if headline == "ema" or headline == "student":

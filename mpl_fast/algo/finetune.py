@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -11,8 +11,10 @@ from mpl_fast.algo.losses import cross_entropy
 
 
 def finetune(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
-             momentum: float = 0.9, weight_decay: float = 0.0, label_smoothing: float = 0.0) -> torch.Tensor:
-    """``steps`` SGD steps of ``model`` on CE over ``batches``; returns the summed loss (device tensor)."""
+             momentum: float = 0.9, weight_decay: float = 0.0, label_smoothing: float = 0.0,
+             on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """``steps`` SGD steps of ``model`` on CE over ``batches``; returns the summed loss (device tensor).
+    ``on_step`` is called after each step (the trainer advances a progress bar with it)."""
     for p in model.parameters():  # an EMA copy comes with gradients switched off
         p.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0,
@@ -26,6 +28,8 @@ def finetune(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tenso
         loss.backward()
         opt.step()
         total = total.to(loss.device) + loss.detach()
+        if on_step is not None:
+            on_step()
     return total
 
 
