@@ -41,7 +41,7 @@ CHOICES = {
     "data.randaug_policy": ("mpl", "torchvision"), "mpl.baseline": ("auto", "on", "off"),
 }
 # Flags with a short name besides their dotted one.
-ALIASES = {"mpl.feedback": "--feedback"}
+ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 NOT_YET = {
     "amp": "--amp is not implemented yet (see issue 8, mixed precision and model parallelism)",
     "model_parallel": "--model-parallel is not implemented yet (see issue 8)",
