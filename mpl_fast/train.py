@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe (default: digits)")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build teacher and student on the meta device (no memory, no data), print their "
+                             "parameter counts and a per-device memory estimate of one MPL step, and exit")
     for name, tp, _field in _leaves(TrainConfig):
         if name == "preset":
             continue
@@ -439,6 +442,37 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(keep)
 
 
+# Classes and input shape per data set, for --dry-run (which reads no data); image folders are
+# taken to be ImageNet.
+_DRY_RUN_SHAPES = {"digits": (10, (1, 8, 8)), "two-moons": (2, (2,)), "cifar10": (10, (3, 32, 32)),
+                   "cifar100": (100, (3, 32, 32)), "svhn": (10, (3, 32, 32)), "imagefolder": (1000, (3, 224, 224))}
+
+
+def dry_run_report(cfg: TrainConfig, fsdp_devices: int = 8) -> str:
+    """Parameter counts and per-device memory of one MPL step for ``cfg``, from meta-device models."""
+    from mpl_fast.parallel.plan import measure_footprint, plan_mpl_memory  # noqa: PLC0415
+
+    num_classes, shape = _DRY_RUN_SHAPES[cfg.data.dataset]
+    if cfg.data.image_size and len(shape) == 3:
+        shape = (shape[0], cfg.data.image_size, cfg.data.image_size)
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, num_classes, dropout=cfg.model.dropout,
+                             in_channels=shape[0] if len(shape) == 3 else 1)
+    footprint = measure_footprint(model, shape)  # teacher and student share the architecture
+    lines = [f"{cfg.preset}: {cfg.model.name}, {footprint.parameters:,} parameters per network "
+             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, "
+             f"unlabeled {cfg.data.mu}x that (weak + strong)",
+             "estimated peak memory of one MPL step per device (weights, gradients, momentum, g_u, activations):"]
+    for precision in ("fp32", "bf16"):
+        for layout, devices in (("single", 1), ("model-parallel", 2), ("fsdp", fsdp_devices)):
+            plan = plan_mpl_memory(footprint, footprint, batch_size=cfg.data.batch_size, mu=cfg.data.mu,
+                                   precision=precision, layout=layout, devices=devices)
+            per_device = ", ".join(f"{b / 2**30:.1f}" for b in sorted(set(plan.per_device_bytes), reverse=True))
+            lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device} GiB")
+    lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -447,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.dry_run:
+        print(dry_run_report(cfg))
+        return 0
     try:
         run(cfg, resume=args.resume)
     except TrainingStopped as exc:

@@ -48,3 +48,13 @@ def test_plan_bad_input(kwargs, match):
     args = dict(batch_size=1, mu=1) | kwargs
     with pytest.raises(ValueError, match=match):
         plan_mpl_memory(footprint, footprint, **args)
+
+
+def test_dry_run_of_the_l2_preset_reports_parameters_and_memory(capsys):
+    from mpl_fast.train import main
+
+    assert main(["--preset", "imagenet-l2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    count = int(out.split(" parameters per network")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert 470e6 < count < 490e6
+    assert out.count("GiB") == 6 and "model-parallel on 2 device(s)" in out
