@@ -9,13 +9,7 @@
 #include <bit>
 #endif
 
-#if !defined(MPL_HOST_DEVICE)
-#if defined(__CUDACC__)
-#define MPL_HOST_DEVICE __host__ __device__
-#else
-#define MPL_HOST_DEVICE
-#endif
-#endif
+#include "host_device.h"
 
 // Force-inlined: the CPU kernels are also compiled as AVX2 clones (cpu/cpu_isa.h), and GCC
 // only inlines a default-target function into one of those when told to.

@@ -2,11 +2,7 @@
 // It exists to prove the whole op path (schema, kernels, fake kernel, reference) end to end.
 #pragma once
 
-#if defined(__CUDACC__)
-#define MPL_HOST_DEVICE __host__ __device__
-#else
-#define MPL_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace mpl_fast {
 
