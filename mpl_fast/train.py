@@ -33,6 +33,7 @@ from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
+from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
 CHOICES = {
     "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
@@ -43,7 +44,6 @@ CHOICES = {
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 NOT_YET = {
-    "amp": "--amp is not implemented yet (see issue 8, mixed precision and model parallelism)",
     "model_parallel": "--model-parallel is not implemented yet (see issue 8)",
     "compile": "--compile is not supported by the trainer yet (its step mutates state outside the graph)",
 }
@@ -175,7 +175,17 @@ def build_mpl(cfg: TrainConfig, streams) -> MPL:
                pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
                baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
-               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip)
+               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
+               autocast=_precision(cfg).autocast)
+
+
+def _precision(cfg: TrainConfig) -> PrecisionPolicy:
+    """--amp: bf16 autocast of every forward (CPU and GPU); fp16 would need loss scaling."""
+    policy = resolve_precision(cfg.amp, None, cfg.device)
+    if policy.needs_loss_scaling:
+        raise SystemExit("error: --amp on this GPU would need fp16 with loss scaling, which the trainer does "
+                         "not implement yet (bf16 needs none: use a GPU with bf16 support, or drop --amp)")
+    return policy
 
 
 @torch.no_grad()
