@@ -281,8 +281,12 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     start_step, clock_offset, best, elapsed_before = 0, 0, {"val": -1.0, "step": -1, "state": None}, 0.0
     if state is not None:
         mpl.load_state_dict(state["mpl"])
-        for name in ("labeled", "unlabeled"):
-            getattr(streams, name).load_state_dict(state["streams"][name])
+        if state["streams"] is not None:
+            for name in ("labeled", "unlabeled"):
+                getattr(streams, name).load_state_dict(state["streams"][name])
+        else:
+            say("warning: this data pipeline cannot save its position (DALI): the resumed run starts "
+                "its data streams from the first batch again")
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

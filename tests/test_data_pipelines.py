@@ -324,3 +324,21 @@ def test_strong_view_left_to_the_main_process_as_on_a_gpu(data):
     assert weak.shape == strong_b.shape == (10, 3, 32, 32)
     # The strong view's generator comes from the batch seed alone: same views either way.
     assert torch.equal(finish.normalize(a["strong"]), strong_b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_torch_streams_resume_with_the_next_batch(data, num_workers):
+    cfg = config(data, "cifar10", num_workers=num_workers)
+    first = quiet_build(cfg)
+    for _ in range(3):
+        next(first.labeled), next(first.unlabeled)
+    state = {"labeled": first.labeled.state_dict(), "unlabeled": first.unlabeled.state_dict()}
+    expected = [(next(first.labeled), next(first.unlabeled)) for _ in range(2)]
+    resumed = quiet_build(cfg)
+    resumed.labeled.load_state_dict(state["labeled"])
+    resumed.unlabeled.load_state_dict(state["unlabeled"])
+    assert state == {"labeled": {"consumed": 3}, "unlabeled": {"consumed": 3}}
+    for (x, y), (weak, strong) in expected:
+        (rx, ry), (rweak, rstrong) = next(resumed.labeled), next(resumed.unlabeled)
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert torch.equal(weak, rweak) and torch.equal(strong, rstrong)

@@ -4,7 +4,7 @@ batch to the device (strong view there when it is a GPU) and normalises."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,12 +37,13 @@ class InfiniteBatches(Sampler):
     pass boundaries so every batch is full, even for a labeled set smaller than a batch."""
 
     def __init__(self, indices: np.ndarray, batch_size: int, *, seed: int, stream: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, start: int = 0):
         self.shard = np.random.default_rng([seed, stream]).permutation(indices)[rank::world_size]
         if len(self.shard) == 0:
             raise ValueError(f"rank {rank} of {world_size} gets no samples: the set has only "
                              f"{len(indices)}")
         self.batch_size, self.seed, self.stream, self.rank = batch_size, seed, stream, rank
+        self.start = start  # batches already consumed (resume): replayed as indices, not loaded
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         rng = np.random.default_rng([self.seed, self.stream, self.rank, 1])
@@ -52,7 +53,8 @@ class InfiniteBatches(Sampler):
             while len(pending) < self.batch_size:
                 pending = np.concatenate([pending, rng.permutation(self.shard)])
             batch, pending = pending[:self.batch_size], pending[self.batch_size:]
-            yield batch_seed(self.seed, self.stream, self.rank, number), batch.tolist()
+            if number >= self.start:
+                yield batch_seed(self.seed, self.stream, self.rank, number), batch.tolist()
             number += 1
 
 
@@ -230,24 +232,47 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
     def train(view, indices, batch_size):
         dataset = BatchDataset(data, view=view, image_size=image_size, flip=source.flip,
                                strong=None if on_gpu else strong, replacements=indices)
-        sampler = InfiniteBatches(indices, batch_size, seed=seed, stream=_STREAM_IDS[view],
-                                  rank=rank, world_size=world_size)
-        return loader(dataset, sampler, cfg.num_workers)
+
+        def loader_from(start: int) -> DataLoader:
+            sampler = InfiniteBatches(indices, batch_size, seed=seed, stream=_STREAM_IDS[view],
+                                      rank=rank, world_size=world_size, start=start)
+            return loader(dataset, sampler, cfg.num_workers)
+        return loader_from
 
     def evaluation(labeled_set, indices):
         dataset = BatchDataset(labeled_set, view=EVAL, image_size=image_size, flip=False)
         sampler = FiniteBatches(indices, cfg.eval_batch_size)
         return EvalBatches(loader(dataset, sampler, min(cfg.num_workers, 2)), finish, len(indices))
 
-    labeled_batches = train(LABELED, split["labeled"], cfg.batch_size)
-    unlabeled_batches = train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size)
-    labeled = _lazy(labeled_batches, lambda b: finish.labeled(b, cfg.batch_size))
-    unlabeled = _lazy(unlabeled_batches, lambda b: finish.unlabeled(b, cfg.mu * cfg.batch_size))
+    labeled_loader_from = train(LABELED, split["labeled"], cfg.batch_size)
+    unlabeled_loader_from = train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size)
+    labeled = ResumableBatches(labeled_loader_from, lambda b: finish.labeled(b, cfg.batch_size))
+    unlabeled = ResumableBatches(unlabeled_loader_from, lambda b: finish.unlabeled(b, cfg.mu * cfg.batch_size))
     return (labeled, unlabeled, evaluation(data, split["val"]),
             evaluation(test, np.arange(len(test))))
 
 
-def _lazy(loader: DataLoader, finish_batch):
-    """Endless finished batches; the workers start at the first ``next``, not at build time."""
-    for batch in loader:
-        yield finish_batch(batch)
+class ResumableBatches:
+    """Endless finished batches that know how many were handed out, so a checkpoint can store
+    that count and a resumed run continues with the very next batch (every batch is a function
+    of its number). The workers start at the first ``next``, not at build time."""
+
+    def __init__(self, loader_from: Callable[[int], DataLoader], finish_batch):
+        self._loader_from, self._finish = loader_from, finish_batch
+        self.consumed, self._batches = 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._batches = iter(self._loader_from(self.consumed))
+        batch = self._finish(next(self._batches))
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed, self._batches = int(state["consumed"]), None
