@@ -1,0 +1,368 @@
+"""Benchmark of the whole MPL step: mpl_fast's fast path against a plain port-style step.
+
+One step = teacher forward/backward over labeled + weak + strong unlabeled views (B + 2*mu*B
+images), the student's step on the pseudo labels, the feedback (labeled batch re-run through
+the updated student, h), the teacher's step and the student EMA. Every case starts from the same
+seeded models, sees the same batches and the same dropout seeds, and cases are timed in
+alternation (one step of each in turn), so a load spike on a shared machine hits all of them.
+
+Cases (WRN-28-2 at 32x32; ResNet-50 at 224 unless --quick):
+  plain            benchmarks/plain_mpl.py: per-tensor torch.dot loop, torch.optim.SGD(foreach=False),
+                   .item() host reads, per-tensor EMA (the popular ports' way)
+  fast             mpl_fast.algo.MPL with torch.optim.SGD (what mpl_fast.train builds today)
+  fast+fusedsgd    mpl_fast.algo.MPL with mpl_fast.optim.FusedSGD for teacher and student
+  ...+bf16         the same step under torch.autocast(bfloat16) (not numerically the same: speed only)
+  ...+cl           models and inputs in channels_last
+  ...+compile      models compiled with torch.compile (--compile; slow to compile on a small CPU)
+
+"ratio" = plain s/step / case s/step (> 1: faster than plain). "max|dθ|" = the largest
+difference of any teacher/student parameter from the plain path's after the timed steps (fp32
+cases agree to round-off; bf16 does not). The per-phase breakdown profiles plain and the fused
+fast path with torch.profiler ranges (teacher fwd/bwd, student fwd/bwd, feedback fwd/bwd/dot,
+optimizers, EMA, the fast path's non-finite guard; "other" = losses, concat, schedules).
+
+    python benchmarks/bench_step.py [--quick] [--batch 16] [--mu 7] [--steps 5] [--compile]
+        [--json PATH] [--profile DIR] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
+
+from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import feedback as fb  # noqa: E402
+from mpl_fast.models import create_model  # noqa: E402
+from mpl_fast.optim import FusedSGD  # noqa: E402
+
+RECIPE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # CIFAR-10-4K, DESIGN.md
+STEP_KW = dict(uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15, ema_decay=0.995)
+
+
+# ------------------------------------------------------------------ building the cases
+
+
+def make_models(name: str, num_classes: int, dropout: float, seed: int):
+    torch.manual_seed(seed)
+    teacher = create_model(name, num_classes, dropout=dropout)
+    student = create_model(name, num_classes, dropout=dropout)
+    return teacher, student
+
+
+def schedules() -> Schedules:
+    # Student active from step 0 (the feedback is the point), constant rates, full UDA weight.
+    return Schedules(total_steps=10_000, teacher_lr=RECIPE["lr"], student_lr=RECIPE["lr"],
+                     teacher_schedule="constant", student_schedule="constant", uda_weight=8.0, uda_ramp=0)
+
+
+class Case:
+    """One way of running the step: a step object, and how to call it."""
+
+    def __init__(self, name: str, stepper, *, autocast: torch.dtype | None = None, channels_last: bool = False,
+                 exact: bool = True):
+        self.name, self.stepper, self.autocast = name, stepper, autocast
+        self.channels_last, self.exact = channels_last, exact
+        self.times: list[float] = []
+
+    def step(self, labeled, unlabeled, clock: int, device: torch.device):
+        if self.channels_last:
+            fmt = torch.channels_last
+            labeled = (labeled[0].contiguous(memory_format=fmt), labeled[1])
+            unlabeled = tuple(x.contiguous(memory_format=fmt) for x in unlabeled)
+        ctx = torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return self.stepper.step(labeled, unlabeled, clock)
+
+
+def build_cases(model: str, num_classes: int, dropout: float, device: torch.device, variants: list[str]) -> list[Case]:
+    teacher0, student0 = make_models(model, num_classes, dropout, seed=0)
+    cases = []
+    for variant in variants:
+        teacher, student = copy.deepcopy(teacher0).to(device), copy.deepcopy(student0).to(device)
+        parts = variant.split("+")
+        if "cl" in parts:
+            teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+        if parts[0] == "plain":
+            stepper = PlainMPL(teacher, student, plain_sgd(teacher, **RECIPE), plain_sgd(student, **RECIPE),
+                               schedules(), **STEP_KW)
+        else:
+            opt = FusedSGD if "fusedsgd" in parts else torch.optim.SGD
+            stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
+                          schedules(), method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
+        if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
+            teacher.compile()
+            student.compile()
+        cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,
+                          channels_last="cl" in parts, exact="bf16" not in parts))
+    return cases
+
+
+def make_batches(n: int, batch: int, mu: int, size: int, num_classes: int, device: torch.device, seed: int = 1):
+    """n (labeled, unlabeled) batches of normalised random images (the step's cost does not
+    depend on the pixel values; the data pipeline is timed by the trainer benchmark)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x_l = torch.randn(batch, 3, size, size, generator=g)
+        y_l = torch.randint(0, num_classes, (batch,), generator=g)
+        x_uw = torch.randn(mu * batch, 3, size, size, generator=g)
+        x_us = x_uw + 0.5 * torch.randn(mu * batch, 3, size, size, generator=g)
+        out.append(((x_l.to(device), y_l.to(device)), (x_uw.to(device), x_us.to(device))))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_step(case: Case, batch, i: int, device: torch.device) -> float:
+    torch.manual_seed(1000 + i)  # the same dropout masks in every case
+    sync(device)
+    t0 = time.perf_counter()
+    values = case.step(*batch, clock=i, device=device)
+    sync(device)
+    dt = time.perf_counter() - t0
+    if isinstance(values, dict) and isinstance(values.get("h"), torch.Tensor):
+        assert torch.isfinite(values["h"]), f"{case.name}: h not finite"
+    return dt
+
+
+def models_of(case: Case):
+    return case.stepper.teacher, case.stepper.student
+
+
+def max_param_diff(a: Case, b: Case) -> float:
+    diff = 0.0
+    for ma, mb in zip(models_of(a), models_of(b)):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            diff = max(diff, (pa.detach().float() - pb.detach().float()).abs().max().item())
+    return diff
+
+
+# ------------------------------------------------------------------ per-phase ranges
+
+
+class PhaseRanges:
+    """Puts torch.profiler ranges around the step's phases from the outside (hooks and method
+    wrappers on the instances; nothing in mpl_fast is edited). Backward passes are named by the
+    forward that preceded them: a backward right after the student's train-mode forward is the
+    student's, any other ``.backward()`` in the step is the teacher's, ``autograd.grad`` is the
+    feedback's."""
+
+    def __init__(self, stepper):
+        self.stepper = stepper
+        self.last_forward = None
+        self.open: list = []
+        self.undo: list = []
+
+    def _range(self, name: str):
+        return torch.profiler.record_function(name)
+
+    def _wrap_method(self, obj, attr: str, name: str):
+        original, had_own = getattr(obj, attr), attr in vars(obj)
+
+        def wrapped(*args, **kwargs):
+            with self._range(name):
+                return original(*args, **kwargs)
+
+        setattr(obj, attr, wrapped)
+        self.undo.append(lambda: setattr(obj, attr, original) if had_own else delattr(obj, attr))
+
+    def _hook_forward(self, module, name_fn):
+        def pre(mod, args):
+            name = name_fn(mod)
+            self.last_forward = name
+            rf = self._range(name)
+            rf.__enter__()
+            self.open.append(rf)
+
+        def post(mod, args, out):
+            self.open.pop().__exit__(None, None, None)
+
+        self.undo.append(module.register_forward_pre_hook(pre).remove)
+        self.undo.append(module.register_forward_hook(post).remove)
+
+    def __enter__(self):
+        s = self.stepper
+        self._hook_forward(s.teacher, lambda m: "teacher fwd")
+        self._hook_forward(s.student, lambda m: "student fwd" if m.training else "feedback fwd")
+        self._wrap_method(s.teacher_opt, "step", "teacher optimizer")
+        self._wrap_method(s.student_opt, "step", "student optimizer")
+        if isinstance(s, MPL):
+            if s.ema is not None:
+                self._wrap_method(s.ema, "update", "ema")
+            for guard in (s.student_guard, s.teacher_guard):
+                self._wrap_method(guard, "save", "guard (non-finite undo)")
+                self._wrap_method(guard, "restore_unless", "guard (non-finite undo)")
+            original_dot = fb.grad_dot
+
+            def dot(*args, **kwargs):
+                with self._range("feedback dot"):
+                    return original_dot(*args, **kwargs)
+
+            fb.grad_dot = dot
+            self.undo.append(lambda: setattr(fb, "grad_dot", original_dot))
+        else:
+            self._wrap_method(s, "_update_ema", "ema")
+            self._wrap_method(s, "_feedback_dot", "feedback dot")
+        original_backward, original_grad = torch.Tensor.backward, torch.autograd.grad
+        phases = self
+
+        def backward(tensor, *args, **kwargs):
+            name = "student bwd" if phases.last_forward == "student fwd" else "teacher bwd"
+            with phases._range(name):
+                return original_backward(tensor, *args, **kwargs)
+
+        def grad(*args, **kwargs):
+            with phases._range("feedback bwd"):
+                return original_grad(*args, **kwargs)
+
+        torch.Tensor.backward = backward
+        torch.autograd.grad = grad
+        self.undo.append(lambda: setattr(torch.Tensor, "backward", original_backward))
+        self.undo.append(lambda: setattr(torch.autograd, "grad", original_grad))
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self.undo):
+            undo()
+
+
+PHASES = ("teacher fwd", "teacher bwd", "student fwd", "student bwd", "feedback fwd", "feedback bwd", "feedback dot",
+          "teacher optimizer", "student optimizer", "ema", "guard (non-finite undo)")
+
+
+def profile_phases(case: Case, batches, first: int, steps: int, device: torch.device, trace_path: str | None) -> dict:
+    """ms per step in each phase (and 'other'), from torch.profiler over ``steps`` steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with PhaseRanges(case.stepper), torch.profiler.profile(activities=activities) as prof:
+        for i in range(first, first + steps):
+            with torch.profiler.record_function("mpl step"):
+                run_step(case, batches[i % len(batches)], i, device)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    totals = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key in PHASES + ("mpl step",)}
+    step_ms = totals.pop("mpl step", 0.0)
+    phases = {p: round(totals.get(p, 0.0), 2) for p in PHASES}
+    phases["other"] = round(step_ms - sum(phases.values()), 2)
+    phases["step"] = round(step_ms, 2)
+    return phases
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: int, variants: list[str],
+                device: torch.device, dropout: float, profile_dir: str | None, num_classes: int = 10) -> dict:
+    print(f"\n== {model} at {size}x{size}: B={batch} labeled + 2 x {mu * batch} unlabeled "
+          f"({batch * (1 + 2 * mu)} images/step), {warmup} warm-up + {steps} timed steps per case", flush=True)
+    cases = build_cases(model, num_classes, dropout, device, variants)
+    batches = make_batches(min(warmup + steps, 4), batch, mu, size, num_classes, device)
+    for case in cases:  # warm-up (and, for compiled cases, compilation), timed separately
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            run_step(case, batches[i % len(batches)], i, device)
+        case.warmup_s = time.perf_counter() - t0
+    for i in range(warmup, warmup + steps):  # alternate: one step of each case in turn
+        for case in cases:
+            case.times.append(run_step(case, batches[i % len(batches)], i, device))
+    images = batch * (1 + 2 * mu)
+    plain = next(c for c in cases if c.name == "plain")
+    plain_s = statistics.median(plain.times)
+    rows = []
+    for case in cases:
+        s = statistics.median(case.times)
+        rows.append({"case": case.name, "s_per_step": round(s, 4), "min_s": round(min(case.times), 4),
+                     "images_per_s": round(images / s, 1), "ratio_vs_plain": round(plain_s / s, 3),
+                     "max_param_diff_vs_plain": max_param_diff(case, plain), "exact": case.exact,
+                     "warmup_s": round(case.warmup_s, 2)})
+    print(f"{'case':<26} {'s/step':>8} {'min':>8} {'img/s':>8} {'ratio':>7} {'max|dθ|':>9} {'warm-up s':>9}")
+    for r in rows:
+        print(f"{r['case']:<26} {r['s_per_step']:>8.3f} {r['min_s']:>8.3f} {r['images_per_s']:>8.1f} "
+              f"{r['ratio_vs_plain']:>7.2f} {r['max_param_diff_vs_plain']:>9.1e} {r['warmup_s']:>9.1f}")
+    # Per-phase breakdown of plain and of the fused fast path (2 profiled steps each).
+    breakdown = {}
+    first = warmup + steps
+    for case in cases:
+        if case.name not in ("plain", "fast+fusedsgd"):
+            continue
+        trace = None
+        if profile_dir:
+            os.makedirs(profile_dir, exist_ok=True)
+            trace = os.path.join(profile_dir, f"step_{model}_{case.name.replace('+', '_')}.json")
+        breakdown[case.name] = profile_phases(case, batches, first, 2, device, trace)
+    if breakdown:
+        names = list(breakdown)
+        print("\nper-phase ms/step (torch.profiler, 2 steps; includes profiler overhead)")
+        print(f"{'phase':<26}" + "".join(f"{n:>16}" for n in names) + "".join(f"{'% ' + n:>18}" for n in names))
+        for phase in PHASES + ("other", "step"):
+            line = f"{phase:<26}" + "".join(f"{breakdown[n][phase]:>16.1f}" for n in names)
+            line += "".join(f"{100 * breakdown[n][phase] / max(breakdown[n]['step'], 1e-9):>17.1f}%" for n in names)
+            print(line)
+    return {"model": model, "image_size": size, "batch": batch, "mu": mu, "images_per_step": images,
+            "warmup_steps": warmup, "timed_steps": steps, "rows": rows, "phases_ms": breakdown}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="WRN-28-2 only, fewer cases")
+    parser.add_argument("--batch", type=int, default=16, help="labeled batch for WRN-28-2")
+    parser.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * batch (each view)")
+    parser.add_argument("--resnet-batch", type=int, default=2)
+    parser.add_argument("--resnet-mu", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models (slow to compile)")
+    parser.add_argument("--cases", default=None, help="comma-separated WRN cases (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.json"))
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write Chrome traces of the profiled steps here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    wrn_cases = ["plain", "fast", "fast+fusedsgd", "fast+fusedsgd+bf16", "fast+fusedsgd+cl"]
+    if args.quick:
+        wrn_cases = ["plain", "fast", "fast+fusedsgd"]
+    if args.cases:
+        wrn_cases = args.cases.split(",")
+    if args.compile:
+        wrn_cases.append("fast+fusedsgd+compile")
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpu_threads": torch.get_num_threads(), "device": str(device),
+                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                           "torch": torch.__version__},
+               "models": []}
+    results["models"].append(bench_model("wrn28-2", 32, args.batch, args.mu, args.steps, args.warmup, wrn_cases,
+                                         device, dropout=0.2, profile_dir=args.profile))
+    if not args.quick:
+        results["models"].append(bench_model("resnet50", 224, args.resnet_batch, args.resnet_mu, max(2, args.steps // 2),
+                                             1, ["plain", "fast+fusedsgd", "fast+fusedsgd+bf16"], device,
+                                             dropout=0.0, profile_dir=args.profile))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
