@@ -294,7 +294,8 @@ def profile_phases(case: Case, batches, first: int, steps: int, device: torch.de
 
 
 def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: int, variants: list[str],
-                device: torch.device, dropout: float, profile_dir: str | None, num_classes: int = 10) -> dict:
+                device: torch.device, dropout: float, profile_dir: str | None, num_classes: int = 10,
+                phases: bool = True) -> dict:
     print(f"\n== {model} at {size}x{size}: B={batch} labeled + 2 x {mu * batch} unlabeled "
           f"({batch * (1 + 2 * mu)} images/step), {warmup} warm-up + {steps} timed steps per case", flush=True)
     cases = build_cases(model, num_classes, dropout, device, variants)
@@ -336,7 +337,7 @@ def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: 
     breakdown, profiled = {}, {}
     first = warmup + steps
     for case in cases:
-        if case.name not in ("plain", "fast+fusedsgd"):
+        if not phases or case.name not in ("plain", "fast+fusedsgd"):
             continue
         breakdown[case.name] = time_phases(case, batches, first, 2, device)
         trace = None
@@ -373,6 +374,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="wrn28-2,resnet50", help="which models (--quick: wrn28-2 only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.json"))
     parser.add_argument("--profile", default=None, metavar="DIR", help="write Chrome traces of the profiled steps here")
     args = parser.parse_args(argv)
@@ -394,11 +396,12 @@ def main(argv=None) -> int:
     models = ["wrn28-2"] if args.quick else args.models.split(",")
     if "wrn28-2" in models:
         results["models"].append(bench_model("wrn28-2", 32, args.batch, args.mu, args.steps, args.warmup, wrn_cases,
-                                             device, dropout=0.2, profile_dir=args.profile))
+                                             device, dropout=0.2, profile_dir=args.profile,
+                                             phases=not args.no_phases))
     if "resnet50" in models:
         results["models"].append(bench_model("resnet50", 224, args.resnet_batch, args.resnet_mu, max(2, args.steps // 2),
                                              1, ["plain", "fast+fusedsgd", "fast+fusedsgd+bf16"], device,
-                                             dropout=0.0, profile_dir=args.profile))
+                                             dropout=0.0, profile_dir=args.profile, phases=not args.no_phases))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
