@@ -25,7 +25,12 @@ fast path with torch.profiler ranges (teacher fwd/bwd, student fwd/bwd, feedback
 optimizers, EMA, the fast path's non-finite guard; "other" = losses, concat, schedules).
 
     python benchmarks/bench_step.py [--quick] [--batch 16] [--mu 7] [--steps 5] [--compile]
-        [--json PATH] [--profile DIR] [--device cpu|cuda]
+        [--json PATH] [--profile DIR] [--device cpu|cuda] [--nvtx]
+
+On a GPU, under Nsight Systems (phase and op ranges as NVTX):
+    nsys profile -t cuda,nvtx,osrt -o step python benchmarks/bench_step.py --device cuda --quick --nvtx
+On a GPU the wall-clock phase table synchronises at every phase boundary (it measures phases,
+not the overlapped step); the s/step table does not.
 """
 
 from __future__ import annotations
@@ -375,6 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
+    parser.add_argument("--nvtx", action="store_true",
+                        help="emit NVTX ranges for every op and phase (for Nsight Systems: nsys profile -t cuda,nvtx,osrt)")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.json"))
     parser.add_argument("--profile", default=None, metavar="DIR", help="write Chrome traces of the profiled steps here")
     args = parser.parse_args(argv)
@@ -394,6 +401,8 @@ def main(argv=None) -> int:
                            "torch": torch.__version__},
                "models": []}
     models = ["wrn28-2"] if args.quick else args.models.split(",")
+    nvtx = torch.autograd.profiler.emit_nvtx() if args.nvtx else contextlib.nullcontext()
+    nvtx.__enter__()
     if "wrn28-2" in models:
         results["models"].append(bench_model("wrn28-2", 32, args.batch, args.mu, args.steps, args.warmup, wrn_cases,
                                              device, dropout=0.2, profile_dir=args.profile,
@@ -402,6 +411,7 @@ def main(argv=None) -> int:
         results["models"].append(bench_model("resnet50", 224, args.resnet_batch, args.resnet_mu, max(2, args.steps // 2),
                                              1, ["plain", "fast+fusedsgd", "fast+fusedsgd+bf16"], device,
                                              dropout=0.0, profile_dir=args.profile, phases=not args.no_phases))
+    nvtx.__exit__(None, None, None)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
