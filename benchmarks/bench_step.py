@@ -1,0 +1,440 @@
+"""Benchmark of the whole MPL step: mpl_fast's fast path against a plain port-style step.
+
+One step = teacher forward/backward over labeled + weak + strong unlabeled views (B + 2*mu*B
+images), the student's step on the pseudo labels, the feedback (labeled batch re-run through
+the updated student, h), the teacher's step and the student EMA. Every case starts from the same
+seeded models, sees the same batches and the same dropout seeds, and cases are timed in
+alternation (one step of each in turn), so a load spike on a shared machine hits all of them.
+
+Cases (WRN-28-2 at 32x32; ResNet-50 at 224 unless --quick):
+  plain            benchmarks/plain_mpl.py: per-tensor torch.dot loop, torch.optim.SGD(foreach=False),
+                   .item() host reads, per-tensor EMA (the popular ports' way)
+  fast             mpl_fast.algo.MPL with torch.optim.SGD (what mpl_fast.train builds today)
+  fast+fusedsgd    mpl_fast.algo.MPL with mpl_fast.optim.FusedSGD for teacher and student
+  ...+bf16         the same step under torch.autocast(bfloat16) (not numerically the same: speed only;
+                   h_step1 in the JSON shows how far its feedback moves)
+  ...+bf16teacher  only the teacher's forward under bf16 autocast (student and feedback in fp32)
+  ...+cl           models and inputs in channels_last
+  ...+compile      models compiled with torch.compile (--compile; slow to compile on a small CPU)
+
+"ratio" = plain s/step / case s/step (> 1: faster than plain). "|dθ| st1" = the largest
+difference of any teacher/student parameter from the plain path's after the first step (fp32
+cases agree to round-off; bf16 does not); "|dθ| end" = the same after all steps: round-off
+differences of ~1e-7 in the teacher grow by ~100-1000x per step at these learning rates (a
+random-init WRN in train-mode BatchNorm is that sensitive), so only the first is a correctness
+check (tests/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
+fast path with torch.profiler ranges (teacher fwd/bwd, student fwd/bwd, feedback fwd/bwd/dot,
+optimizers, EMA, the fast path's non-finite guard; "other" = losses, concat, schedules).
+
+    python benchmarks/bench_step.py [--quick] [--batch 16] [--mu 7] [--steps 5] [--compile]
+        [--json PATH] [--profile DIR] [--device cpu|cuda] [--nvtx]
+
+On a GPU, under Nsight Systems (phase and op ranges as NVTX):
+    nsys profile -t cuda,nvtx,osrt -o step python benchmarks/bench_step.py --device cuda --quick --nvtx
+On a GPU the wall-clock phase table synchronises at every phase boundary (it measures phases,
+not the overlapped step); the s/step table does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
+
+from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import feedback as fb  # noqa: E402
+from mpl_fast.models import create_model  # noqa: E402
+from mpl_fast.optim import FusedSGD  # noqa: E402
+
+RECIPE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # CIFAR-10-4K, DESIGN.md
+STEP_KW = dict(uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15, ema_decay=0.995)
+
+
+# ------------------------------------------------------------------ building the cases
+
+
+def make_models(name: str, num_classes: int, dropout: float, seed: int):
+    torch.manual_seed(seed)
+    teacher = create_model(name, num_classes, dropout=dropout)
+    student = create_model(name, num_classes, dropout=dropout)
+    return teacher, student
+
+
+def schedules() -> Schedules:
+    # Student active from step 0 (the feedback is the point), constant rates, full UDA weight.
+    return Schedules(total_steps=10_000, teacher_lr=RECIPE["lr"], student_lr=RECIPE["lr"],
+                     teacher_schedule="constant", student_schedule="constant", uda_weight=8.0, uda_ramp=0)
+
+
+class Case:
+    """One way of running the step: a step object, and how to call it."""
+
+    def __init__(self, name: str, stepper, *, autocast: torch.dtype | None = None, channels_last: bool = False,
+                 exact: bool = True):
+        self.name, self.stepper, self.autocast = name, stepper, autocast
+        self.channels_last, self.exact = channels_last, exact
+        self.times: list[float] = []
+
+    def step(self, labeled, unlabeled, clock: int, device: torch.device):
+        if self.channels_last:
+            fmt = torch.channels_last
+            labeled = (labeled[0].contiguous(memory_format=fmt), labeled[1])
+            unlabeled = tuple(x.contiguous(memory_format=fmt) for x in unlabeled)
+        ctx = torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return self.stepper.step(labeled, unlabeled, clock)
+
+
+class AutocastForward(torch.nn.Module):
+    """``module`` whose forward runs under bf16 autocast (the rest of the step stays fp32)."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str):
+        super().__init__()
+        self.module, self.device_type = module, device_type
+
+    def forward(self, x):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.module(x).float()
+
+
+def build_cases(model: str, num_classes: int, dropout: float, device: torch.device, variants: list[str]) -> list[Case]:
+    teacher0, student0 = make_models(model, num_classes, dropout, seed=0)
+    cases = []
+    for variant in variants:
+        teacher, student = copy.deepcopy(teacher0).to(device), copy.deepcopy(student0).to(device)
+        parts = variant.split("+")
+        if "cl" in parts:
+            teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+        if "bf16teacher" in parts:
+            teacher = AutocastForward(teacher, device.type)
+        if parts[0] == "plain":
+            stepper = PlainMPL(teacher, student, plain_sgd(teacher, **RECIPE), plain_sgd(student, **RECIPE),
+                               schedules(), **STEP_KW)
+        else:
+            opt = FusedSGD if "fusedsgd" in parts else torch.optim.SGD
+            stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
+                          schedules(), method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
+        if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
+            teacher.compile()
+            student.compile()
+        cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,
+                          channels_last="cl" in parts, exact=not any(p.startswith("bf16") for p in parts)))
+    return cases
+
+
+def make_batches(n: int, batch: int, mu: int, size: int, num_classes: int, device: torch.device, seed: int = 1):
+    """n (labeled, unlabeled) batches of normalised random images (the step's cost does not
+    depend on the pixel values; the data pipeline is timed by the trainer benchmark)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x_l = torch.randn(batch, 3, size, size, generator=g)
+        y_l = torch.randint(0, num_classes, (batch,), generator=g)
+        x_uw = torch.randn(mu * batch, 3, size, size, generator=g)
+        x_us = x_uw + 0.5 * torch.randn(mu * batch, 3, size, size, generator=g)
+        out.append(((x_l.to(device), y_l.to(device)), (x_uw.to(device), x_us.to(device))))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_step(case: Case, batch, i: int, device: torch.device) -> float:
+    """Seconds for one step of ``case`` on ``batch`` (its h is kept in ``case.last_h``)."""
+    torch.manual_seed(1000 + i)  # the same dropout masks in every case
+    sync(device)
+    t0 = time.perf_counter()
+    values = case.step(*batch, clock=i, device=device)
+    sync(device)
+    dt = time.perf_counter() - t0
+    case.last_h = float(values["h"])  # after the timing: a host read is fine here
+    return dt
+
+
+def models_of(case: Case):
+    return case.stepper.teacher, case.stepper.student
+
+
+def max_param_diff(a: Case, b: Case) -> float:
+    diff = 0.0
+    for ma, mb in zip(models_of(a), models_of(b)):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            diff = max(diff, (pa.detach().float() - pb.detach().float()).abs().max().item())
+    return diff
+
+
+# ------------------------------------------------------------------ per-phase ranges
+
+
+class PhaseRanges:
+    """Puts torch.profiler ranges around the step's phases from the outside (hooks and method
+    wrappers on the instances; nothing in mpl_fast is edited). Backward passes are named by the
+    forward that preceded them: a backward right after the student's train-mode forward is the
+    student's, any other ``.backward()`` in the step is the teacher's, ``autograd.grad`` is the
+    feedback's."""
+
+    def __init__(self, stepper, sync=None):
+        self.stepper = stepper
+        self.sync = sync or (lambda: None)  # on a GPU, wall times need a sync at each boundary
+        self.last_forward = None
+        self.open: list = []
+        self.undo: list = []
+        self.wall_s: dict[str, float] = {}  # wall time per phase (sync'd by the ops themselves on CPU)
+
+    @contextlib.contextmanager
+    def _range(self, name: str):
+        self.sync()
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(name):
+            yield
+            self.sync()
+        self.wall_s[name] = self.wall_s.get(name, 0.0) + time.perf_counter() - t0
+
+    def _wrap_method(self, obj, attr: str, name: str):
+        original, had_own = getattr(obj, attr), attr in vars(obj)
+
+        def wrapped(*args, **kwargs):
+            with self._range(name):
+                return original(*args, **kwargs)
+
+        setattr(obj, attr, wrapped)
+        self.undo.append(lambda: setattr(obj, attr, original) if had_own else delattr(obj, attr))
+
+    def _hook_forward(self, module, name_fn):
+        def pre(mod, args):
+            name = name_fn(mod)
+            self.last_forward = name
+            rng = self._range(name)
+            rng.__enter__()
+            self.open.append(rng)
+
+        def post(mod, args, out):
+            self.open.pop().__exit__(None, None, None)
+
+        self.undo.append(module.register_forward_pre_hook(pre).remove)
+        self.undo.append(module.register_forward_hook(post).remove)
+
+    def __enter__(self):
+        s = self.stepper
+        self._hook_forward(s.teacher, lambda m: "teacher fwd")
+        self._hook_forward(s.student, lambda m: "student fwd" if m.training else "feedback fwd")
+        self._wrap_method(s.teacher_opt, "step", "teacher optimizer")
+        self._wrap_method(s.student_opt, "step", "student optimizer")
+        if isinstance(s, MPL):
+            if s.ema is not None:
+                self._wrap_method(s.ema, "update", "ema")
+            for guard in (s.student_guard, s.teacher_guard):
+                self._wrap_method(guard, "save", "guard (non-finite undo)")
+                self._wrap_method(guard, "restore_unless", "guard (non-finite undo)")
+            original_dot = fb.grad_dot
+
+            def dot(*args, **kwargs):
+                with self._range("feedback dot"):
+                    return original_dot(*args, **kwargs)
+
+            fb.grad_dot = dot
+            self.undo.append(lambda: setattr(fb, "grad_dot", original_dot))
+        else:
+            self._wrap_method(s, "_update_ema", "ema")
+            self._wrap_method(s, "_feedback_dot", "feedback dot")
+        original_backward, original_grad = torch.Tensor.backward, torch.autograd.grad
+        phases = self
+
+        def backward(tensor, *args, **kwargs):
+            name = "student bwd" if phases.last_forward == "student fwd" else "teacher bwd"
+            with phases._range(name):
+                return original_backward(tensor, *args, **kwargs)
+
+        def grad(*args, **kwargs):
+            with phases._range("feedback bwd"):
+                return original_grad(*args, **kwargs)
+
+        torch.Tensor.backward = backward
+        torch.autograd.grad = grad
+        self.undo.append(lambda: setattr(torch.Tensor, "backward", original_backward))
+        self.undo.append(lambda: setattr(torch.autograd, "grad", original_grad))
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self.undo):
+            undo()
+
+
+PHASES = ("teacher fwd", "teacher bwd", "student fwd", "student bwd", "feedback fwd", "feedback bwd", "feedback dot",
+          "teacher optimizer", "student optimizer", "ema", "guard (non-finite undo)")
+
+
+def phase_table(per_phase: dict, step_total: float, steps: int) -> dict:
+    phases = {p: round(1e3 * per_phase.get(p, 0.0) / steps, 1) for p in PHASES}
+    phases["other"] = round(1e3 * step_total / steps - sum(phases.values()), 1)
+    phases["step"] = round(1e3 * step_total / steps, 1)
+    return phases
+
+
+def time_phases(case: Case, batches, first: int, steps: int, device: torch.device) -> dict:
+    """ms per step in each phase (and 'other'), wall clock, no profiler running."""
+    total = 0.0
+    with PhaseRanges(case.stepper, sync=lambda: sync(device)) as ranges:
+        for i in range(first, first + steps):
+            total += run_step(case, batches[i % len(batches)], i, device)
+    return phase_table(ranges.wall_s, total, steps)
+
+
+def profile_phases(case: Case, batches, first: int, steps: int, device: torch.device, trace_path: str | None) -> dict:
+    """ms per step in each phase from torch.profiler's key_averages (profiler overhead included);
+    writes the Chrome trace to ``trace_path`` when given."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with PhaseRanges(case.stepper), torch.profiler.profile(activities=activities) as prof:
+        for i in range(first, first + steps):
+            with torch.profiler.record_function("mpl step"):
+                run_step(case, batches[i % len(batches)], i, device)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in PHASES + ("mpl step",)}
+    return phase_table(totals, totals.pop("mpl step", 0.0), steps)
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: int, variants: list[str],
+                device: torch.device, dropout: float, profile_dir: str | None, num_classes: int = 10,
+                phases: bool = True) -> dict:
+    print(f"\n== {model} at {size}x{size}: B={batch} labeled + 2 x {mu * batch} unlabeled "
+          f"({batch * (1 + 2 * mu)} images/step), {warmup} warm-up + {steps} timed steps per case", flush=True)
+    cases = build_cases(model, num_classes, dropout, device, variants)
+    batches = make_batches(min(warmup + steps, 4), batch, mu, size, num_classes, device)
+    for case in cases:
+        case.warmup_s = 0.0
+    for i in range(warmup):  # warm-up (and, for compiled cases, compilation), in alternation too
+        for case in cases:
+            case.warmup_s += run_step(case, batches[i % len(batches)], i, device)
+        if i == 0:  # one step from the same state: the paths must agree to round-off here
+            plain_case = next(c for c in cases if c.name == "plain")
+            for case in cases:
+                case.first_step_diff = max_param_diff(case, plain_case)
+                case.first_step_h = case.last_h
+    for case in cases:
+        print(f"  warm-up {case.name}: {case.warmup_s:.1f} s, max|dθ| vs plain after step 1: "
+              f"{case.first_step_diff:.1e}, h of step 1: {case.first_step_h:+.5f}", flush=True)
+    for i in range(warmup, warmup + steps):  # alternate: one step of each case in turn
+        for case in cases:
+            case.times.append(run_step(case, batches[i % len(batches)], i, device))
+        print(f"  round {i - warmup + 1}/{steps}: " + ", ".join(f"{c.name} {c.times[-1]:.2f}s" for c in cases), flush=True)
+    images = batch * (1 + 2 * mu)
+    plain = next(c for c in cases if c.name == "plain")
+    plain_s = statistics.median(plain.times)
+    rows = []
+    for case in cases:
+        s = statistics.median(case.times)
+        rows.append({"case": case.name, "s_per_step": round(s, 4), "min_s": round(min(case.times), 4),
+                     "images_per_s": round(images / s, 1), "ratio_vs_plain": round(plain_s / s, 3),
+                     "max_param_diff_vs_plain_step1": case.first_step_diff, "h_step1": case.first_step_h,
+                     "max_param_diff_vs_plain_end": max_param_diff(case, plain), "exact": case.exact,
+                     "warmup_s": round(case.warmup_s, 2)})
+    print(f"{'case':<26} {'s/step':>8} {'min':>8} {'img/s':>8} {'ratio':>7} {'|dθ| st1':>9} {'|dθ| end':>9} {'warm-up s':>9}")
+    for r in rows:
+        print(f"{r['case']:<26} {r['s_per_step']:>8.3f} {r['min_s']:>8.3f} {r['images_per_s']:>8.1f} "
+              f"{r['ratio_vs_plain']:>7.2f} {r['max_param_diff_vs_plain_step1']:>9.1e} "
+              f"{r['max_param_diff_vs_plain_end']:>9.1e} {r['warmup_s']:>9.1f}")
+    # Per-phase breakdown of plain and of the fused fast path: wall clock (2 steps, no profiler),
+    # then torch.profiler (1 step; its key_averages, and the Chrome trace with --profile).
+    breakdown, profiled = {}, {}
+    first = warmup + steps
+    for case in cases:
+        if not phases or case.name not in ("plain", "fast+fusedsgd"):
+            continue
+        breakdown[case.name] = time_phases(case, batches, first, 2, device)
+        trace = None
+        if profile_dir:
+            os.makedirs(profile_dir, exist_ok=True)
+            trace = os.path.join(profile_dir, f"step_{model}_{case.name.replace('+', '_')}.json")
+        profiled[case.name] = profile_phases(case, batches, first + 2, 1, device, trace)
+    if breakdown:
+        names = list(breakdown)
+        print("\nper-phase ms/step: wall clock (2 steps) | torch.profiler key_averages (1 step, overhead included)")
+        print(f"{'phase':<26}" + "".join(f"{n:>15}" for n in names) + "".join(f"{'%':>7}" for n in names)
+              + " |" + "".join(f"{n:>15}" for n in names))
+        for phase in PHASES + ("other", "step"):
+            line = f"{phase:<26}" + "".join(f"{breakdown[n][phase]:>15.1f}" for n in names)
+            line += "".join(f"{100 * breakdown[n][phase] / max(breakdown[n]['step'], 1e-9):>6.1f}%" for n in names)
+            line += " |" + "".join(f"{profiled[n][phase]:>15.1f}" for n in names)
+            print(line)
+    return {"model": model, "image_size": size, "batch": batch, "mu": mu, "images_per_step": images,
+            "warmup_steps": warmup, "timed_steps": steps, "rows": rows, "phases_ms_wall": breakdown,
+            "phases_ms_profiler": profiled}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="WRN-28-2 only, fewer cases")
+    parser.add_argument("--batch", type=int, default=16, help="labeled batch for WRN-28-2")
+    parser.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * batch (each view)")
+    parser.add_argument("--resnet-batch", type=int, default=2)
+    parser.add_argument("--resnet-mu", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models (slow to compile)")
+    parser.add_argument("--cases", default=None, help="comma-separated WRN cases (default: all)")
+    parser.add_argument("--models", default="wrn28-2,resnet50", help="which models (--quick: wrn28-2 only)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
+    parser.add_argument("--nvtx", action="store_true",
+                        help="emit NVTX ranges for every op and phase (for Nsight Systems: nsys profile -t cuda,nvtx,osrt)")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.json"))
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write Chrome traces of the profiled steps here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    wrn_cases = ["plain", "fast", "fast+fusedsgd", "fast+fusedsgd+bf16", "fast+fusedsgd+cl"]
+    if args.quick:
+        wrn_cases = ["plain", "fast", "fast+fusedsgd"]
+    if args.cases:
+        wrn_cases = args.cases.split(",")
+    if args.compile:
+        wrn_cases.append("fast+fusedsgd+compile")
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpu_threads": torch.get_num_threads(), "device": str(device),
+                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                           "torch": torch.__version__},
+               "models": []}
+    models = ["wrn28-2"] if args.quick else args.models.split(",")
+    nvtx = torch.autograd.profiler.emit_nvtx() if args.nvtx else contextlib.nullcontext()
+    nvtx.__enter__()
+    if "wrn28-2" in models:
+        results["models"].append(bench_model("wrn28-2", 32, args.batch, args.mu, args.steps, args.warmup, wrn_cases,
+                                             device, dropout=0.2, profile_dir=args.profile,
+                                             phases=not args.no_phases))
+    if "resnet50" in models:
+        results["models"].append(bench_model("resnet50", 224, args.resnet_batch, args.resnet_mu, max(2, args.steps // 2),
+                                             1, ["plain", "fast+fusedsgd", "fast+fusedsgd+bf16"], device,
+                                             dropout=0.0, profile_dir=args.profile, phases=not args.no_phases))
+    nvtx.__exit__(None, None, None)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
