@@ -180,7 +180,7 @@ def build_mpl(cfg: TrainConfig, streams) -> MPL:
 
 
 def _precision(cfg: TrainConfig) -> PrecisionPolicy:
-    """--amp: bf16 autocast of every forward (CPU and GPU); fp16 would need loss scaling."""
+    """--amp: bf16 autocast of the teacher's forward (CPU and GPU); fp16 would need loss scaling."""
     policy = resolve_precision(cfg.amp, None, cfg.device)
     if policy.needs_loss_scaling:
         raise SystemExit("error: --amp on this GPU would need fp16 with loss scaling, which the trainer does "

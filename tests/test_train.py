@@ -64,19 +64,25 @@ def test_not_yet_implemented_flags_are_refused_clearly(flag, tmp_path):
         main([flag, "--steps", "1", "--output-dir", str(tmp_path)])
 
 
-def test_amp_runs_every_forward_in_bf16_and_trains(tmp_path):
+def test_amp_runs_the_teacher_in_bf16_and_the_student_in_fp32(tmp_path):
     from mpl_fast.train import build_mpl, _build_streams
 
     cfg = _tiny(tmp_path, amp=True)
     mpl = build_mpl(cfg, _build_streams(cfg))
-    seen = []
-    for model in (mpl.teacher, mpl.student):
+    seen = {}
+
+    def record(name):
+        def hook(_module, _inputs, out):
+            seen.setdefault(name, out.dtype)  # a hook that returns something replaces the output
+        return hook
+
+    for name, model in (("teacher", mpl.teacher), ("student", mpl.student)):
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-        conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    x = torch.randn(2, 1, 8, 8)
-    assert mpl._forward(mpl.teacher, x).dtype == torch.float32  # losses see fp32 logits
-    mpl._forward(mpl.student, x)
-    assert seen == [torch.bfloat16, torch.bfloat16]
+        conv.register_forward_hook(record(name))
+    streams = _build_streams(cfg)
+    mpl.step(next(streams.labeled), next(streams.unlabeled), clock=cfg.mpl.student_wait_steps)
+    assert seen == {"teacher": torch.bfloat16, "student": torch.float32}
+    assert mpl._teacher_forward(torch.randn(2, 1, 8, 8)).dtype == torch.float32  # losses in fp32
     cfg.steps = 200  # fp32 reaches teacher ~89%, student ~72% here
     summary = run(cfg, progress=False, quiet=True)
     assert summary["skipped_steps"] == 0
