@@ -42,8 +42,7 @@ class StepGuard:
 
     @torch.no_grad()
     def save(self) -> None:
-        for s, t in zip(self.saved, self.live):
-            s.copy_(t)
+        torch._foreach_copy_(self.saved, self.live)  # one multi-tensor copy, not one op per tensor
 
     @torch.no_grad()
     def restore_unless(self, ok: torch.Tensor) -> None:
