@@ -22,12 +22,12 @@ when every value is finite), the other feedback modes and methods, gradient clip
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpl_fast.algo.feedback import deterministic_forward
 from mpl_fast.algo.mpl import Schedules
 
 
@@ -35,25 +35,6 @@ def plain_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float,
     """torch.optim.SGD with its single-tensor loop (``foreach=False``), as the ports run it."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=nesterov and momentum > 0, foreach=False)
-
-
-@contextmanager
-def labeled_rerun_mode(model: nn.Module):
-    """Dropout off, BatchNorm normalising with batch statistics and leaving its running
-    statistics alone: the mode in which the feedback re-runs the labeled batch."""
-    modes = [(m, m.training) for m in model.modules()]
-    norms = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    model.eval()
-    for m, _ in norms:
-        m.train()
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for m, tracking in norms:
-            m.track_running_stats = tracking
 
 
 class PlainMPL:
@@ -120,7 +101,7 @@ class PlainMPL:
             loss_student_value = loss_student.item()
 
             # 3. Feedback: re-run the labeled batch through the updated student.
-            with labeled_rerun_mode(self.student):
+            with deterministic_forward(self.student):  # the mode is part of the math, not its speed
                 loss_new = F.cross_entropy(self.student(x_l), y_l)
                 g_l_new = torch.autograd.grad(loss_new, params)
             h = lr_s * self._feedback_dot(g_l_new, g_u).item()

@@ -111,3 +111,18 @@ def test_missing_extension_is_named_not_a_circular_import(monkeypatch):
     module, error = _extension._load()
     assert module is None
     assert error.startswith("mpl_fast._C was not built")
+
+
+def test_ops_list_matches_the_schemas():
+    import re
+
+    with open(os.path.join(REPO, "csrc", "ops.cpp")) as f:
+        declared = set(re.findall(r'm\.def\(\s*"(\w+)[(.]', f.read()))
+    assert declared == set(_extension.OPS)
+
+
+def test_extension_older_than_the_source_is_detected(monkeypatch):
+    monkeypatch.setattr(_extension, "OPS", _extension.OPS + ("op_from_the_future",))
+    module, error = _extension._load()
+    assert module is None
+    assert "older than this source" in error and "mpl_fast::op_from_the_future" in error

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+# Every op that csrc/ops.cpp declares (a test keeps the two in step).
+OPS = ("scaled_add", "multi_tensor_dot", "fused_sgd_", "augment_apply")
 _REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` (see README)"
 
 
@@ -37,6 +39,9 @@ def _load():
     built_for = _C.build_info()["torch_version"]
     if _public_version(built_for) != _public_version(torch.__version__):
         return None, f"it was built for torch {built_for} but torch {torch.__version__} is installed"
+    missing = [name for name in OPS if not hasattr(torch.ops.mpl_fast, name)]
+    if missing:  # built from an older checkout: registering fakes for its missing ops would fail
+        return None, f"it is older than this source (it has no {', '.join('mpl_fast::' + m for m in missing)})"
     return _C, None
 
 
