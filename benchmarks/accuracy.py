@@ -14,7 +14,6 @@ as JSON (--json, default benchmarks/results/accuracy.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mpl_fast.config import METHODS, preset  # noqa: E402
 from mpl_fast.train import run  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons"}
 
@@ -92,9 +92,7 @@ def main(argv=None) -> int:
             results["table"].setdefault(dataset, {})[method] = {"mean": mean, "std": std, "n": len(accs)}
             cells.append(f"{mean:6.2f} ± {std:5.2f}")
         print(f"| {dataset:<9} | " + " | ".join(f"{c:>15}" for c in cells) + " |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(args.json, results)
     print(f"\nwritten to {args.json}")
     return 0
 

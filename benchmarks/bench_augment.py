@@ -14,7 +14,6 @@ same GPU is timed too.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -28,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mpl_fast import ops  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CUTOUT = 16
 
@@ -189,9 +189,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpu_count": threads, "torch": torch.__version__,
                "backend": ops.backend(),
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine, "quick": args.quick, "rows": rows}, f, indent=2)
+    write_json(args.json, {"machine": machine, "quick": args.quick, "rows": rows})
     print(f"wrote {args.json}")
 
     if args.profile:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mpl_fast.data import DataConfig, build_streams  # noqa: E402
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason  # noqa: E402
 from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -196,9 +196,7 @@ def main():
     if args.json is None:
         name = "data.json" if args.dataset == "imagefolder" else f"data_{args.dataset}.json"
         args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(args.json, out)
     print(f"wrote {args.json}")
 
 

@@ -17,10 +17,8 @@ pre-flattened dot's bytes/s); on a GPU, bytes moved / time / peak memory bandwid
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -30,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mpl_fast import ops  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 # Peak memory bandwidth (GB/s) of cards the project runs on, by name fragment.
 PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
@@ -234,10 +233,8 @@ def main() -> None:
     print("== all ==")
     print_table(rows)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine(args.device), "device": args.device, "torch": torch.__version__,
-                   "peak_GBps": peak, "rows": rows}, f, indent=1)
+    write_json(args.json, {"machine": machine(args.device), "device": args.device, "torch": torch.__version__,
+                           "peak_GBps": peak, "rows": rows})
     print(f"wrote {args.json}")
 
     if args.profile:

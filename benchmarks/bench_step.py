@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import platform
 import statistics
@@ -58,6 +57,7 @@ from mpl_fast.algo import MPL, Schedules  # noqa: E402
 from mpl_fast.algo import feedback as fb  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 RECIPE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # CIFAR-10-4K, DESIGN.md
 STEP_KW = dict(uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15, ema_decay=0.995)
@@ -429,9 +429,7 @@ def main(argv=None) -> int:
                                              1, ["plain", "fast+fusedsgd", "fast+fusedsgd+bf16"], device,
                                              dropout=0.0, profile_dir=args.profile, phases=not args.no_phases))
     nvtx.__exit__(None, None, None)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(args.json, results)
     print(f"\nwrote {args.json}")
     return 0
 

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mpl_fast.data.tiny import write_tiny_cifar  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 
 def overrides(data_dir: str, steps: int, batch: int, out_dir: str) -> list[str]:
@@ -142,10 +143,8 @@ def main(argv=None) -> int:
             ("streams alone images/s", split["streams_alone_images_per_s"])]
     for name, value in rows:
         print(f"{name:<44} {value:>10}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"batch": args.batch, "steps": args.steps, "cli": cli, "split": split,
-                   "torch_threads": torch.get_num_threads()}, f, indent=2)
+    write_json(args.json, {"batch": args.batch, "steps": args.steps, "cli": cli, "split": split,
+                           "torch_threads": torch.get_num_threads()})
     print(f"wrote {args.json}")
     return 0
 
