@@ -223,3 +223,23 @@ def test_every_pseudo_label_kind_and_feedback_mode_trains_the_teacher_through_h(
     out = mpl.step(*_batches(0), clock=0)
     assert torch.isfinite(out["h"]) and out["h"].item() != 0.0
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_ema_skipped_update_leaves_no_trace():
+    from mpl_fast.algo.ema import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    skipped, applied = ModelEMA(model, 0.99), ModelEMA(model, 0.99)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    skipped.update(model, torch.tensor(False))
+    assert int(skipped.num_updates) == 0
+    assert torch.equal(skipped.module.weight, applied.module.weight)
+    # After the skip, both follow the same schedule: the skip did not advance the warm-up.
+    skipped.update(model, torch.tensor(True))
+    applied.update(model, torch.tensor(True))
+    assert int(skipped.num_updates) == 1
+    assert torch.equal(skipped.module.weight, applied.module.weight)
+    d = 1 / 10  # first update: d = min(decay, (1 + 0) / (10 + 0))
+    torch.testing.assert_close(applied.module.weight, d * (model.weight - 1.0) + (1 - d) * model.weight)
