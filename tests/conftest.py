@@ -10,3 +10,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def python_without_extension():
+    """Runs ``code`` in a fresh interpreter from the repo root with MPL_FAST_NO_EXTENSION=1, so
+    every op takes its pure-PyTorch reference path; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                              env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"}, timeout=120)
+    return run

@@ -1,11 +1,7 @@
 """Batched RandAugment / Cutout ops against torchvision, on real photos (scikit-image)."""
 
 import functools
-import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 from torchvision.transforms import InterpolationMode
@@ -19,7 +15,6 @@ from mpl_fast.augment.policies import get_policy, torchvision_table
 from mpl_fast.augment.sampling import sample_plan
 from mpl_fast.ops import augment as A
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(1, 1), (2, 3), (3, 3), (32, 32), (37, 53), (224, 224)]
 
 
@@ -275,13 +270,12 @@ def test_apply_op_under_compile():
     assert torch.equal(raw(*args), torch.ops.mpl_fast.augment_apply.default(*args))
 
 
-def test_fallback_without_extension_matches_kernel():
+def test_fallback_without_extension_matches_kernel(python_without_extension):
     code = ("import torch, mpl_fast\n"
             "x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)\n"
             "y = mpl_fast.ops.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
             "print(mpl_fast.ops.backend(), y.sum().item(), y.flatten()[::7].tolist())\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"})
+    proc = python_without_extension(code)
     assert proc.returncode == 0, proc.stderr
     backend, rest = proc.stdout.strip().split(" ", 1)
     assert backend == "reference"

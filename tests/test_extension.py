@@ -1,7 +1,6 @@
 """The op path end to end: extension loading, backend choice, fallback, and the smoke op."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,12 +21,7 @@ def test_extension_is_loaded_here():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
 
 
-def _run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
-
-
-def test_fallback_without_extension_warns_once_and_still_works():
+def test_fallback_without_extension_warns_once_and_still_works(python_without_extension):
     code = ("import warnings, torch\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
@@ -35,7 +29,7 @@ def test_fallback_without_extension_warns_once_and_still_works():
             "    x = torch.ones(3); out = mpl_fast.ops.scaled_add(x, x, 2.0)\n"
             "print(mpl_fast.ops.backend(), out.tolist(), len([m for m in w if 'mpl_fast' in str(m.message)]))\n"
             "print(w[0].message)\n")
-    proc = _run_python(code, MPL_FAST_NO_EXTENSION="1")
+    proc = python_without_extension(code)
     assert proc.returncode == 0, proc.stderr
     first, message = proc.stdout.splitlines()[:2]
     assert first == "reference [3.0, 3.0, 3.0] 1"

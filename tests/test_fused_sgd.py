@@ -2,9 +2,6 @@
 out, lr tensors, layouts, bad input, state_dict round trips, opcheck and torch.compile."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -380,9 +377,8 @@ def test_tensor_lr_and_scheduler():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_fused_sgd_on_the_reference_fallback():
+def test_fused_sgd_on_the_reference_fallback(python_without_extension):
     """Without the extension FusedSGD still matches torch.optim.SGD (through fused_sgd_reference_)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import warnings; warnings.simplefilter('ignore')\n"
             "import copy, torch, mpl_fast\n"
             "from mpl_fast.optim import FusedSGD\n"
@@ -396,8 +392,7 @@ def test_fused_sgd_on_the_reference_fallback():
             "        o.zero_grad(); m(x).square().sum().backward(); o.step()\n"
             "err = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))\n"
             "print(mpl_fast.ops.backend(), err < 1e-6, oa.last_updates()[0].abs().sum().item() > 0)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"}, timeout=120)
+    proc = python_without_extension(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["reference", "True", "True"]
 

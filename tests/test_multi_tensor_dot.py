@@ -1,9 +1,6 @@
 """multi_tensor_dot: against a float64 oracle, layouts, determinism, found_inf, bad input,
 opcheck, torch.compile, and the CUDA kernel against the CPU one (on a GPU only)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -185,16 +182,14 @@ def test_under_compile_fullgraph(backend):
     assert float(flag) == 1.0  # the in-place flag update survives functionalisation
 
 
-def test_reference_fallback_without_extension():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_reference_fallback_without_extension(python_without_extension):
     code = ("import warnings; warnings.simplefilter('ignore')\n"
             "import torch, mpl_fast\n"
             "f = torch.zeros(1)\n"
             "out = mpl_fast.ops.multi_tensor_dot([torch.ones(3), torch.full((2,), float('inf'))],"
             " [torch.ones(3), torch.ones(2)], found_inf=f)\n"
             "print(mpl_fast.ops.backend(), out.item(), f.item())\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"}, timeout=120)
+    proc = python_without_extension(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["reference", "inf", "1.0"]
 
