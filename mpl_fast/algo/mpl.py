@@ -17,6 +17,11 @@ Methods by name, so they can be compared on the same data and code:
 No host sync: losses, h and the step's ``ok`` flag stay on the device. A step whose losses or
 h are not finite is undone on the device (teacher, student, momentum, EMA, baseline), and
 counted; the schedule clock the trainer passes in is the number of applied steps.
+
+The teacher half (1., 4.) and the student half (2., 3.) meet through a *link*
+(mpl_fast.parallel.model_parallel): y_hat goes to the student, h and the student's loss come
+back, the verdict ``ok`` goes to the student. One device, two devices in one process, or two
+processes: the same step code, only the link differs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
+from mpl_fast.parallel.model_parallel import InProcessLink
 
 METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
 LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
@@ -73,6 +79,11 @@ class MPL:
 
     ``step(labeled, unlabeled, clock)`` runs one step and returns nothing; the per-step values
     (``LOG_KEYS``) are summed on the device into ``self.totals`` for the trainer to read.
+
+    ``link`` joins the teacher half and the student half (default: an in-process link between
+    the teacher's and the student's devices). A process whose link holds only one half passes
+    None for the other network and its optimizer; its totals hold zeros for the other half's
+    values except h and the student's loss, which the teacher's side receives.
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_opt: torch.optim.Optimizer | None,
@@ -81,13 +92,20 @@ class MPL:
                  baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, link=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if feedback not in fb.FEEDBACK_MODES:
             raise ValueError(f"feedback must be one of {fb.FEEDBACK_MODES}, got {feedback!r}")
-        if method != "supervised" and (teacher is None or teacher_opt is None):
+        if link is None:
+            link = InProcessLink(_device_of(teacher if teacher is not None else student), _device_of(student))
+        if method == "supervised" and not (link.holds_teacher and link.holds_student):
+            raise ValueError("method 'supervised' has no teacher: it cannot be split between teacher and student")
+        if method != "supervised" and link.holds_teacher and (teacher is None or teacher_opt is None):
             raise ValueError(f"method {method!r} needs a teacher and its optimizer")
+        if link.holds_student and (student is None or student_opt is None):
+            raise ValueError("the student half needs the student and its optimizer")
+        self.link = link
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt
         self.schedules = schedules
@@ -104,9 +122,12 @@ class MPL:
         self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
         self.autocast = autocast  # e.g. bf16 torch.autocast, for the teacher's forward only
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
-        self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 else None
-        device = next(student.parameters()).device
-        self.baseline = torch.zeros((), device=device)           # finite-diff moving average
+        self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 and student is not None else None
+        # Counters and log totals live with the teacher when this process has it: it receives h.
+        device = _device_of(teacher if link.holds_teacher and teacher is not None else student)
+        self._device = device
+        # The finite-diff moving average of h, computed and kept by the student half.
+        self.baseline = torch.zeros((), device=_device_of(student) if student is not None else device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.max_consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
@@ -118,9 +139,12 @@ class MPL:
 
     def _build_guards(self) -> None:
         """(Re)binds the guards to the live tensors (after an optimizer's state was loaded)."""
-        self.student_guard = StepGuard([self.student], [self.student_opt])
         self.teacher_guard = (StepGuard([self.teacher], [self.teacher_opt]) if self.teacher is not None
                               and self.method != "supervised" else None)
+        if self.student is None:
+            self.student_guard = None
+            return
+        self.student_guard = StepGuard([self.student], [self.student_opt])
         params = list(self.student.parameters())
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         self._student_params = [params[i] for i in trainable]
@@ -130,9 +154,9 @@ class MPL:
     def state_dict(self) -> dict:
         return {
             "teacher": None if self.teacher is None else self.teacher.state_dict(),
-            "student": self.student.state_dict(),
+            "student": None if self.student is None else self.student.state_dict(),
             "teacher_opt": None if self.teacher_opt is None else self.teacher_opt.state_dict(),
-            "student_opt": self.student_opt.state_dict(),
+            "student_opt": None if self.student_opt is None else self.student_opt.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "baseline": self.baseline.clone(),
             "skipped_total": self.skipped_total.clone(),
@@ -146,8 +170,9 @@ class MPL:
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
             self.teacher_opt.load_state_dict(state["teacher_opt"])
-        self.student.load_state_dict(state["student"])
-        self.student_opt.load_state_dict(state["student_opt"])
+        if self.student is not None:
+            self.student.load_state_dict(state["student"])
+            self.student_opt.load_state_dict(state["student_opt"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.baseline.copy_(state["baseline"])
@@ -160,7 +185,7 @@ class MPL:
         self._build_guards()
 
     def models(self) -> dict[str, nn.Module]:
-        out = {"student": self.student}
+        out = {"student": self.student} if self.student is not None else {}
         if self.ema is not None:
             out["ema"] = self.ema.module
         if self.teacher is not None and self.method != "supervised":
@@ -185,7 +210,8 @@ class MPL:
         lr_s = self.schedules.student(clock)
         if self.teacher_opt is not None:
             set_lr(self.teacher_opt, lr_t)
-        set_lr(self.student_opt, lr_s)
+        if self.student_opt is not None:
+            set_lr(self.student_opt, lr_s)
         if self.method == "supervised":
             values = self._supervised_step(labeled)
         else:
@@ -196,13 +222,18 @@ class MPL:
         self.steps_in_totals += 1
         return values
 
-    def _finish(self, ok: torch.Tensor, student_stepped: bool) -> torch.Tensor:
-        """Undo the step on the device unless ``ok``; update EMA and skip counters."""
-        self.student_guard.restore_unless(ok)
+    def _finish(self, ok: torch.Tensor, student_stepped: bool, ok_student: torch.Tensor | None = None) -> torch.Tensor:
+        """Undo the step on the device unless ``ok``; update EMA and skip counters.
+
+        ``ok`` lives on the counters' device; ``ok_student`` is the same verdict on the student's
+        device (default: ``ok``)."""
+        ok_student = ok if ok_student is None else ok_student
+        if self.student_guard is not None:
+            self.student_guard.restore_unless(ok_student)
         if self.teacher_guard is not None:
             self.teacher_guard.restore_unless(ok)
         if self.ema is not None and student_stepped:
-            self.ema.update(self.student, ok)
+            self.ema.update(self.student, ok_student)
         skipped = (~ok).to(torch.int64)
         self.skipped_total += skipped
         self.consecutive_skips.copy_((self.consecutive_skips + 1) * skipped)
@@ -226,13 +257,44 @@ class MPL:
 
     def _teacher_student_step(self, labeled, unlabeled, lr_s: float, uda_weight: float,
                               student_active: bool) -> dict[str, torch.Tensor]:
+        link = self.link
         (x_l, y_l), (x_uw, x_us) = labeled, unlabeled
-        b, u = x_l.shape[0], x_uw.shape[0]
-        self.student_guard.save()
-        self.teacher_guard.save()
-        self.teacher.train()
+        zero = torch.zeros((), device=self._device)
+        if link.holds_student:
+            self.student_guard.save()
+        if link.holds_teacher:
+            self.teacher_guard.save()
+            t_us, terms = self._teacher_losses(x_l, y_l, x_uw, x_us, uda_weight)      # 1.
 
-        # 1. One teacher forward over labeled + weak + strong.
+        h, loss_student, y_hat = zero, zero, None
+        if student_active:
+            if link.holds_teacher:
+                y_hat = pseudo_labels(t_us, self.pseudo_label_kind, self.soft_temperature)
+            y_hat_student = link.pseudo_labels(y_hat, x_us.shape[0])
+            if link.holds_student:                                                      # 2. and 3.
+                h, loss_student = self._student_step_and_feedback(*link.student_inputs(x_l, y_l, x_us),
+                                                                  y_hat_student, lr_s)
+            h, loss_student = link.feedback(h, loss_student)
+
+        ok = None
+        if link.holds_teacher:                                                          # 4.
+            self._teacher_step(terms, t_us, y_hat, h)
+            ok = torch.isfinite(terms["loss_teacher"]) & torch.isfinite(h) & torch.isfinite(loss_student)
+        ok_student = link.verdict(ok)
+        if ok is None:  # a student-only process: its counters follow the teacher's verdict
+            ok = ok_student
+        if self.use_baseline and student_active and self.method == "mpl" and link.holds_student:
+            self.baseline.copy_(torch.where(ok_student, self._new_baseline, self.baseline))
+        skipped = self._finish(ok, student_stepped=student_active, ok_student=ok_student)
+        values = {k: zero for k in LOG_KEYS}
+        values.update({k: v.detach() for k, v in terms.items()} if link.holds_teacher else {})
+        values.update(loss_student=loss_student.detach(), h=h.detach(), skipped=skipped)
+        return values
+
+    def _teacher_losses(self, x_l, y_l, x_uw, x_us, uda_weight: float):
+        """1. One teacher forward over labeled + weak + strong; its supervised and UDA losses."""
+        b, u = x_l.shape[0], x_uw.shape[0]
+        self.teacher.train()
         t_l, t_uw, t_us = self._teacher_forward(torch.cat([x_l, x_uw, x_us])).split([b, u, u])
         loss_sup = cross_entropy(t_l, y_l, self.label_smoothing)
         loss_teacher = self.sup_weight * loss_sup
@@ -241,28 +303,19 @@ class MPL:
         if self.use_uda:
             loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.uda_temperature, self.uda_threshold)
             loss_teacher = loss_teacher + uda_weight * loss_uda
+        return t_us, {"loss_teacher": loss_teacher, "loss_sup": loss_sup, "loss_uda": loss_uda,
+                      "uda_mask": uda_mask, "loss_mpl": zero}
 
-        h, loss_student, loss_mpl = zero, zero, zero
-        if student_active:
-            y_hat = pseudo_labels(t_us, self.pseudo_label_kind, self.soft_temperature)
-            h, loss_student = self._student_step_and_feedback(x_l, y_l, x_us, y_hat, lr_s)
-            if self.method == "mpl":
-                # 4. The MPL term, on the SAME y_hat the student learned from.
-                loss_mpl = cross_entropy(t_us, y_hat)
-                loss_teacher = loss_teacher + self.mpl_weight * h.detach() * loss_mpl
-
+    def _teacher_step(self, terms: dict, t_us: torch.Tensor, y_hat: torch.Tensor | None, h: torch.Tensor) -> None:
+        """4. The teacher's step; the MPL term uses the SAME y_hat the student learned from.
+        Updates ``terms`` (loss_teacher, loss_mpl) in place."""
+        if y_hat is not None and self.method == "mpl":
+            terms["loss_mpl"] = cross_entropy(t_us, y_hat)
+            terms["loss_teacher"] = terms["loss_teacher"] + self.mpl_weight * h.detach() * terms["loss_mpl"]
         self.teacher_opt.zero_grad(set_to_none=True)
-        loss_teacher.backward()
+        terms["loss_teacher"].backward()
         _clip(self.teacher, self.grad_clip_teacher)
         self.teacher_opt.step()
-
-        ok = torch.isfinite(loss_teacher) & torch.isfinite(h) & torch.isfinite(loss_student)
-        if self.use_baseline and student_active and self.method == "mpl":
-            self.baseline.copy_(torch.where(ok, self._new_baseline, self.baseline))
-        skipped = self._finish(ok, student_stepped=student_active)
-        return {"loss_teacher": loss_teacher.detach(), "loss_sup": loss_sup.detach(), "loss_uda": loss_uda.detach(),
-                "uda_mask": uda_mask, "loss_mpl": loss_mpl.detach(), "loss_student": loss_student.detach(),
-                "h": h.detach(), "skipped": skipped}
 
     def _student_step_and_feedback(self, x_l, y_l, x_us, y_hat, lr_s: float):
         """2. and 3.: the student's step on y_hat, then the feedback h (0 unless method is mpl)."""
@@ -310,6 +363,10 @@ class MPL:
         """
         with self.autocast():
             return self.teacher(x).float()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _clip(model: nn.Module, max_norm: float) -> None:

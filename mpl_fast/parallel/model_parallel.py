@@ -1,0 +1,195 @@
+"""Model-parallel MPL: the teacher and the student on different devices, each with a whole
+device's memory.
+
+The MPL step (mpl_fast.algo.MPL) is written as a teacher half and a student half that meet at
+three points, and a *link* carries what crosses between them:
+
+  teacher --y_hat--> student       the pseudo labels of the unlabeled (strong) batch
+  teacher <--h, loss_student-- student    the feedback h and the student's loss (one fp32 pair)
+  teacher --ok--> student          whether the step is applied (both sides skip it together)
+
+Every layout runs the same step code; only the link differs:
+
+  InProcessLink       one process; the halves call each other and ``.to(device)`` moves the
+                      values. Teacher and student devices equal: the ordinary single-device step
+                      (the moves are no-ops). ``--teacher-device cuda:0 --student-device cuda:1``:
+                      layout (a). In this layout the student's inputs (x_l, y_l, x_u strong) also
+                      move from the data's device to the student's.
+  DistributedLink     layout (b), under torchrun with 2 processes: rank 0 holds the teacher, rank
+                      1 the student; both read the same data streams (same seed), so batches never
+                      travel, only the three values above, by torch.distributed send/recv (gloo
+                      on CPU, NCCL on GPU; the process group's timeout bounds every wait).
+
+A link method takes the value where this process computes it (None where it does not) and
+returns it on the side that needs it (None on a process that does not).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TEACHER_RANK, STUDENT_RANK = 0, 1
+
+
+class InProcessLink:
+    """Both halves in this process; values cross devices with ``.to``."""
+
+    holds_teacher = True
+    holds_student = True
+
+    def __init__(self, teacher_device: torch.device | str, student_device: torch.device | str):
+        self.teacher_device = torch.device(teacher_device)
+        self.student_device = torch.device(student_device)
+
+    def student_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The student's batch tensors on the student's device."""
+        return tuple(t.to(self.student_device, non_blocking=True) for t in tensors)
+
+    def pseudo_labels(self, y_hat: torch.Tensor | None, rows: int) -> torch.Tensor:
+        return y_hat.to(self.student_device, non_blocking=True)
+
+    def feedback(self, h: torch.Tensor | None, loss_student: torch.Tensor | None):
+        return h.to(self.teacher_device, non_blocking=True), loss_student.to(self.teacher_device, non_blocking=True)
+
+    def verdict(self, ok: torch.Tensor | None) -> torch.Tensor:
+        return ok.to(self.student_device, non_blocking=True)
+
+
+class DistributedLink:
+    """One half per process (layout (b)): rank 0 the teacher, rank 1 the student, send/recv.
+
+    No host sync beyond what send/recv imply: the received values stay device tensors.
+    ``pseudo_label_kind`` and ``num_classes`` fix what the student receives: class indices (int64,
+    one per row) for "hard"/"sample", distributions (fp32, rows x num_classes) for "soft".
+    """
+
+    def __init__(self, role: str, device: torch.device | str, pseudo_label_kind: str = "hard",
+                 num_classes: int = 0, group: dist.ProcessGroup | None = None):
+        if role not in ("teacher", "student"):
+            raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+        self.role, self.device, self.group = role, torch.device(device), group
+        self.soft = pseudo_label_kind == "soft"
+        if self.soft and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 for soft pseudo labels, got {num_classes}")
+        self.num_classes = num_classes
+        self.holds_teacher = role == "teacher"
+        self.holds_student = role == "student"
+        self.peer = STUDENT_RANK if self.holds_teacher else TEACHER_RANK
+
+    def student_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tensors  # each rank reads the same batches itself
+
+    def pseudo_labels(self, y_hat: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        if self.holds_teacher:
+            dist.send(y_hat.contiguous(), self.peer, group=self.group)
+            return None
+        shape, dtype = ((rows, self.num_classes), torch.float32) if self.soft else ((rows,), torch.int64)
+        y_hat = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(y_hat, self.peer, group=self.group)
+        return y_hat
+
+    def feedback(self, h: torch.Tensor | None, loss_student: torch.Tensor | None):
+        if self.holds_student:
+            dist.send(torch.stack([h.detach().float(), loss_student.detach().float()]), self.peer, group=self.group)
+            return h, loss_student
+        pair = torch.empty(2, dtype=torch.float32, device=self.device)
+        dist.recv(pair, self.peer, group=self.group)
+        return pair[0], pair[1]
+
+    def verdict(self, ok: torch.Tensor | None) -> torch.Tensor | None:
+        if self.holds_teacher:
+            dist.send(ok.reshape(1).to(torch.uint8), self.peer, group=self.group)  # gloo has no bool
+            return None
+        flag = torch.empty(1, dtype=torch.uint8, device=self.device)
+        dist.recv(flag, self.peer, group=self.group)
+        return flag[0].bool()
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process puts what. ``role`` is "both" in one process, else "teacher"/"student"."""
+
+    layout: str                 # "single", "devices" (layout a) or "ranks" (layout b)
+    role: str
+    teacher_device: torch.device | None
+    student_device: torch.device | None
+
+    @property
+    def data_device(self) -> torch.device:
+        """Where the data streams deliver batches: the teacher's device (it reads every batch)."""
+        return self.teacher_device if self.teacher_device is not None else self.student_device
+
+
+def check_device(spec: str, flag: str) -> torch.device:
+    """``spec`` as a torch.device that exists on this machine, or a ValueError naming ``flag``."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {spec!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"{flag} {spec}: model-parallel MPL places networks on cpu or cuda devices only")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        seen = "no CUDA GPU is visible" if count == 0 else f"only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})"
+        raise ValueError(f"{flag} {spec}: that device does not exist here: {seen}")
+    return torch.device("cuda", index)
+
+
+def resolve_placement(model_parallel: bool, device: str, teacher_device: str | None = None,
+                      student_device: str | None = None, world_size: int | None = None,
+                      rank: int | None = None, local_rank: int | None = None) -> Placement:
+    """The placement for the run's flags; bad combinations raise ValueError before any work.
+
+    ``world_size``/``rank``/``local_rank`` default to torchrun's environment variables (absent: 1
+    process). Without --model-parallel: both networks on ``device``. With it, in one process:
+    ``--teacher-device`` and ``--student-device`` (default: cuda:0 and cuda:1 when ``device`` is
+    cuda and two GPUs are visible, else both ``device``). Under torchrun: exactly 2 processes,
+    rank 0 the teacher, rank 1 the student, each on ``device`` (cuda: its cuda:LOCAL_RANK).
+    """
+    env = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
+    world_size = env("WORLD_SIZE", 1) if world_size is None else world_size
+    rank = env("RANK", 0) if rank is None else rank
+    local_rank = env("LOCAL_RANK", 0) if local_rank is None else local_rank
+    if not model_parallel:
+        if teacher_device is not None or student_device is not None:
+            raise ValueError("--teacher-device/--student-device place the networks of a --model-parallel run; "
+                             "add --model-parallel, or use --device for both")
+        return Placement("single", "both", torch.device(device), torch.device(device))
+    if world_size > 1:
+        if world_size != 2:
+            raise ValueError(f"--model-parallel under torchrun runs the teacher on rank 0 and the student on rank 1: "
+                             f"it needs exactly 2 processes, got WORLD_SIZE={world_size} "
+                             f"(use torchrun --nproc_per_node=2, or drop torchrun for one-process placement)")
+        if teacher_device is not None or student_device is not None:
+            raise ValueError("--teacher-device/--student-device are for a one-process --model-parallel run; under "
+                             "torchrun each rank uses --device (cuda: its cuda:LOCAL_RANK)")
+        kind = torch.device(device).type
+        mine = check_device(f"cuda:{local_rank}" if kind == "cuda" else device,
+                            "--device" if kind != "cuda" else f"--device cuda (LOCAL_RANK {local_rank})")
+        if rank == TEACHER_RANK:
+            return Placement("ranks", "teacher", mine, None)
+        return Placement("ranks", "student", None, mine)
+    if teacher_device is None and student_device is None and torch.device(device).type == "cuda" \
+            and torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        teacher_device, student_device = "cuda:0", "cuda:1"
+    teacher = check_device(teacher_device or device, "--teacher-device")
+    student = check_device(student_device or device, "--student-device")
+    return Placement("devices", "both", teacher, student)
+
+
+def make_link(placement: Placement, pseudo_label_kind: str = "hard", num_classes: int = 0):
+    """The link between the halves for ``placement`` (the process group must exist for "ranks")."""
+    if placement.role == "both":
+        return InProcessLink(placement.teacher_device, placement.student_device)
+    device = placement.teacher_device if placement.role == "teacher" else placement.student_device
+    return DistributedLink(placement.role, device, pseudo_label_kind, num_classes)
