@@ -82,7 +82,9 @@ class TrainConfig:
     max_nonfinite: int = 10         # this many skipped steps in a row stop the run
     threads: int = 0                # torch CPU threads (0 = torch's default)
     amp: bool = False
-    model_parallel: bool = False
+    model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
+    teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
+    student_device: str | None = None
     compile: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -33,6 +33,7 @@ from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
+from mpl_fast.parallel import model_parallel
 from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
 CHOICES = {
@@ -44,7 +45,6 @@ CHOICES = {
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 NOT_YET = {
-    "model_parallel": "--model-parallel is not implemented yet (see issue 8)",
     "compile": "--compile is not supported by the trainer yet (its step mutates state outside the graph)",
 }
 
@@ -129,11 +129,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- pieces
 
-def _build_streams(cfg: TrainConfig):
+def _build_streams(cfg: TrainConfig, device: str | None = None):
     from mpl_fast.data import build_streams  # noqa: PLC0415
 
     try:
-        return build_streams(cfg.data, seed=cfg.seed, device=cfg.device)
+        return build_streams(cfg.data, seed=cfg.seed, device=device or cfg.device)
     except ModuleNotFoundError as exc:
         if "mpl_fast.data.files" in str(exc):
             raise SystemExit(f"error: preset {cfg.preset!r} reads {cfg.data.dataset} files from disk, and the "
@@ -144,11 +144,11 @@ def _build_streams(cfg: TrainConfig):
         raise SystemExit(f"error: {exc}") from None
 
 
-def _make_model(cfg: TrainConfig, streams) -> torch.nn.Module:
+def _make_model(cfg: TrainConfig, streams, device=None) -> torch.nn.Module:
     shape = streams.input_shape
     in_channels = shape[0] if len(shape) == 3 else 1
     return create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
-                        in_channels=in_channels).to(cfg.device)
+                        in_channels=in_channels).to(device or cfg.device)
 
 
 def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
@@ -158,10 +158,14 @@ def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
                     nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
 
 
-def build_mpl(cfg: TrainConfig, streams) -> MPL:
-    """Teacher, student (distinct random inits), optimizers and the MPL step object for ``cfg``."""
-    student = _make_model(cfg, streams)
-    teacher = _make_model(cfg, streams) if cfg.method != "supervised" else None
+def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | None = None) -> MPL:
+    """Teacher, student (distinct random inits), optimizers and the MPL step object for ``cfg``.
+
+    ``placement`` (default: both on ``cfg.device``) puts each network on its device; a process
+    that holds one half of a model-parallel run builds only that network."""
+    placement = placement or _placement(cfg)
+    student = _make_model(cfg, streams, placement.student_device)
+    teacher = _make_model(cfg, streams, placement.teacher_device) if cfg.method != "supervised" else None
     m = cfg.mpl
     schedules = Schedules(
         total_steps=cfg.steps, teacher_lr=cfg.teacher.lr, student_lr=cfg.student.lr,
@@ -176,12 +180,25 @@ def build_mpl(cfg: TrainConfig, streams) -> MPL:
                baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
                grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
-               autocast=_precision(cfg).autocast)
+               autocast=_precision(cfg, placement.data_device).autocast,
+               link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes))
 
 
-def _precision(cfg: TrainConfig) -> PrecisionPolicy:
+def _placement(cfg: TrainConfig) -> model_parallel.Placement:
+    """Where teacher and student go (--model-parallel, --teacher-device, --student-device)."""
+    if cfg.model_parallel and cfg.method == "supervised":
+        raise SystemExit("error: --model-parallel places the teacher and the student on different devices, and "
+                         "--method supervised has no teacher")
+    try:
+        return model_parallel.resolve_placement(cfg.model_parallel, cfg.device, cfg.teacher_device,
+                                                cfg.student_device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _precision(cfg: TrainConfig, teacher_device=None) -> PrecisionPolicy:
     """--amp: bf16 autocast of the teacher's forward (CPU and GPU); fp16 would need loss scaling."""
-    policy = resolve_precision(cfg.amp, None, cfg.device)
+    policy = resolve_precision(cfg.amp, None, teacher_device or cfg.device)
     if policy.needs_loss_scaling:
         raise SystemExit("error: --amp on this GPU would need fp16 with loss scaling, which the trainer does "
                          "not implement yet (bf16 needs none: use a GPU with bf16 support, or drop --amp)")
@@ -193,10 +210,11 @@ def accuracy(model: torch.nn.Module, batches) -> float | None:
     """Top-1 accuracy in percent over a finite iterable of batches (None when it is empty)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64)
+    device = next(model.parameters()).device  # model-parallel: the data may live on the other device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     total = 0
     for x, y in batches:
-        correct = correct.to(y.device) + (model(x).argmax(1) == y).sum()
+        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
         total += len(y)
     model.train(was_training)
     return None if total == 0 else 100.0 * int(correct) / total
@@ -268,6 +286,11 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
+    placement = _placement(cfg)
+    if placement.layout == "ranks":
+        raise SystemExit("error: --model-parallel under torchrun (teacher rank and student rank) is available as "
+                         "an API (mpl_fast.parallel.model_parallel.DistributedLink) but not in the trainer yet; "
+                         "run one process with --teacher-device/--student-device")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir = cfg.output_dir or _default_output_dir(cfg)
@@ -276,8 +299,8 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
     torch.manual_seed(cfg.seed)
-    streams = _build_streams(cfg)
-    mpl = build_mpl(cfg, streams)
+    streams = _build_streams(cfg, str(placement.data_device))
+    mpl = build_mpl(cfg, streams, placement)
     start_step, clock_offset, best, elapsed_before = 0, 0, {"val": -1.0, "step": -1, "state": None}, 0.0
     if state is not None:
         mpl.load_state_dict(state["mpl"])
@@ -416,7 +439,8 @@ def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds:
     if cfg.finetune.steps > 0 and cfg.method != "uda":
         from tqdm import tqdm  # noqa: PLC0415
 
-        batches = larger_batches(streams.labeled, cfg.finetune.batch_size)
+        device = next(selected.parameters()).device  # model-parallel: the student's device
+        batches = ((x.to(device), y.to(device)) for x, y in larger_batches(streams.labeled, cfg.finetune.batch_size))
         with tqdm(total=cfg.finetune.steps, desc="finetune student", dynamic_ncols=True, disable=None) as bar:
             finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
                      cfg.finetune.weight_decay, on_step=bar.update)

@@ -1,0 +1,235 @@
+"""Model-parallel MPL (mpl_fast.parallel.model_parallel): the teacher half and the student half of
+the step joined by a link. Layout (a), one process and two devices, must equal the
+single-device step; layout (b), two gloo processes (rank 0 the teacher, rank 1 the student),
+must match the single-process step; bad placements are refused before any work."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mpl_fast.algo import MPL, Schedules
+from mpl_fast.optim import FusedSGD
+from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
+from mpl_fast.train import main
+
+CLASSES, FEATURES, B, U = 3, 6, 4, 8
+HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def _net() -> nn.Module:
+    # BatchNorm (batch statistics and running buffers travel through guard, EMA, feedback) but no
+    # dropout: the two processes of layout (b) draw no random numbers the one process would not.
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+
+def _batches(step: int, poison_student: bool = False):
+    g = torch.Generator().manual_seed(1000 + step)
+    x_l = torch.randn(B, FEATURES, generator=g)
+    y_l = torch.randint(0, CLASSES, (B,), generator=g)
+    x_uw = torch.randn(U, FEATURES, generator=g)
+    x_us = x_uw + 0.5 * torch.randn(U, FEATURES, generator=g)
+    if poison_student:  # only the student's copy: the teacher's half of the step stays finite
+        x_us = x_us.clone()
+        x_us[0, 0] = float("inf")
+    return (x_l, y_l), (x_uw, x_us)
+
+
+def _mpl(feedback: str, kind: str = "hard", role: str = "both", link=None) -> MPL:
+    torch.manual_seed(0)
+    teacher, student = _net(), _net()
+    if role == "teacher":
+        student = None
+    if role == "student":
+        teacher = None
+    schedules = Schedules(total_steps=10, teacher_lr=0.1, student_lr=0.2, student_wait=1, uda_weight=1.0)
+    opt = lambda m: None if m is None else FusedSGD(m.parameters(), **HPARAMS)  # noqa: E731
+    return MPL(teacher, student, opt(teacher), opt(student), schedules, method="mpl", feedback=feedback,
+               pseudo_label_kind=kind, uda_threshold=0.0, label_smoothing=0.1, ema_decay=0.9, link=link)
+
+
+class RecordingLink(InProcessLink):
+    """Layout (a) on the CPU, with every crossing value cloned (no aliasing across the link) and
+    its kind recorded, so the test sees that the halves talk only through the link."""
+
+    def __init__(self):
+        super().__init__("cpu", "cpu")
+        self.crossed = []
+
+    def student_inputs(self, *tensors):
+        return tuple(t.clone() for t in super().student_inputs(*tensors))
+
+    def pseudo_labels(self, y_hat, rows):
+        self.crossed.append(("y_hat", tuple(y_hat.shape), y_hat.dtype))
+        return super().pseudo_labels(y_hat, rows).clone()
+
+    def feedback(self, h, loss_student):
+        self.crossed.append(("h", tuple(h.shape), h.dtype))
+        return tuple(v.clone() for v in super().feedback(h, loss_student))
+
+    def verdict(self, ok):
+        self.crossed.append(("ok", tuple(ok.shape), ok.dtype))
+        return super().verdict(ok).clone()
+
+
+def _state(mpl: MPL) -> dict:
+    out = {}
+    for name, model in mpl.models().items():
+        out.update({f"{name}.{k}": v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("feedback,kind", [("grad-dot", "hard"), ("update-dot", "hard"),
+                                           ("finite-diff", "hard"), ("grad-dot", "soft")])
+def test_layout_a_equals_the_single_device_step(feedback, kind):
+    single = _mpl(feedback, kind)
+    link = RecordingLink()
+    split = _mpl(feedback, kind, link=link)
+    hs = []
+    for step in range(4):
+        out_single = single.step(*_batches(step), clock=step)
+        out_split = split.step(*_batches(step), clock=step)
+        for key in out_single:
+            assert torch.equal(out_single[key], out_split[key]), (step, key)
+        hs.append(float(out_single["h"]))
+    a, b = _state(single), _state(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(single.baseline, split.baseline)
+    # Teeth: the student waited one step, then h was live; only y_hat, h and ok crossed.
+    assert hs[0] == 0.0 and all(h != 0.0 for h in hs[1:])
+    y_shape = (U, CLASSES) if kind == "soft" else (U,)
+    y_dtype = torch.float32 if kind == "soft" else torch.int64
+    assert link.crossed[:1] == [("ok", (), torch.bool)]
+    assert link.crossed[1:4] == [("y_hat", y_shape, y_dtype), ("h", (), torch.float32), ("ok", (), torch.bool)]
+    assert len(link.crossed) == 1 + 3 * 3
+
+
+# ----------------------------------------------------------------------------- layout (b)
+
+CASES = [("grad-dot", "hard"), ("update-dot", "soft"), ("finite-diff", "hard")]
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, port: int, out_dir: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    role = "teacher" if rank == 0 else "student"
+    results = {}
+    for feedback, kind in CASES:
+        mpl = _mpl(feedback, kind, role=role, link=DistributedLink(role, "cpu", kind, CLASSES))
+        hs = [mpl.step(*_batches(step), clock=step)["h"].clone() for step in range(STEPS)]
+        before = _state(mpl)
+        # A step that is non-finite on the student's side only: both processes must skip it.
+        poisoned = mpl.step(*_batches(STEPS, poison_student=rank == 1), clock=STEPS)
+        results[f"{feedback}-{kind}"] = {
+            "state": _state(mpl), "h": torch.stack(hs), "baseline": mpl.baseline.clone(),
+            "unchanged_by_poisoned_step": all(torch.equal(v, _state(mpl)[k]) for k, v in before.items()),
+            "skipped": int(mpl.skipped_total), "poisoned_skipped": float(poisoned["skipped"])}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_layout_b_two_ranks_match_the_single_process_step(tmp_path):
+    torch.set_num_threads(1)
+    mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    teacher_rank, student_rank = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for feedback, kind in CASES:
+        name = f"{feedback}-{kind}"
+        single = _mpl(feedback, kind)
+        hs = torch.stack([single.step(*_batches(step), clock=step)["h"] for step in range(STEPS)])
+        want = _state(single)
+        got = {**teacher_rank[name]["state"], **student_rank[name]["state"]}
+        assert set(teacher_rank[name]["state"]) == {k for k in want if k.startswith("teacher.")}
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name} {key}: {m}")
+        # h on both sides: computed by the student, received by the teacher.
+        for rank_results in (teacher_rank, student_rank):
+            torch.testing.assert_close(rank_results[name]["h"], hs, rtol=1e-6, atol=1e-8)
+        assert (hs[1:] != 0).all()
+        torch.testing.assert_close(student_rank[name]["baseline"], single.baseline)
+        # The poisoned step was skipped on both ranks, and left both halves as they were.
+        for rank_results in (teacher_rank, student_rank):
+            assert rank_results[name]["poisoned_skipped"] == 1.0 and rank_results[name]["skipped"] == 1
+            assert rank_results[name]["unchanged_by_poisoned_step"]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def test_trainer_runs_layout_a_on_the_digits_preset(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--model-parallel", "--teacher-device", "cpu", "--student-device", "cpu", "--steps", "6",
+                 "--mpl.student-wait-steps", "2", "--eval-every", "3", "--log-every", "3", "--finetune.steps", "1",
+                 "--output-dir", str(out)]) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    lines = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    assert any(ln.get("h", 0.0) != 0.0 for ln in lines if "h" in ln)
+    config = json.load(open(out / "config.json"))
+    assert config["model_parallel"] and config["student_device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--model-parallel", "--student-device", "cuda:3"], "--student-device cuda:3: that device does not exist"),
+    (["--model-parallel", "--teacher-device", "tpu"], "--teacher-device 'tpu' is not a device name"),
+    (["--teacher-device", "cpu"], "add --model-parallel"),
+    (["--model-parallel", "--method", "supervised"], "has no teacher"),
+])
+def test_bad_placements_are_refused_before_any_work(argv, expect, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=expect):
+        main(argv + ["--steps", "1", "--output-dir", str(out)])
+    assert not out.exists()  # refused before the run wrote anything
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_torchrun_world_size_must_be_two(world_size):
+    with pytest.raises(ValueError, match=f"exactly 2 processes, got WORLD_SIZE={world_size}"):
+        resolve_placement(True, "cpu", world_size=world_size, rank=0, local_rank=0)
+
+
+def test_torchrun_ranks_take_the_two_roles():
+    teacher = resolve_placement(True, "cpu", world_size=2, rank=0, local_rank=0)
+    student = resolve_placement(True, "cpu", world_size=2, rank=1, local_rank=1)
+    assert (teacher.layout, teacher.role, student.role) == ("ranks", "teacher", "student")
+    assert teacher.student_device is None and student.teacher_device is None
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_layout_a_on_gpus_matches_one_device():
+    """Teacher cuda:0, student cuda:1 (cuda:0 again with one GPU) against both on cuda:0."""
+    student_device = "cuda:1" if torch.cuda.device_count() >= 2 else "cuda:0"
+
+    def build(link_devices):
+        mpl = _mpl("grad-dot")
+        mpl.teacher.to(link_devices[0])
+        mpl.student.to(link_devices[1])
+        mpl.ema.module.to(link_devices[1])
+        return MPL(mpl.teacher, mpl.student, FusedSGD(mpl.teacher.parameters(), **HPARAMS),
+                   FusedSGD(mpl.student.parameters(), **HPARAMS), mpl.schedules, feedback="grad-dot",
+                   uda_threshold=0.0, label_smoothing=0.1, ema_decay=0.9, link=InProcessLink(*link_devices))
+
+    one, two = build(("cuda:0", "cuda:0")), build(("cuda:0", student_device))
+    for step in range(4):
+        batches = [tuple(t.to("cuda:0") for t in part) for part in _batches(step)]
+        out_one, out_two = one.step(*batches, clock=step), two.step(*batches, clock=step)
+        torch.testing.assert_close(out_two["h"].cpu(), out_one["h"].cpu(), rtol=1e-5, atol=1e-7)
+    assert next(two.student.parameters()).device == torch.device(student_device)
+    a, b = _state(one), _state(two)
+    for key in a:
+        torch.testing.assert_close(b[key].cpu(), a[key].cpu(), rtol=1e-5, atol=1e-6)
