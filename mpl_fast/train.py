@@ -34,6 +34,7 @@ from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
+from mpl_fast.parallel.distributed import shutdown
 from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
 CHOICES = {
@@ -164,8 +165,13 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
     ``placement`` (default: both on ``cfg.device``) puts each network on its device; a process
     that holds one half of a model-parallel run builds only that network."""
     placement = placement or _placement(cfg)
-    student = _make_model(cfg, streams, placement.student_device)
-    teacher = _make_model(cfg, streams, placement.teacher_device) if cfg.method != "supervised" else None
+    # The teacher's process of layout (b) builds the student too (on the CPU, then drops it), so
+    # that the teacher starts from the same random weights as in one process.
+    student = _make_model(cfg, streams, placement.student_device or "cpu")
+    teacher = _make_model(cfg, streams, placement.teacher_device) if placement.teacher_device is not None \
+        and cfg.method != "supervised" else None
+    if placement.student_device is None:
+        student = None
     m = cfg.mpl
     schedules = Schedules(
         total_steps=cfg.steps, teacher_lr=cfg.teacher.lr, student_lr=cfg.student.lr,
@@ -175,7 +181,7 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
         student_wait=0 if cfg.method == "supervised" else m.student_wait_steps,
         uda_weight=m.uda_weight if cfg.method in ("mpl", "uda") else 0.0, uda_ramp=m.uda_ramp_steps)
     return MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
-               _sgd(student, cfg.student), schedules, method=cfg.method, feedback=m.feedback,
+               _sgd(student, cfg.student) if student is not None else None, schedules, method=cfg.method, feedback=m.feedback,
                pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
                baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
@@ -287,16 +293,14 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
     placement = _placement(cfg)
-    if placement.layout == "ranks":
-        raise SystemExit("error: --model-parallel under torchrun (teacher rank and student rank) is available as "
-                         "an API (mpl_fast.parallel.model_parallel.DistributedLink) but not in the trainer yet; "
-                         "run one process with --teacher-device/--student-device")
+    sync = model_parallel.start(placement, cfg.device)  # layout (b): joins the torchrun group
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir = cfg.output_dir or _default_output_dir(cfg)
     cfg.output_dir = out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    if sync.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    say = (lambda *a: None) if quiet or not sync.is_main else (lambda *a: print(*a, flush=True))
 
     torch.manual_seed(cfg.seed)
     streams = _build_streams(cfg, str(placement.data_device))
@@ -310,15 +314,16 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
         else:
             say("warning: this data pipeline cannot save its position (DALI): the resumed run starts "
                 "its data streams from the first batch again")
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"] if sync.is_main else state["rng"]["student_rank"])
         if torch.cuda.is_available() and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_step, clock_offset = int(state["step"]), int(state["clock_offset"])
         best = state["best"]
         elapsed_before = float(state["elapsed"])
-        _truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start_step)
+        if sync.is_main:
+            _truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start_step)
         say(f"resumed {out_dir} at step {start_step}")
-    else:
+    elif sync.is_main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
         with open(os.path.join(out_dir, "split.json"), "w") as f:
@@ -327,21 +332,24 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     resumable = all(hasattr(getattr(streams, n), "state_dict") for n in ("labeled", "unlabeled"))
 
     def checkpoint(step: int, elapsed: float) -> None:
-        sd = mpl.state_dict()
-        if not ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
-            say(f"warning: not checkpointing step {step}: the weights are not finite")
-            return
-        ckpt.save_atomic({
-            "config": to_dict(cfg), "step": step, "clock_offset": clock_offset, "mpl": sd,
+        state = sync.gather_checkpoint({
+            "config": to_dict(cfg), "step": step, "clock_offset": clock_offset, "mpl": mpl.state_dict(),
             "streams": {n: getattr(streams, n).state_dict() for n in ("labeled", "unlabeled")} if resumable else None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "best": best, "elapsed": elapsed,
-        }, os.path.join(out_dir, "checkpoint.pt"))
+        }, student_extra={"best": best, "rng": torch.get_rng_state()})
+        if state is not None:  # None in the student's process of layout (b): the teacher's writes the file
+            sd = state["mpl"]
+            if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
+                ckpt.save_atomic(state, os.path.join(out_dir, "checkpoint.pt"))
+            else:
+                say(f"warning: not checkpointing step {step}: the weights are not finite")
+        sync.barrier()  # layout (b): neither process goes on before the file is there
 
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    metrics = open(os.path.join(out_dir, "metrics.jsonl") if sync.is_main else os.devnull, "a")
     bar = None
-    if progress:
+    if progress and sync.is_main:
         from tqdm import tqdm  # noqa: PLC0415
         bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset}", dynamic_ncols=True,
                    disable=None)
@@ -384,8 +392,11 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
             if bar is not None:
                 bar.update(1)
             if step % cfg.eval_every == 0 and step < cfg.steps:
-                _evaluate(mpl, streams, cfg, step, best, metrics, elapsed_before + time.perf_counter() - t0)
-            if signals.received is not None or (stop_after is not None and step - start_step >= stop_after):
+                _evaluate(mpl, streams, cfg, step, best, metrics, elapsed_before + time.perf_counter() - t0, sync)
+            stop = signals.received is not None or (stop_after is not None and step - start_step >= stop_after)
+            if sync.distributed:  # both processes stop at the same step: they agree at log intervals
+                stop = step % cfg.log_every == 0 and sync.any(stop)
+            if stop:
                 interrupted = signals.received or signal.SIGTERM
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -400,37 +411,64 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
             f"Continue with: python -m mpl_fast.train --resume {out_dir}")
         return {"interrupted": True, "step": step, "output_dir": out_dir}
 
-    _evaluate(mpl, streams, cfg, step, best, metrics, seconds)
+    _evaluate(mpl, streams, cfg, step, best, metrics, seconds, sync)
     checkpoint(step, seconds)
-    summary = _finish(cfg, mpl, streams, best, step, seconds, metrics)
+    summary = _finish(cfg, mpl, streams, best, step, seconds, metrics, sync)
     metrics.close()
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if sync.is_main:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     say(_format_summary(summary))
     return summary
 
 
-def _evaluate(mpl: MPL, streams, cfg: TrainConfig, step: int, best: dict, metrics, seconds: float) -> dict:
+def _evaluate(mpl: MPL, streams, cfg: TrainConfig, step: int, best: dict, metrics, seconds: float,
+              sync: model_parallel.RankSync | None = None) -> dict:
     """Validation (selection) and test (report only) accuracy of every model; keeps the best-val weights."""
     line = {"step": step, "eval": True, "seconds": seconds}
     for name, model in mpl.models().items():
         line[f"val_{name}"] = accuracy(model, streams.val)
         line[f"test_{name}"] = accuracy(model, streams.test)
+    if sync is not None:  # layout (b): each process measured the networks it holds
+        line = sync.merge(line)
     sel = _selection_model(cfg)
     val = line.get(f"val_{sel}")
     if val is not None and val > best["val"]:
         best.update(val=val, step=step,
-                    state={k: v.detach().cpu().clone() for k, v in mpl.models()[sel].state_dict().items()})
+                    state={k: v.detach().cpu().clone() for k, v in mpl.models()[sel].state_dict().items()}
+                    if sel in mpl.models() else None)
     metrics.write(json.dumps(line) + "\n")
     metrics.flush()
     return line
 
 
-def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds: float, metrics) -> dict:
+def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds: float, metrics,
+            sync: model_parallel.RankSync | None = None) -> dict:
     """Final accuracies, the finetuned student, and the summary dict."""
     val, test = {}, {}
     for name, model in mpl.models().items():
         val[name], test[name] = accuracy(model, streams.val), accuracy(model, streams.test)
+    sel = _selection_model(cfg)
+    if sel in mpl.models():
+        _finish_selected(cfg, mpl, streams, best, val, test, quiet=sync is not None and not sync.is_main)
+    if sync is not None:  # layout (b): each process measured the networks it holds
+        val, test = sync.merge(val), sync.merge(test)
+    headline = _headline_model(cfg)
+    if headline == "ema" or headline == "student":
+        headline = "selected" if best["step"] >= 0 else headline
+    metrics.write(json.dumps({"step": step, "final": True, **{f"val_{k}": v for k, v in val.items()},
+                              **{f"test_{k}": v for k, v in test.items()}}) + "\n")
+    return {
+        "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
+        "feedback": cfg.mpl.feedback if cfg.method == "mpl" else None,
+        "test_top1": test, "val_top1": val, "selected": {"model": sel, "step": best["step"], "val": best["val"]},
+        "headline": {"model": headline, "test_top1": test.get(headline)},
+        "skipped_steps": int(mpl.skipped_total), "output_dir": cfg.output_dir,
+    }
+
+
+def _finish_selected(cfg: TrainConfig, mpl: MPL, streams, best: dict, val: dict, test: dict, quiet: bool) -> None:
+    """The best-validation weights of the selection model, then finetuned; their accuracies into val/test."""
     sel = _selection_model(cfg)
     selected = copy.deepcopy(mpl.models()[sel])
     if best["state"] is not None:  # best on validation (never on test)
@@ -441,22 +479,11 @@ def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds:
 
         device = next(selected.parameters()).device  # model-parallel: the student's device
         batches = ((x.to(device), y.to(device)) for x, y in larger_batches(streams.labeled, cfg.finetune.batch_size))
-        with tqdm(total=cfg.finetune.steps, desc="finetune student", dynamic_ncols=True, disable=None) as bar:
+        with tqdm(total=cfg.finetune.steps, desc="finetune student", dynamic_ncols=True,
+                  disable=True if quiet else None) as bar:
             finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
                      cfg.finetune.weight_decay, on_step=bar.update)
         val["finetuned"], test["finetuned"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
-    headline = _headline_model(cfg)
-    if headline == "ema" or headline == "student":
-        headline = "selected" if best["state"] is not None else headline
-    metrics.write(json.dumps({"step": step, "final": True, **{f"val_{k}": v for k, v in val.items()},
-                              **{f"test_{k}": v for k, v in test.items()}}) + "\n")
-    return {
-        "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
-        "feedback": cfg.mpl.feedback if cfg.method == "mpl" else None,
-        "test_top1": test, "val_top1": val, "selected": {"model": sel, "step": best["step"], "val": best["val"]},
-        "headline": {"model": headline, "test_top1": test.get(headline)},
-        "skipped_steps": int(mpl.skipped_total), "output_dir": cfg.output_dir,
-    }
 
 
 def _format_summary(s: dict) -> str:
@@ -527,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        shutdown()  # leaves the torchrun process group, if this run joined one
     return 0
 
 

@@ -13,10 +13,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
+from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
-from mpl_fast.train import main
+from mpl_fast.parallel.distributed import shutdown
+from mpl_fast.train import main, run
 
 CLASSES, FEATURES, B, U = 3, 6, 4, 8
 HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -179,6 +182,53 @@ def test_trainer_runs_layout_a_on_the_digits_preset(tmp_path, capsys):
     assert any(ln.get("h", 0.0) != 0.0 for ln in lines if "h" in ln)
     config = json.load(open(out / "config.json"))
     assert config["model_parallel"] and config["student_device"] == "cpu"
+
+
+def _tiny_cfg(out_dir: str, model_parallel: bool):
+    cfg = preset("digits")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 12, 4, 4, 0
+    cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps = 2, 6
+    cfg.finetune.steps, cfg.threads, cfg.model_parallel, cfg.output_dir = 2, 1, model_parallel, out_dir
+    return cfg
+
+
+def _trainer_rank_worker(rank: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    full = run(_tiny_cfg(os.path.join(out_dir, "full"), True), progress=False, quiet=True)
+    part = run(_tiny_cfg(os.path.join(out_dir, "part"), True), progress=False, quiet=True, stop_after=3)
+    resumed = run(None, resume=os.path.join(out_dir, "part"), progress=False, quiet=True)
+    torch.save({"full": full, "part": part, "resumed": resumed}, os.path.join(out_dir, f"summary{rank}.pt"))
+    shutdown()
+
+
+def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
+    mp.spawn(_trainer_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    teacher_rank, student_rank = (torch.load(tmp_path / f"summary{r}.pt") for r in (0, 1))
+    # Stopping is agreed at log intervals: asked after 3 steps, both processes stop at step 4.
+    assert teacher_rank["part"] == student_rank["part"] == {"interrupted": True, "step": 4,
+                                                             "output_dir": str(tmp_path / "part")}
+    full = teacher_rank["full"]
+    assert full["steps"] == 12 and full["skipped_steps"] == 0
+    # The teacher's process reports the student's and the EMA's accuracies, measured by the student's.
+    assert set(full["test_top1"]) == {"student", "ema", "teacher", "selected", "finetuned"}
+    assert student_rank["full"]["test_top1"] == full["test_top1"]
+    # Only the teacher's process writes; its checkpoint holds both halves.
+    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint.pt", "config.json", "metrics.jsonl",
+                                                     "split.json", "summary.json"]
+    state = ckpt.load(str(tmp_path / "full" / "checkpoint.pt"))
+    assert state["mpl"]["teacher"] is not None and state["mpl"]["student"] is not None
+    assert state["mpl"]["ema"] is not None and "student_rank" in state["rng"]
+    lines = [json.loads(ln) for ln in open(tmp_path / "full" / "metrics.jsonl")]
+    assert any(ln.get("h", 0.0) != 0.0 for ln in lines) and any("val_ema" in ln for ln in lines)
+    # Resumed from step 4, the run ends where the uninterrupted one did (each process restored its RNG).
+    resumed = ckpt.load(str(tmp_path / "part" / "checkpoint.pt"))
+    for half in ("teacher", "student", "ema"):
+        want = state["mpl"][half] if half != "ema" else state["mpl"]["ema"]["module"]
+        got = resumed["mpl"][half] if half != "ema" else resumed["mpl"]["ema"]["module"]
+        for key in want:
+            assert torch.equal(got[key], want[key]), (half, key)
+    assert teacher_rank["resumed"]["test_top1"] == full["test_top1"]
 
 
 @pytest.mark.parametrize("argv,expect", [

@@ -193,3 +193,85 @@ def make_link(placement: Placement, pseudo_label_kind: str = "hard", num_classes
         return InProcessLink(placement.teacher_device, placement.student_device)
     device = placement.teacher_device if placement.role == "teacher" else placement.student_device
     return DistributedLink(placement.role, device, pseudo_label_kind, num_classes)
+
+
+# ----------------------------------------------------------------------------- the trainer's view
+
+
+def _to_cpu(obj):
+    """A copy of a nested state with every tensor on the CPU (what travels between ranks and to disk)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+# What the student's process owns in MPL.state_dict(); the rest comes from the teacher's.
+STUDENT_STATE_KEYS = ("student", "student_opt", "ema", "baseline")
+
+
+class RankSync:
+    """The trainer's few meeting points between the teacher's and the student's process in layout
+    (b); in one process every method is the identity and ``is_main`` is True.
+
+    Rank 0 (the teacher's) is the main process: it logs, writes the metrics, the checkpoint
+    (it gathers the student's half: one atomic file) and the summary. Both processes run the
+    trainer's loop in lockstep and meet only at evaluations, checkpoints and log intervals.
+    """
+
+    def __init__(self, placement: Placement):
+        self.distributed = placement.layout == "ranks"
+        self.is_main = placement.role != "student"
+
+    def merge(self, values: dict) -> dict:
+        """The union of the dicts both processes pass (evaluation lines: each process measures the
+        networks it holds); where both have a key, the teacher's process wins."""
+        if not self.distributed:
+            return values
+        gathered = [None, None]
+        dist.all_gather_object(gathered, _to_cpu(values))
+        return {**gathered[STUDENT_RANK], **gathered[TEACHER_RANK]}
+
+    def any(self, flag: bool) -> bool:
+        """True on both processes when either passes True (a signal asks the run to stop)."""
+        if not self.distributed:
+            return flag
+        gathered = [None, None]
+        dist.all_gather_object(gathered, bool(flag))
+        return any(gathered)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather_checkpoint(self, state: dict, student_extra: dict) -> dict | None:
+        """The teacher's process gets the whole run's state: its own ``state`` with the student's
+        half of ``state["mpl"]`` and the student's ``student_extra`` (its best weights, its RNG)
+        merged in; the student's process gets None. In one process: ``state`` as it is."""
+        if not self.distributed:
+            return state
+        mine = ({"mpl": {k: state["mpl"][k] for k in STUDENT_STATE_KEYS}, **student_extra}
+                if not self.is_main else None)
+        gathered = [None, None] if self.is_main else None
+        dist.gather_object(_to_cpu(mine), gathered, dst=TEACHER_RANK)
+        if not self.is_main:
+            return None
+        theirs = gathered[STUDENT_RANK]
+        merged = dict(state, mpl={**state["mpl"], **theirs["mpl"]})
+        if theirs["best"]["state"] is not None:
+            merged["best"] = theirs["best"]
+        merged["rng"] = dict(state["rng"], student_rank=theirs["rng"])
+        return merged
+
+
+def start(placement: Placement, device: str, timeout_s: float = 600.0) -> RankSync:
+    """Joins the torchrun process group for layout (b) (gloo on CPU, NCCL on CUDA; collectives
+    and send/recv time out after ``timeout_s``, so a dead peer ends the run with an error)."""
+    if placement.layout == "ranks":
+        from mpl_fast.parallel.distributed import init_from_env  # noqa: PLC0415
+
+        init_from_env(device, timeout_s=timeout_s)
+    return RankSync(placement)
