@@ -198,6 +198,9 @@ def _trainer_rank_worker(rank: int, port: int, out_dir: str):
     full = run(_tiny_cfg(os.path.join(out_dir, "full"), True), progress=False, quiet=True)
     part = run(_tiny_cfg(os.path.join(out_dir, "part"), True), progress=False, quiet=True, stop_after=3)
     resumed = run(None, resume=os.path.join(out_dir, "part"), progress=False, quiet=True)
+    cfg = _tiny_cfg(os.path.join(out_dir, "no-dropout"), True)
+    cfg.model.dropout, cfg.steps = 0.0, 8
+    run(cfg, progress=False, quiet=True)
     torch.save({"full": full, "part": part, "resumed": resumed}, os.path.join(out_dir, f"summary{rank}.pt"))
     shutdown()
 
@@ -229,6 +232,48 @@ def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
         for key in want:
             assert torch.equal(got[key], want[key]), (half, key)
     assert teacher_rank["resumed"]["test_top1"] == full["test_top1"]
+    # Without dropout neither process draws random numbers the one-process run would draw
+    # elsewhere: the two-process run is the one-process run, bit for bit.
+    cfg = _tiny_cfg(str(tmp_path / "one-process"), False)
+    cfg.model.dropout, cfg.steps = 0.0, 8
+    run(cfg, progress=False, quiet=True)
+    two, one = (ckpt.load(str(tmp_path / name / "checkpoint.pt"))["mpl"] for name in ("no-dropout", "one-process"))
+    for half in ("teacher", "student"):
+        assert all(torch.equal(two[half][k], one[half][k]) for k in one[half]), half
+    lines = [json.loads(ln) for ln in open(tmp_path / "no-dropout" / "metrics.jsonl")]
+    assert [ln["h"] for ln in lines if "h" in ln] == \
+        [json.loads(ln)["h"] for ln in open(tmp_path / "one-process" / "metrics.jsonl") if '"h"' in ln]
+
+
+def _dying_rank_worker(rank: int, port: int, out_dir: str):
+    import datetime
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=5))
+    role = "teacher" if rank == 0 else "student"
+    mpl = _mpl("grad-dot", role=role, link=DistributedLink(role, "cpu"))
+    mpl.step(*_batches(0), clock=0)
+    if rank == 1:
+        os._exit(1)  # the student's process dies without a word
+    t0 = time.perf_counter()
+    try:
+        mpl.step(*_batches(1), clock=1)
+        message = None
+    except Exception as exc:  # noqa: BLE001 - the point is which error, and when
+        message = f"{type(exc).__name__}: {exc}"
+    torch.save({"message": message, "seconds": time.perf_counter() - t0}, os.path.join(out_dir, "teacher.pt"))
+
+
+def test_a_dead_student_process_ends_the_teacher_with_an_error(tmp_path):
+    context = mp.spawn(_dying_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    teacher_process, student_process = context.processes
+    teacher_process.join(timeout=60)  # not spawn's join: it would terminate the teacher when the student dies
+    student_process.join(timeout=5)
+    assert not teacher_process.is_alive() and student_process.exitcode == 1
+    result = torch.load(tmp_path / "teacher.pt")
+    assert result["message"] is not None and result["seconds"] < 10
 
 
 @pytest.mark.parametrize("argv,expect", [
