@@ -532,8 +532,15 @@ def dry_run_report(cfg: TrainConfig, fsdp_devices: int = 8) -> str:
         for layout, devices in (("single", 1), ("model-parallel", 2), ("fsdp", fsdp_devices)):
             plan = plan_mpl_memory(footprint, footprint, batch_size=cfg.data.batch_size, mu=cfg.data.mu,
                                    precision=precision, layout=layout, devices=devices)
-            per_device = ", ".join(f"{b / 2**30:.1f}" for b in sorted(set(plan.per_device_bytes), reverse=True))
-            lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device} GiB")
+            if layout == "model-parallel":  # the two devices differ: say which is which
+                teacher_b, student_b = plan.per_device_bytes
+                per_device = f"{teacher_b / 2**30:.1f}, {student_b / 2**30:.1f} GiB (teacher, student)"
+            else:
+                per_device = ", ".join(f"{b / 2**30:.1f}" for b in sorted(set(plan.per_device_bytes), reverse=True))
+                per_device += " GiB"
+            lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device}")
+    lines.append("model-parallel: the same on two devices of one process (--model-parallel --teacher-device ... "
+                 "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
     lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
     return "\n".join(lines)
 
