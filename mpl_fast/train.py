@@ -314,9 +314,10 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
         else:
             say("warning: this data pipeline cannot save its position (DALI): the resumed run starts "
                 "its data streams from the first batch again")
-        torch.set_rng_state(state["rng"]["torch"] if sync.is_main else state["rng"]["student_rank"])
-        if torch.cuda.is_available() and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"] if sync.is_main else state["rng"]["student_rank"]  # layout (b): each its own
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
         start_step, clock_offset = int(state["step"]), int(state["clock_offset"])
         best = state["best"]
         elapsed_before = float(state["elapsed"])
@@ -332,13 +333,13 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     resumable = all(hasattr(getattr(streams, n), "state_dict") for n in ("labeled", "unlabeled"))
 
     def checkpoint(step: int, elapsed: float) -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         state = sync.gather_checkpoint({
             "config": to_dict(cfg), "step": step, "clock_offset": clock_offset, "mpl": mpl.state_dict(),
             "streams": {n: getattr(streams, n).state_dict() for n in ("labeled", "unlabeled")} if resumable else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "best": best, "elapsed": elapsed,
-        }, student_extra={"best": best, "rng": torch.get_rng_state()})
+            "rng": rng, "best": best, "elapsed": elapsed,
+        }, student_extra={"best": best, "rng": rng})
         if state is not None:  # None in the student's process of layout (b): the teacher's writes the file
             sd = state["mpl"]
             if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):

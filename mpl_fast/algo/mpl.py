@@ -86,8 +86,8 @@ class MPL:
     values except h and the student's loss, which the teacher's side receives.
     """
 
-    def __init__(self, teacher: nn.Module | None, student: nn.Module, teacher_opt: torch.optim.Optimizer | None,
-                 student_opt: torch.optim.Optimizer, schedules: Schedules, *, method: str = "mpl",
+    def __init__(self, teacher: nn.Module | None, student: nn.Module | None, teacher_opt: torch.optim.Optimizer | None,
+                 student_opt: torch.optim.Optimizer | None, schedules: Schedules, *, method: str = "mpl",
                  feedback: str = "grad-dot", pseudo_label_kind: str = "hard", soft_temperature: float = 0.5,
                  baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
