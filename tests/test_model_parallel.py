@@ -43,9 +43,9 @@ def _batches(step: int, poison_student: bool = False):
     return (x_l, y_l), (x_uw, x_us)
 
 
-def _mpl(feedback: str, kind: str = "hard", role: str = "both", link=None) -> MPL:
+def _mpl(feedback: str, kind: str = "hard", role: str = "both", link=None, devices=("cpu", "cpu")) -> MPL:
     torch.manual_seed(0)
-    teacher, student = _net(), _net()
+    teacher, student = _net().to(devices[0]), _net().to(devices[1])
     if role == "teacher":
         student = None
     if role == "student":
@@ -309,22 +309,29 @@ def test_torchrun_ranks_take_the_two_roles():
 def test_layout_a_on_gpus_matches_one_device():
     """Teacher cuda:0, student cuda:1 (cuda:0 again with one GPU) against both on cuda:0."""
     student_device = "cuda:1" if torch.cuda.device_count() >= 2 else "cuda:0"
-
-    def build(link_devices):
-        mpl = _mpl("grad-dot")
-        mpl.teacher.to(link_devices[0])
-        mpl.student.to(link_devices[1])
-        mpl.ema.module.to(link_devices[1])
-        return MPL(mpl.teacher, mpl.student, FusedSGD(mpl.teacher.parameters(), **HPARAMS),
-                   FusedSGD(mpl.student.parameters(), **HPARAMS), mpl.schedules, feedback="grad-dot",
-                   uda_threshold=0.0, label_smoothing=0.1, ema_decay=0.9, link=InProcessLink(*link_devices))
-
-    one, two = build(("cuda:0", "cuda:0")), build(("cuda:0", student_device))
+    one = _mpl("grad-dot", devices=("cuda:0", "cuda:0"))
+    two = _mpl("grad-dot", devices=("cuda:0", student_device))  # the default link: InProcessLink(cuda:0, student)
+    assert two.link.student_device == torch.device(student_device)
     for step in range(4):
         batches = [tuple(t.to("cuda:0") for t in part) for part in _batches(step)]
         out_one, out_two = one.step(*batches, clock=step), two.step(*batches, clock=step)
+        assert out_two["h"].device == torch.device("cuda:0")  # h came back to the teacher
         torch.testing.assert_close(out_two["h"].cpu(), out_one["h"].cpu(), rtol=1e-5, atol=1e-7)
-    assert next(two.student.parameters()).device == torch.device(student_device)
+    assert next(two.ema.module.parameters()).device == torch.device(student_device)
     a, b = _state(one), _state(two)
     for key in a:
         torch.testing.assert_close(b[key].cpu(), a[key].cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("student_device", ["cpu", "cuda:1"])
+def test_trainer_layout_a_with_a_gpu(student_device, tmp_path):
+    """The trainer with the networks on different devices: data on the teacher's, moves to the student's."""
+    if student_device == "cuda:1" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    out = tmp_path / "run"
+    assert main(["--model-parallel", "--device", "cuda", "--teacher-device", "cuda:0", "--student-device",
+                 student_device, "--steps", "6", "--mpl.student-wait-steps", "2", "--eval-every", "3",
+                 "--log-every", "3", "--finetune.steps", "1", "--output-dir", str(out)]) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]
