@@ -1,0 +1,146 @@
+"""Benchmark of model-parallel MPL: what the link between the teacher half and the student half
+costs.
+
+Cases (same seeded models, same batches, same number of CPU threads per network):
+  one process   mpl_fast.algo.MPL with the default in-process link (both networks here)
+  two ranks     layout (b): rank 0 the teacher, rank 1 the student, gloo send/recv of y_hat,
+                (h, loss_student) and ok each step (torch.multiprocessing, file rendezvous)
+
+The halves depend on each other (teacher forward -> y_hat -> student step -> h -> teacher
+step), so two processes cannot overlap them: on a CPU "two ranks" measures the link's latency
+and the process split, not a speed-up. On GPUs the point of the layout is memory (each network
+gets a whole device), see `python -m mpl_fast.train --dry-run`. One process runs before and
+after the two ranks (timing noise on a shared machine shows as the gap between the two).
+
+    python benchmarks/bench_model_parallel.py [--quick] [--steps 20] [--json PATH] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.models import create_model  # noqa: E402
+from mpl_fast.optim import FusedSGD  # noqa: E402
+from mpl_fast.parallel.model_parallel import DistributedLink  # noqa: E402
+from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+WARMUP = 3
+
+
+def _setup(args) -> dict:
+    if args.quick:
+        return dict(model="digits-cnn", shape=(1, 8, 8), classes=10, batch=16, mu=4)
+    return dict(model="wrn28-2", shape=(3, 32, 32), classes=10, batch=8, mu=2)
+
+
+def _batches(setup: dict, steps: int):
+    g = torch.Generator().manual_seed(0)
+    b, u = setup["batch"], setup["batch"] * setup["mu"]
+    out = []
+    for _ in range(steps):
+        x_uw = torch.randn(u, *setup["shape"], generator=g)
+        out.append(((torch.randn(b, *setup["shape"], generator=g), torch.randint(0, setup["classes"], (b,), generator=g)),
+                    (x_uw, x_uw + 0.3 * torch.randn(u, *setup["shape"], generator=g))))
+    return out
+
+
+def _mpl(setup: dict, role: str = "both", link=None) -> MPL:
+    torch.manual_seed(0)
+    in_channels = setup["shape"][0]
+    student = create_model(setup["model"], setup["classes"], in_channels=in_channels)
+    teacher = create_model(setup["model"], setup["classes"], in_channels=in_channels)
+    student, teacher = (None if role == "teacher" else student), (None if role == "student" else teacher)
+    opt = lambda m: None if m is None else FusedSGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # noqa: E731
+    schedules = Schedules(total_steps=1000, teacher_lr=0.05, student_lr=0.05, uda_weight=1.0)
+    return MPL(teacher, student, opt(teacher), opt(student), schedules, ema_decay=0.99, link=link)
+
+
+def _time_steps(mpl: MPL, batches, profile_path: str | None = None) -> list[float]:
+    times = []
+    prof = None
+    if profile_path:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        prof.__enter__()
+    for i, (labeled, unlabeled) in enumerate(batches):
+        t0 = time.perf_counter()
+        mpl.step(labeled, unlabeled, clock=i)
+        times.append(time.perf_counter() - t0)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        prof.export_chrome_trace(profile_path)
+    return times[WARMUP:]
+
+
+def _rank(rank: int, init_file: str, setup: dict, steps: int, out_dir: str, profile_dir: str | None):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    role = "teacher" if rank == 0 else "student"
+    mpl = _mpl(setup, role, DistributedLink(role, "cpu", "hard", setup["classes"]))
+    profile = os.path.join(profile_dir, f"two_ranks_{role}.json") if profile_dir else None
+    times = _time_steps(mpl, _batches(setup, steps), profile)
+    torch.save({"times": times, "h": float(mpl.totals["h"])}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="digits CNN at 8x8 (link latency dominates)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after 3 warm-up steps)")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                       "bench_model_parallel.json"))
+    parser.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler Chrome traces here")
+    args = parser.parse_args()
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    torch.set_num_threads(1)
+    setup = _setup(args)
+    steps = args.steps + WARMUP
+    batches = _batches(setup, steps)
+
+    single = _mpl(setup)
+    before = _time_steps(single, batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(os.path.join(tmp, "rendezvous"), setup, steps, tmp, args.profile), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1)]
+    again = _mpl(setup)
+    after = _time_steps(again, batches, os.path.join(args.profile, "one_process.json") if args.profile else None)
+    # The two processes ran the same steps as one: their summed h must agree with one process's.
+    h_one, h_two = float(single.totals["h"]), ranks[0]["h"]
+
+    u = setup["batch"] * setup["mu"]
+    link_bytes = u * 8 + 2 * 4 + 1  # y_hat (int64 per row), (h, loss_student) fp32, ok
+    one = statistics.median(before + after)
+    two = statistics.median(ranks[0]["times"])
+    rows = [("one process (before)", statistics.median(before)), ("one process (after)", statistics.median(after)),
+            ("two ranks (gloo)", two)]
+    print(f"{setup['model']} {setup['shape']}, labeled {setup['batch']}, unlabeled {u} (weak + strong), "
+          f"1 CPU thread per network, {args.steps} timed steps; {platform.processor() or platform.machine()}")
+    print(f"{'case':<22} {'ms/step':>9} {'vs one':>7}")
+    for name, t in rows:
+        print(f"{name:<22} {1e3 * t:9.2f} {one / t:7.2f}")
+    print(f"across the link per step: {link_bytes} bytes (y_hat {u} x int64, h and the student's loss, ok); "
+          f"summed h one process {h_one:+.6e}, two ranks {h_two:+.6e}")
+    write_json(args.json, {
+        "setup": setup, "steps": args.steps, "threads_per_network": 1,
+        "one_process_ms": {"before": 1e3 * statistics.median(before), "after": 1e3 * statistics.median(after)},
+        "two_ranks_ms": 1e3 * two, "ratio_two_ranks_vs_one": two / one, "link_bytes_per_step": link_bytes,
+        "h_sum": {"one_process": h_one, "two_ranks": h_two},
+    })
+
+
+if __name__ == "__main__":
+    main()
