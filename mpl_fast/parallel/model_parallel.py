@@ -26,7 +26,6 @@ returns it on the side that needs it (None on a process that does not).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -156,10 +155,11 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
     cuda and two GPUs are visible, else both ``device``). Under torchrun: exactly 2 processes,
     rank 0 the teacher, rank 1 the student, each on ``device`` (cuda: its cuda:LOCAL_RANK).
     """
-    env = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
-    world_size = env("WORLD_SIZE", 1) if world_size is None else world_size
-    rank = env("RANK", 0) if rank is None else rank
-    local_rank = env("LOCAL_RANK", 0) if local_rank is None else local_rank
+    from mpl_fast.parallel.distributed import _env_int  # noqa: PLC0415 - names a bad variable in its error
+
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    rank = _env_int("RANK", 0) if rank is None else rank
+    local_rank = _env_int("LOCAL_RANK", 0) if local_rank is None else local_rank
     if not model_parallel:
         if teacher_device is not None or student_device is not None:
             raise ValueError("--teacher-device/--student-device place the networks of a --model-parallel run; "
