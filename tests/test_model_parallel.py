@@ -6,6 +6,7 @@ must match the single-process step; bad placements are refused before any work."
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -140,12 +141,26 @@ def _rank_worker(rank: int, port: int, out_dir: str):
             "unchanged_by_poisoned_step": all(torch.equal(v, _state(mpl)[k]) for k, v in before.items()),
             "skipped": int(mpl.skipped_total), "poisoned_skipped": float(poisoned["skipped"])}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    # Last, the student's process dies without a word in the middle of a run: the teacher's
+    # next step must end with an error, not hang.
+    if rank == 1:
+        os._exit(1)
+    t0 = time.perf_counter()
+    try:
+        mpl.step(*_batches(STEPS + 1), clock=STEPS + 1)
+        message = None
+    except Exception as exc:  # noqa: BLE001 - the point is which error, and when
+        message = f"{type(exc).__name__}: {exc}"
+    torch.save({"message": message, "seconds": time.perf_counter() - t0}, os.path.join(out_dir, "teacher_alone.pt"))
 
 
 def test_layout_b_two_ranks_match_the_single_process_step(tmp_path):
     torch.set_num_threads(1)
-    mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    context = mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    teacher_process, student_process = context.processes
+    teacher_process.join(timeout=120)  # not spawn's join: it would terminate the teacher when the student dies
+    student_process.join(timeout=10)
+    assert teacher_process.exitcode == 0 and student_process.exitcode == 1
     teacher_rank, student_rank = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for feedback, kind in CASES:
         name = f"{feedback}-{kind}"
@@ -166,6 +181,10 @@ def test_layout_b_two_ranks_match_the_single_process_step(tmp_path):
         for rank_results in (teacher_rank, student_rank):
             assert rank_results[name]["poisoned_skipped"] == 1.0 and rank_results[name]["skipped"] == 1
             assert rank_results[name]["unchanged_by_poisoned_step"]
+    # The student's process died: gloo told the teacher's at once (a silent peer would hit the
+    # process group's timeout instead).
+    alone = torch.load(tmp_path / "teacher_alone.pt")
+    assert alone["message"] is not None and "closed" in alone["message"] and alone["seconds"] < 10
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -243,37 +262,6 @@ def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
     lines = [json.loads(ln) for ln in open(tmp_path / "no-dropout" / "metrics.jsonl")]
     assert [ln["h"] for ln in lines if "h" in ln] == \
         [json.loads(ln)["h"] for ln in open(tmp_path / "one-process" / "metrics.jsonl") if '"h"' in ln]
-
-
-def _dying_rank_worker(rank: int, port: int, out_dir: str):
-    import datetime
-    import time
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=5))
-    role = "teacher" if rank == 0 else "student"
-    mpl = _mpl("grad-dot", role=role, link=DistributedLink(role, "cpu"))
-    mpl.step(*_batches(0), clock=0)
-    if rank == 1:
-        os._exit(1)  # the student's process dies without a word
-    t0 = time.perf_counter()
-    try:
-        mpl.step(*_batches(1), clock=1)
-        message = None
-    except Exception as exc:  # noqa: BLE001 - the point is which error, and when
-        message = f"{type(exc).__name__}: {exc}"
-    torch.save({"message": message, "seconds": time.perf_counter() - t0}, os.path.join(out_dir, "teacher.pt"))
-
-
-def test_a_dead_student_process_ends_the_teacher_with_an_error(tmp_path):
-    context = mp.spawn(_dying_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    teacher_process, student_process = context.processes
-    teacher_process.join(timeout=60)  # not spawn's join: it would terminate the teacher when the student dies
-    student_process.join(timeout=5)
-    assert not teacher_process.is_alive() and student_process.exitcode == 1
-    result = torch.load(tmp_path / "teacher.pt")
-    assert result["message"] is not None and result["seconds"] < 10
 
 
 @pytest.mark.parametrize("argv,expect", [
