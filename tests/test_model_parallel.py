@@ -277,6 +277,22 @@ def test_bad_placements_are_refused_before_any_work(argv, expect, tmp_path):
     assert not out.exists()  # refused before the run wrote anything
 
 
+def test_amp_follows_the_teachers_device(tmp_path):
+    """--amp autocasts the teacher's forward where the teacher lives: bf16 on a CPU teacher (fp16,
+    ~100x slower on a CPU, is refused there by mpl_fast.parallel.precision)."""
+    from mpl_fast.train import _build_streams, _placement, build_mpl
+
+    cfg = _tiny_cfg(str(tmp_path), True)
+    cfg.amp, cfg.teacher_device, cfg.student_device = True, "cpu", "cpu"
+    placement = _placement(cfg)
+    streams = _build_streams(cfg, str(placement.data_device))
+    mpl = build_mpl(cfg, streams, placement)
+    with mpl.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    out = mpl.step(next(streams.labeled), next(streams.unlabeled), clock=5)  # past the student's wait
+    assert torch.isfinite(out["h"]) and float(out["h"]) != 0.0
+
+
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_torchrun_world_size_must_be_two(world_size):
     with pytest.raises(ValueError, match=f"exactly 2 processes, got WORLD_SIZE={world_size}"):
