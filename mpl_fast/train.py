@@ -181,7 +181,8 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
         student_wait=0 if cfg.method == "supervised" else m.student_wait_steps,
         uda_weight=m.uda_weight if cfg.method in ("mpl", "uda") else 0.0, uda_ramp=m.uda_ramp_steps)
     return MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
-               _sgd(student, cfg.student) if student is not None else None, schedules, method=cfg.method, feedback=m.feedback,
+               _sgd(student, cfg.student) if student is not None else None, schedules,
+               method=cfg.method, feedback=m.feedback,
                pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
                baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,

@@ -139,7 +139,8 @@ def check_device(spec: str, flag: str) -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = 0 if device.index is None else device.index
     if index >= count:
-        seen = "no CUDA GPU is visible" if count == 0 else f"only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})"
+        seen = ("no CUDA GPU is visible" if count == 0
+                else f"only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
         raise ValueError(f"{flag} {spec}: that device does not exist here: {seen}")
     return torch.device("cuda", index)
 
