@@ -52,9 +52,9 @@ def _batches(setup: dict, steps: int):
     b, u = setup["batch"], setup["batch"] * setup["mu"]
     out = []
     for _ in range(steps):
+        x_uw = torch.randn(u, *setup["shape"], generator=g)
         x_l = torch.randn(b, *setup["shape"], generator=g)
         y_l = torch.randint(0, setup["classes"], (b,), generator=g)
-        x_uw = torch.randn(u, *setup["shape"], generator=g)
         out.append(((x_l, y_l), (x_uw, x_uw + 0.3 * torch.randn(u, *setup["shape"], generator=g))))
     return out
 
