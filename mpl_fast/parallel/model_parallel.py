@@ -46,16 +46,23 @@ class InProcessLink:
 
     def student_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The student's batch tensors on the student's device."""
-        return tuple(t.to(self.student_device, non_blocking=True) for t in tensors)
+        return tuple(_move(t, self.student_device) for t in tensors)
 
     def pseudo_labels(self, y_hat: torch.Tensor | None, rows: int) -> torch.Tensor:
-        return y_hat.to(self.student_device, non_blocking=True)
+        return _move(y_hat, self.student_device)
 
     def feedback(self, h: torch.Tensor | None, loss_student: torch.Tensor | None):
-        return h.to(self.teacher_device, non_blocking=True), loss_student.to(self.teacher_device, non_blocking=True)
+        return _move(h, self.teacher_device), _move(loss_student, self.teacher_device)
 
     def verdict(self, ok: torch.Tensor | None) -> torch.Tensor:
-        return ok.to(self.student_device, non_blocking=True)
+        return _move(ok, self.student_device)
+
+
+def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a no-op on its own device. Asynchronous towards a GPU (stream-ordered);
+    towards the CPU it waits for the value (a non-blocking copy to the host could be read before
+    it lands), which is the one host sync a CPU half imposes on a GPU half."""
+    return t.to(device, non_blocking=device.type == "cuda")
 
 
 class DistributedLink:
