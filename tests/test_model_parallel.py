@@ -251,6 +251,10 @@ def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
         for key in want:
             assert torch.equal(got[key], want[key]), (half, key)
     assert teacher_rank["resumed"]["test_top1"] == full["test_top1"]
+    # One file with both halves: the finished two-process run reopens in one process (layout (a)).
+    reopened = run(None, resume=str(tmp_path / "full"), progress=False, quiet=True)
+    assert reopened["steps"] == 12
+    assert all(reopened["test_top1"][k] == full["test_top1"][k] for k in ("student", "ema", "teacher"))
     # Without dropout neither process draws random numbers the one-process run would draw
     # elsewhere: the two-process run is the one-process run, bit for bit.
     cfg = _tiny_cfg(str(tmp_path / "one-process"), False)
