@@ -297,6 +297,13 @@ def test_amp_follows_the_teachers_device(tmp_path):
     assert torch.isfinite(out["h"]) and float(out["h"]) != 0.0
 
 
+def test_default_gpu_placement_needs_two_gpus():
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has two GPUs")
+    with pytest.raises(ValueError, match="puts the teacher on cuda:0 and the student on cuda:1, but [01] CUDA"):
+        resolve_placement(True, "cuda", world_size=1, rank=0, local_rank=0)
+
+
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_torchrun_world_size_must_be_two(world_size):
     with pytest.raises(ValueError, match=f"exactly 2 processes, got WORLD_SIZE={world_size}"):

@@ -187,8 +187,12 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
         if rank == TEACHER_RANK:
             return Placement("ranks", "teacher", mine, None)
         return Placement("ranks", "student", None, mine)
-    if teacher_device is None and student_device is None and torch.device(device).type == "cuda" \
-            and torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+    if teacher_device is None and student_device is None and torch.device(device).type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < 2:
+            raise ValueError(f"--model-parallel --device cuda puts the teacher on cuda:0 and the student on cuda:1, "
+                             f"but {count} CUDA GPU(s) are visible; name the devices to share one "
+                             f"(--teacher-device cuda:0 --student-device cpu, or cuda:0 for both)")
         teacher_device, student_device = "cuda:0", "cuda:1"
     teacher = check_device(teacher_device or device, "--teacher-device")
     student = check_device(student_device or device, "--student-device")
