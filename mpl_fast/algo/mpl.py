@@ -34,6 +34,7 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
+from mpl_fast.parallel.data_parallel import NoGradientSync
 
 METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
 LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
@@ -81,7 +82,8 @@ class MPL:
                  baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 grad_sync: NoGradientSync | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if feedback not in fb.FEEDBACK_MODES:
@@ -103,6 +105,8 @@ class MPL:
         self.sup_weight = sup_weight
         self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
         self.autocast = autocast  # e.g. bf16 torch.autocast, for the teacher's forward only
+        # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel.data_parallel).
+        self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
         self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 else None
         device = next(student.parameters()).device
@@ -216,6 +220,7 @@ class MPL:
         loss = cross_entropy(self.student(x_l), y_l, self.label_smoothing)
         self.student_opt.zero_grad(set_to_none=True)
         loss.backward()
+        (loss,) = self.grad_sync.average_grads_and_values(self.student, [loss])
         _clip(self.student, self.grad_clip_student)
         self.student_opt.step()
         ok = torch.isfinite(loss)
@@ -253,6 +258,8 @@ class MPL:
 
         self.teacher_opt.zero_grad(set_to_none=True)
         loss_teacher.backward()
+        loss_teacher, loss_sup, loss_uda, uda_mask, loss_mpl, loss_student = self.grad_sync.average_grads_and_values(
+            self.teacher, [loss_teacher, loss_sup, loss_uda, uda_mask, loss_mpl, loss_student])  # (3) + losses
         _clip(self.teacher, self.grad_clip_teacher)
         self.teacher_opt.step()
 
@@ -277,6 +284,7 @@ class MPL:
         loss_student = cross_entropy(student(x_us), y_hat)
         self.student_opt.zero_grad(set_to_none=True)
         loss_student.backward()
+        self.grad_sync.average_([p.grad for p in self._student_params])  # (1) g_u
         _clip(student, self.grad_clip_student)
         g_u = [p.grad for p in self._student_params]  # SGD leaves .grad as it was: this is g_u
         self.student_opt.step()                        # (swap in mpl_fast.optim.FusedSGD here)
@@ -287,10 +295,12 @@ class MPL:
             if self.feedback == "finite-diff":
                 with torch.no_grad():
                     new_loss = cross_entropy(student(x_l), y_l)
+                self.grad_sync.average_([old_loss, new_loss])
                 h = fb.finite_diff(old_loss, new_loss)
             else:
                 new_loss = cross_entropy(student(x_l), y_l)
                 g_l_new = torch.autograd.grad(new_loss, self._student_params)
+                self.grad_sync.average_(g_l_new)  # (2): the same h on every rank
         if self.feedback == "grad-dot":
             h = fb.grad_dot(lr_s, g_l_new, g_u)
         elif self.feedback == "update-dot":  # delta theta from the guard's copy of theta_S before the step
