@@ -10,6 +10,10 @@ The run writes to ``--output-dir`` (default runs/<preset>-<method>-<timestamp>):
 config.json, split.json, metrics.jsonl (one line per log interval and per evaluation),
 checkpoint.pt (atomic; every ``--checkpoint-every`` steps, at the end and on SIGINT/SIGTERM)
 and summary.json.
+
+``torchrun --nproc_per_node=N -m mpl_fast.train ...`` trains data parallel: every rank runs
+``run``; batch sizes are per rank; rank 0 alone writes, prints and evaluates (README,
+"Multi-process / multi-node"; mpl_fast.parallel.data_parallel for the gradient averaging).
 """
 
 from __future__ import annotations
