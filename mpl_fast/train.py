@@ -38,7 +38,7 @@ from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
-from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, broadcast_from_rank0
+from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
 from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
 from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
@@ -291,6 +291,7 @@ class _Session:
     best: dict = dataclasses.field(default_factory=lambda: {"val": -1.0, "step": -1, "state": None})
     elapsed_before: float = 0.0
     metrics: typing.Any = None  # the open metrics.jsonl on rank 0; None on the other ranks
+    stop_agreement: StopAgreement | None = None  # data parallel: when to act on a signal
 
     @property
     def resumable(self) -> bool:
@@ -317,7 +318,7 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     ctx, owns_group = _join_process_group(cfg, dist_timeout)
     sess = None
     try:
-        sess = _setup(cfg, state, ctx, quiet)
+        sess = _setup(cfg, state, ctx, quiet, dist_timeout)
         del state
         step, interrupted, seconds = _train_loop(sess, progress, stop_after)
         return _end(sess, step, interrupted, seconds)
@@ -380,7 +381,7 @@ def _join_process_group(cfg: TrainConfig, timeout_s: float) -> tuple[DistContext
     return ctx, owns
 
 
-def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool) -> _Session:
+def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, dist_timeout: float) -> _Session:
     """Output folder, data, models (equal on every rank), and the resumed state if any."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -404,7 +405,8 @@ def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool) 
             torch.manual_seed(_rank_seed(cfg, ctx))
         say(f"data parallel: {ctx.world_size} ranks ({dist.get_backend()}), {cfg.data.batch_size} labeled + "
             f"{cfg.data.mu * cfg.data.batch_size} unlabeled per rank per step")
-    sess = _Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl)
+    sess = _Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl,
+                    stop_agreement=StopAgreement(dist_timeout) if ctx.distributed else None)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if state is not None:
         _restore(sess, state)
@@ -505,45 +507,41 @@ def _train_loop(sess: _Session, progress: bool, stop_after: int | None) -> tuple
             while step < cfg.steps:
                 mpl.step(next(labeled), next(unlabeled), clock=step - sess.clock_offset)
                 step += 1
-                signalled_somewhere = False
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    signalled_somewhere = _log_interval(sess, step, clock, bar, signals.received is not None)
+                    _log_interval(sess, step, clock, bar)
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.eval_every == 0 and step < cfg.steps and ctx.is_main:
                     _evaluate(mpl, sess.streams, cfg, step, sess.best, sess.metrics,
                               sess.elapsed_before + time.perf_counter() - t0)
-                # One process acts on a signal after any step; ranks must agree on when, so under
-                # data parallel they act on it at the next log interval (one all_reduce there).
-                stop_requested = signalled_somewhere if ctx.distributed else signals.received is not None
+                # One process acts on a signal after the step it came in; data-parallel ranks
+                # must agree on the step, so they act on it one step later (StopAgreement).
+                if ctx.distributed:
+                    stop_requested = sess.stop_agreement.poll(signals.received is not None)
+                else:
+                    stop_requested = signals.received is not None
                 if stop_requested or (stop_after is not None and step - sess.start_step >= stop_after):
                     interrupted = signals.received or signal.SIGTERM
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     _checkpoint(sess, step, sess.elapsed_before + time.perf_counter() - t0)
+        if sess.stop_agreement is not None:
+            sess.stop_agreement.drain()  # the last flag every rank posted
     finally:
         if bar is not None:
             bar.close()
     return step, interrupted, sess.elapsed_before + time.perf_counter() - t0
 
 
-def _log_interval(sess: _Session, step: int, clock: dict, bar, signalled: bool) -> bool:
-    """Writes one metrics line (rank 0) and checks the skip counters; returns whether any rank
-    received a signal. The one host read per interval."""
+def _log_interval(sess: _Session, step: int, clock: dict, bar) -> None:
+    """Writes one metrics line (rank 0) and checks the skip counters: the one host read per
+    interval. Under data parallel the totals are already global-batch averages, equal on every
+    rank (the step averages its losses with the teacher's gradients), so no collective is needed."""
     cfg, mpl = sess.cfg, sess.mpl
     totals, n = mpl.take_totals()
     keys = list(totals)
-    stacked = torch.stack([totals[k] for k in keys] + [mpl.skipped_total.float(), mpl.max_consecutive_skips.float()])
-    any_signal = signalled
-    if sess.ctx.distributed:
-        # The totals are global-batch averages already, equal on every rank (the step averages
-        # its losses); MAX keeps them and turns the appended flag into "some rank got a signal".
-        stacked = torch.cat([stacked, torch.full((1,), float(signalled), device=stacked.device)])
-        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
-        *values, flag = stacked.tolist()
-        any_signal = flag > 0
-    else:
-        values = stacked.tolist()
+    values = torch.stack([totals[k] for k in keys] + [mpl.skipped_total.float(),
+                                                      mpl.max_consecutive_skips.float()]).tolist()
     now = time.perf_counter()
     line = {"step": step, **{k: v / max(n, 1) for k, v in zip(keys, values)},
             "skipped_total": int(values[-2]), "lr_teacher": mpl.schedules.teacher(step - 1 - sess.clock_offset),
@@ -563,7 +561,6 @@ def _log_interval(sess: _Session, step: int, clock: dict, bar, signalled: bool) 
             f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h "
             f"(all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
             f"or check the data; the last checkpoint holds the last finite state.")
-    return any_signal
 
 
 def _end(sess: _Session, step: int, interrupted: int | None, seconds: float) -> dict:

@@ -99,3 +99,33 @@ def broadcast_from_rank0(modules: Iterable[nn.Module], group: dist.ProcessGroup 
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=src, group=group)
 
+
+
+class StopAgreement:
+    """Lets the ranks agree to stop after the same step (a signal reaches them at different
+    moments) without a device sync: every step, each rank posts its flag in an asynchronous
+    all_reduce on a CPU (gloo) group and reads the result posted one step earlier. Every rank
+    reads the same result at the same step, so all stop together, one step after the first
+    signal."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        import datetime  # noqa: PLC0415
+
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self._pending: tuple | None = None
+
+    def poll(self, signalled: bool) -> bool:
+        """Posts this rank's flag; True when some rank had posted a flag at the previous call."""
+        agreed = self.drain()
+        flag = torch.tensor([1.0 if signalled else 0.0])
+        self._pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return agreed
+
+    def drain(self) -> bool:
+        """Waits for the flag posted last (every rank posted it) and returns it."""
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return flag.item() > 0
