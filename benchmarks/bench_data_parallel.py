@@ -61,7 +61,7 @@ def _time_steps(mpl, streams, steps: int, clock0: int) -> list[float]:
 
 
 def _rank(rank: int, args, init_file: str, results):
-    from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, broadcast_from_rank0
+    from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
     from mpl_fast.parallel.distributed import DistContext
     from mpl_fast.train import _build_streams, build_mpl
 
@@ -93,7 +93,14 @@ def _rank(rank: int, args, init_file: str, results):
     elif args.profile:
         mpl.grad_sync = averager
         _time_steps(mpl, streams, 3, clock)
-    results[rank] = {"sync_s": statistics.median(sync), "alone_s": statistics.median(alone)}
+    agreement, polls = StopAgreement(), []
+    for _ in range(args.steps):  # the trainer's per-step stop flag, timed alone
+        t0 = time.perf_counter()
+        agreement.poll(False)
+        polls.append(time.perf_counter() - t0)
+    agreement.drain()
+    results[rank] = {"sync_s": statistics.median(sync), "alone_s": statistics.median(alone),
+                     "stop_poll_s": statistics.median(polls)}
     del mpl, streams
     dist.destroy_process_group()
 
@@ -139,6 +146,7 @@ def main() -> None:
         rows.append({"case": f"global batch {WORLD * args.batch}: 1 process ({threads} thread(s)) vs 2 ranks "
                              f"(1 thread each)", "baseline_s": single_s, "ours_s": sync_s, "ratio": sync_s / single_s,
                      "images_per_s_single": images / single_s, "images_per_s_dp": images / sync_s})
+    poll_s = max(r["stop_poll_s"] for r in per_rank.values())
     print(f"\n{args.preset}, per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
           f"median step time; 2-core CPU, gloo")
     print(f"{'case':<72} {'baseline':>10} {'ours':>10} {'ratio':>7}")
@@ -147,7 +155,9 @@ def main() -> None:
     print("images/s of the global batch (labeled + weak + strong): data parallel "
           f"{rows[1]['images_per_s_dp']:.0f}; single process " +
           ", ".join(f"{r['images_per_s_single']:.0f} ({t} thread(s))" for t, r in zip(single, rows[1:])))
-    write_json(args.json, {"preset": args.preset, "batch_per_rank": args.batch, "steps": args.steps,
+    print(f"trainer's per-step stop flag (StopAgreement.poll, async gloo all_reduce): {poll_s * 1e6:.0f} us "
+          f"({100 * poll_s / sync_s:.2f}% of a data-parallel step)")
+    write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "batch_per_rank": args.batch, "steps": args.steps,
                            "world_size": WORLD, "per_rank": per_rank, "rows": rows})
 
 
