@@ -372,7 +372,7 @@ def _check_config(cfg: TrainConfig) -> None:
 def _join_process_group(cfg: TrainConfig, timeout_s: float) -> tuple[DistContext, bool]:
     """This process's place in a torchrun job, and whether this call created the process group
     (then the run also destroys it). A single process touches no torch.distributed state."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and not dist.is_initialized():
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") and not dist.is_initialized():
         return DistContext(device=torch.device(cfg.device)), False
     owns = not dist.is_initialized()
     ctx = init_from_env(torch.device(cfg.device).type, timeout_s=timeout_s)

@@ -58,6 +58,26 @@ def _digits(out_dir, ranks: int = 1, **kw):
     return _set(cfg, **kw)
 
 
+@pytest.mark.parametrize("dataset", ["digits", "two-moons"])
+def test_embedded_ranks_slice_one_global_batch(dataset):
+    """N ranks at batch B see exactly the rows one process draws at batch N*B, augmentation included."""
+    from mpl_fast.data import build_streams
+
+    cfg = preset(dataset).data
+    cfg.batch_size = 4
+    one = build_streams(cfg, seed=3)
+    cfg.batch_size = 2
+    parts = [build_streams(cfg, seed=3, rank=r, world_size=WORLD) for r in range(WORLD)]
+    for _ in range(5):  # across epoch boundaries of the 6 labeled two-moons points too
+        for stream in ("labeled", "unlabeled"):
+            whole = next(getattr(one, stream))
+            sliced = [next(getattr(p, stream)) for p in parts]
+            for i in range(2):
+                assert torch.equal(whole[i], torch.cat([s[i] for s in sliced]))
+    with pytest.raises(ValueError, match="rank must be in"):
+        build_streams(cfg, seed=3, rank=2, world_size=WORLD)
+
+
 # ----------------------------------------------------------------------------- in the ranks
 
 _RECORD: dict = {}
