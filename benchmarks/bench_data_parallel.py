@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -157,7 +156,8 @@ def main() -> None:
           ", ".join(f"{r['images_per_s_single']:.0f} ({t} thread(s))" for t, r in zip(single, rows[1:])))
     print(f"trainer's per-step stop flag (StopAgreement.poll, async gloo all_reduce): {poll_s * 1e6:.0f} us "
           f"({100 * poll_s / sync_s:.2f}% of a data-parallel step)")
-    write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "batch_per_rank": args.batch, "steps": args.steps,
+    write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "batch_per_rank": args.batch,
+                           "steps": args.steps,
                            "world_size": WORLD, "per_rank": per_rank, "rows": rows})
 
 

@@ -199,7 +199,7 @@ def test_digits_with_batchnorm_stays_close_to_single_process(dp, tmp_path):
     single = ckpt.load(str(tmp_path / "single" / "checkpoint.pt"))["mpl"]
     parallel = ckpt.load(str(folder / "digits-no-dropout" / "checkpoint.pt"))["mpl"]
     for model in ("student", "teacher"):
-        (a, a0), (b, _b0) = _trained_parameters(single, init, model), _trained_parameters(parallel, init, model)
+        (a, a0), (b, _) = _trained_parameters(single, init, model), _trained_parameters(parallel, init, model)
         relative = ((a - b).norm() / (a - a0).norm()).item()
         cosine = torch.nn.functional.cosine_similarity(a - a0, b - a0, dim=0).item()
         assert relative < 0.35 and cosine > 0.93, (model, relative, cosine)
@@ -255,7 +255,8 @@ def test_resume_under_data_parallel_is_exact(dp):
 def test_a_signal_on_one_rank_stops_every_rank_one_step_later(dp):
     folder, ranks = dp
     for r in range(WORLD):  # rank 1's signal after step 6 is agreed on by all after step 7
-        assert ranks[r]["returned"]["digits-signal"]["interrupted"] and ranks[r]["returned"]["digits-signal"]["step"] == 7
+        returned = ranks[r]["returned"]["digits-signal"]
+        assert returned["interrupted"] and returned["step"] == 7
     assert ckpt.load(str(folder / "digits-signal" / "checkpoint.pt"))["step"] == 7
 
 
@@ -296,7 +297,8 @@ def _failing_rank(rank: int, port: int, out_dir: str, how: str, result_file: str
     os._exit(0)  # a stalled peer must not keep this process alive
 
 
-@pytest.mark.parametrize("how", ["raise", pytest.param("stall", marks=pytest.mark.slow)])  # stall: waits out the timeout
+# "stall" waits out the collective timeout
+@pytest.mark.parametrize("how", ["raise", pytest.param("stall", marks=pytest.mark.slow)])
 def test_a_dead_or_stalled_rank_makes_rank_zero_exit_with_a_clear_error(tmp_path, how):
     ctx = mp.get_context("spawn")
     port = _free_port()
