@@ -78,6 +78,18 @@ def test_embedded_ranks_slice_one_global_batch(dataset):
         build_streams(cfg, seed=3, rank=2, world_size=WORLD)
 
 
+def _cifar(out_dir, data_dir, ranks: int = WORLD, **kw):
+    """The cifar10-4k recipe on a tiny CIFAR-10-format folder, shrunk to a few CPU steps."""
+    cfg = preset("cifar10-4k")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.threads = 6, 2, 100, 0, 1
+    cfg.data.data_dir, cfg.data.labels_per_class, cfg.data.val_per_class = str(data_dir), 2, 1
+    cfg.data.batch_size, cfg.data.mu, cfg.data.num_workers, cfg.data.eval_batch_size = 2, 1, 0, 64
+    cfg.model.name = "digits-cnn"  # a small CNN: the wiring is under test, not WRN-28-2
+    cfg.mpl.student_wait_steps, cfg.finetune.steps = 0, 0
+    cfg.output_dir = str(out_dir)
+    return _set(cfg, **kw)
+
+
 # ----------------------------------------------------------------------------- in the ranks
 
 _RECORD: dict = {}
@@ -117,6 +129,10 @@ def _scenarios(rank: int, tmp: str) -> dict:
     go("digits-part", _digits(os.path.join(tmp, "digits-part"), WORLD, checkpoint_every=8), stop_after=7)
     _RECORD["current"] = "digits-resumed"
     returned["digits-resumed"] = run(None, resume=os.path.join(tmp, "digits-part"), progress=False, quiet=True)
+    cifar = os.path.join(tmp, "cifar-data")
+    go("cifar-part", _cifar(os.path.join(tmp, "cifar-part"), cifar), stop_after=3)
+    _RECORD["current"] = "cifar-resumed"
+    returned["cifar-resumed"] = run(None, resume=os.path.join(tmp, "cifar-part"), progress=False, quiet=True)
     _RECORD["signal"] = (1, 5)  # rank 1 alone gets a SIGTERM after its 6th step
     go("digits-signal", _digits(os.path.join(tmp, "digits-signal"), WORLD, steps=12))
     _RECORD["signal"] = None
@@ -138,7 +154,10 @@ def _rank_main(rank: int, init_file: str, tmp: str):
 @pytest.fixture(scope="module")
 def dp(tmp_path_factory):
     """Runs every scenario once in 2 gloo ranks; returns (folder, per-rank results)."""
+    from mpl_fast.data.tiny import write_tiny_cifar
+
     tmp = tmp_path_factory.mktemp("dp")
+    write_tiny_cifar(str(tmp / "cifar-data"), train_per_class=6, test_per_class=2)
     mp.spawn(_rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -258,6 +277,20 @@ def test_a_signal_on_one_rank_stops_every_rank_one_step_later(dp):
         returned = ranks[r]["returned"]["digits-signal"]
         assert returned["interrupted"] and returned["step"] == 7
     assert ckpt.load(str(folder / "digits-signal" / "checkpoint.pt"))["step"] == 7
+
+
+def test_files_on_disk_train_and_resume_under_data_parallel(dp):
+    """CIFAR-10 files through the torch DataLoader path, each rank reading its own shard (the
+    shards themselves are checked in test_data_pipelines.py): the trainer runs, stops, and
+    resumes from the checkpoint's stream positions on both ranks."""
+    folder, ranks = dp
+    assert ranks[0]["returned"]["cifar-part"]["interrupted"] and ranks[1]["returned"]["cifar-part"]["step"] == 3
+    assert ranks[0]["returned"]["cifar-resumed"]["steps"] == 6
+    assert ranks[1]["returned"]["cifar-resumed"] == {"rank": 1, "step": 6, "output_dir": str(folder / "cifar-part")}
+    assert [ln["step"] for ln in _train_lines(folder / "cifar-part")] == [2, 4, 6]
+    for name in ("cifar-part", "cifar-resumed"):  # the ranks stay equal with different data
+        for k, v in ranks[0]["recorded"][name]["params"].items():
+            assert torch.equal(v, ranks[1]["recorded"][name]["params"][k]), (name, k)
 
 
 # ----------------------------------------------------------------------------- failures
