@@ -10,6 +10,13 @@ The run writes to ``--output-dir`` (default runs/<preset>-<method>-<timestamp>):
 config.json, split.json, metrics.jsonl (one line per log interval and per evaluation),
 checkpoint.pt (atomic; every ``--checkpoint-every`` steps, at the end and on SIGINT/SIGTERM)
 and summary.json.
+
+``torchrun --nproc_per_node=N -m mpl_fast.train ...`` trains data parallel: every rank runs
+``run``; batch sizes are per rank; rank 0 alone writes, prints and evaluates (README,
+"Multi-process / multi-node"; mpl_fast.parallel.data_parallel for the gradient averaging).
+``--model-parallel`` puts the teacher and the student on different devices of one process, or
+under ``torchrun --nproc_per_node=2`` on two ranks (rank 0 the teacher, rank 1 the student;
+mpl_fast.parallel.model_parallel).
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -26,6 +32,7 @@ import time
 import typing
 
 import torch
+import torch.distributed as dist
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules, finetune, larger_batches
@@ -34,7 +41,8 @@ from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
-from mpl_fast.parallel.distributed import shutdown
+from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
+from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
 from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
 CHOICES = {
@@ -45,6 +53,8 @@ CHOICES = {
 }
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
+# Extra help for flags whose meaning depends on how the run is launched.
+HELP_NOTES = {"data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this"}
 NOT_YET = {
     "compile": "--compile is not supported by the trainer yet (its step mutates state outside the graph)",
 }
@@ -98,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe (default: digits)")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
+    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="under torchrun: a collective that waits this long for another rank fails the run "
+                             "with a message instead of hanging (default: 600)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build teacher and student on the meta device (no memory, no data), print their "
                              "parameter counts and a per-device memory estimate of one MPL step, and exit")
@@ -106,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + name.replace("_", "-")
         flags = [flag] + ([ALIASES[name]] if name in ALIASES else [])
-        kwargs = {"dest": name, "default": None, "help": f"default: the preset's (digits: {_get(digits, name)!r})"}
+        note = f"; {HELP_NOTES[name]}" if name in HELP_NOTES else ""
+        kwargs = {"dest": name, "default": None,
+                  "help": f"default: the preset's (digits: {_get(digits, name)!r}){note}"}
         if _parse_type(tp) is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -130,11 +145,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- pieces
 
-def _build_streams(cfg: TrainConfig, device: str | None = None):
+def _build_streams(cfg: TrainConfig, ctx: DistContext | None = None, device: str | None = None):
+    """The data streams for ``cfg`` (batches on ``device``, default this rank's); under data
+    parallel, this rank's shard of them (model-parallel ranks pass no ``ctx``: same batches)."""
     from mpl_fast.data import build_streams  # noqa: PLC0415
 
+    ctx = ctx or DistContext(device=torch.device(cfg.device))
     try:
-        return build_streams(cfg.data, seed=cfg.seed, device=device or cfg.device)
+        return build_streams(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+                             device=device or _device_name(cfg, ctx))
     except ModuleNotFoundError as exc:
         if "mpl_fast.data.files" in str(exc):
             raise SystemExit(f"error: preset {cfg.preset!r} reads {cfg.data.dataset} files from disk, and the "
@@ -145,11 +164,16 @@ def _build_streams(cfg: TrainConfig, device: str | None = None):
         raise SystemExit(f"error: {exc}") from None
 
 
-def _make_model(cfg: TrainConfig, streams, device=None) -> torch.nn.Module:
+def _device_name(cfg: TrainConfig, ctx: DistContext) -> str:
+    """cfg.device in a single process; this rank's device (cuda:LOCAL_RANK) under torchrun."""
+    return str(ctx.device) if ctx.distributed else cfg.device
+
+
+def _make_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
     shape = streams.input_shape
     in_channels = shape[0] if len(shape) == 3 else 1
     return create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
-                        in_channels=in_channels).to(device or cfg.device)
+                        in_channels=in_channels).to(device)
 
 
 def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
@@ -159,11 +183,13 @@ def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
                     nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
 
 
-def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | None = None) -> MPL:
+def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | None = None, *,
+              grad_sync: NoGradientSync | None = None) -> MPL:
     """Teacher, student (distinct random inits), optimizers and the MPL step object for ``cfg``.
 
     ``placement`` (default: both on ``cfg.device``) puts each network on its device; a process
-    that holds one half of a model-parallel run builds only that network."""
+    that holds one half of a model-parallel run builds only that network. ``grad_sync``
+    averages gradients under data parallel."""
     placement = placement or _placement(cfg)
     # The teacher's process of layout (b) builds the student too (on the CPU, then drops it), so
     # that the teacher starts from the same random weights as in one process.
@@ -187,17 +213,18 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
                baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
                grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
-               autocast=_precision(cfg, placement.data_device).autocast,
+               autocast=_precision(cfg, placement.data_device).autocast, grad_sync=grad_sync,
                link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes))
 
 
-def _placement(cfg: TrainConfig) -> model_parallel.Placement:
-    """Where teacher and student go (--model-parallel, --teacher-device, --student-device)."""
+def _placement(cfg: TrainConfig, device: str | None = None) -> model_parallel.Placement:
+    """Where teacher and student go (--model-parallel, --teacher-device, --student-device);
+    without --model-parallel both on ``device`` (default cfg.device)."""
     if cfg.model_parallel and cfg.method == "supervised":
         raise SystemExit("error: --model-parallel places the teacher and the student on different devices, and "
                          "--method supervised has no teacher")
     try:
-        return model_parallel.resolve_placement(cfg.model_parallel, cfg.device, cfg.teacher_device,
+        return model_parallel.resolve_placement(cfg.model_parallel, device or cfg.device, cfg.teacher_device,
                                                 cfg.student_device)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -272,20 +299,102 @@ class _Signals:
 
 # ----------------------------------------------------------------------------- the run
 
+class DataParallelFailure(RuntimeError):
+    """A collective failed: another rank died, or did not answer within the timeout."""
+
+
+@dataclasses.dataclass
+class _Session:
+    """What one run holds between setup, the loop and the end."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    out_dir: str
+    say: typing.Callable
+    streams: typing.Any
+    mpl: MPL
+    start_step: int = 0
+    clock_offset: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"val": -1.0, "step": -1, "state": None})
+    elapsed_before: float = 0.0
+    metrics: typing.Any = None  # the open metrics.jsonl on rank 0; None on the other ranks
+    stop_agreement: StopAgreement | None = None  # torchrun: when to act on a signal
+    # Model-parallel ranks (layout (b)) meet at evaluations and checkpoints; identity otherwise.
+    sync: model_parallel.RankSync = dataclasses.field(
+        default_factory=lambda: model_parallel.RankSync(model_parallel.Placement("single", "both", None, None)))
+
+    @property
+    def evaluates(self) -> bool:
+        """Rank 0 evaluates for data parallel; both model-parallel ranks measure what they hold."""
+        return self.ctx.is_main or self.sync.distributed
+
+    @property
+    def resumable(self) -> bool:
+        return all(hasattr(getattr(self.streams, n), "state_dict") for n in ("labeled", "unlabeled"))
+
+    def write_metrics(self, line: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(line) + "\n")
+            self.metrics.flush()
+
+
 def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, quiet: bool = False,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, dist_timeout: float = 600.0) -> dict:
     """Trains per ``cfg`` and returns the summary (also written to summary.json).
 
-    ``stop_after`` (tests) behaves like a SIGTERM after that many steps: checkpoint and return.
+    Under torchrun (WORLD_SIZE > 1 in the environment) every rank calls this: the ranks train
+    data parallel (see mpl_fast.parallel.data_parallel), rank 0 alone writes files, prints and
+    evaluates, and the other ranks return ``{"rank": r, "step": ..., "output_dir": ...}``.
+    Collectives time out after ``dist_timeout`` seconds. ``stop_after`` (tests) behaves like a
+    SIGTERM after that many steps: checkpoint and return.
     """
-    state = None
-    if resume is not None:
-        path = os.path.join(resume, "checkpoint.pt") if os.path.isdir(resume) else resume
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --resume {resume}: no checkpoint.pt there")
-        state = ckpt.load(path)
-        cfg = from_dict(state["config"])
-        cfg.output_dir = os.path.dirname(os.path.abspath(path))
+    cfg, state = _load_resume(cfg, resume)
+    _check_config(cfg)
+    ctx, owns_group = _join_process_group(cfg, dist_timeout)
+    sess = None
+    try:
+        sess = _setup(cfg, state, ctx, quiet, dist_timeout)
+        del state
+        step, interrupted, seconds = _train_loop(sess, progress, stop_after)
+        return _end(sess, step, interrupted, seconds)
+    except RuntimeError as exc:
+        if ctx.distributed and _is_collective_failure(exc):
+            raise DataParallelFailure(
+                f"rank {ctx.rank} of {ctx.world_size}: a collective operation failed, so another rank has "
+                f"probably died or stalled (see its own error above; timeout {dist_timeout:g} s). "
+                f"Cause: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise
+    finally:
+        if sess is not None and sess.metrics is not None:
+            sess.metrics.close()
+        del sess  # models and optimizers go before the process group (see shutdown())
+        if owns_group:
+            shutdown()
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """True for the errors torch.distributed raises when a peer is gone or a collective times out."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc).lower()  # gloo raises plain RuntimeErrors whose text names its source file
+    return "gloo" in text or "nccl" in text
+
+
+def _load_resume(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, dict | None]:
+    """(config, checkpoint) of the run to continue, or (cfg, None) for a fresh run."""
+    if resume is None:
+        return cfg, None
+    path = os.path.join(resume, "checkpoint.pt") if os.path.isdir(resume) else resume
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume {resume}: no checkpoint.pt there")
+    state = ckpt.load(path)
+    cfg = from_dict(state["config"])
+    cfg.output_dir = os.path.dirname(os.path.abspath(path))
+    return cfg, state
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Refuses what cannot run, before any work starts."""
     validate(cfg)
     for key, msg in NOT_YET.items():
         if getattr(cfg, key):
@@ -293,173 +402,267 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
-    placement = _placement(cfg)
-    sync = model_parallel.start(placement, cfg.device)  # layout (b): joins the torchrun group
+    _placement(cfg)  # a model-parallel layout that cannot work is refused before joining any group
+
+
+def _join_process_group(cfg: TrainConfig, timeout_s: float) -> tuple[DistContext, bool]:
+    """This process's place in a torchrun job, and whether this call created the process group
+    (then the run also destroys it). A single process touches no torch.distributed state."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") and not dist.is_initialized():
+        return DistContext(device=torch.device(cfg.device)), False
+    owns = not dist.is_initialized()
+    ctx = init_from_env(torch.device(cfg.device).type, timeout_s=timeout_s)
+    if ctx.world_size != dist.get_world_size():
+        raise SystemExit(f"error: WORLD_SIZE={ctx.world_size} but the process group has {dist.get_world_size()} ranks")
+    return ctx, owns
+
+
+def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, dist_timeout: float) -> _Session:
+    """Output folder, data, models (equal on every rank), and the resumed state if any."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir = cfg.output_dir or _default_output_dir(cfg)
+    if ctx.distributed:  # rank 0's timestamp names the folder for everyone
+        shared = [out_dir]
+        dist.broadcast_object_list(shared, src=0)
+        out_dir = shared[0]
     cfg.output_dir = out_dir
-    if sync.is_main:
+    if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
-    say = (lambda *a: None) if quiet or not sync.is_main else (lambda *a: print(*a, flush=True))
+    say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
 
     torch.manual_seed(cfg.seed)
-    streams = _build_streams(cfg, str(placement.data_device))
-    mpl = build_mpl(cfg, streams, placement)
-    start_step, clock_offset, best, elapsed_before = 0, 0, {"val": -1.0, "step": -1, "state": None}, 0.0
+    placement = _placement(cfg, _device_name(cfg, ctx))
+    sync = model_parallel.RankSync(placement)
+    data_parallel = ctx.distributed and not sync.distributed
+    # Model-parallel ranks read the same batches (only y_hat and h travel): no sharding.
+    streams = _build_streams(cfg, ctx if data_parallel else None, device=str(placement.data_device))
+    mpl = build_mpl(cfg, streams, placement, grad_sync=GradientAverager() if data_parallel else None)
+    if data_parallel:
+        broadcast_from_rank0(mpl.models().values())
+        if ctx.rank > 0:  # dropout and sampled pseudo labels: a different random stream per rank
+            torch.manual_seed(_rank_seed(cfg, ctx))
+        say(f"data parallel: {ctx.world_size} ranks ({dist.get_backend()}), {cfg.data.batch_size} labeled + "
+            f"{cfg.data.mu * cfg.data.batch_size} unlabeled per rank per step")
+    elif placement.layout != "single":
+        say(f"model parallel: teacher on {'rank 0' if sync.distributed else placement.teacher_device}, "
+            f"student on {'rank 1' if sync.distributed else placement.student_device}")
+    sess = _Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl, sync=sync,
+                    stop_agreement=StopAgreement(dist_timeout) if ctx.distributed else None)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if state is not None:
-        mpl.load_state_dict(state["mpl"])
-        if state["streams"] is not None:
-            for name in ("labeled", "unlabeled"):
-                getattr(streams, name).load_state_dict(state["streams"][name])
-        else:
-            say("warning: this data pipeline cannot save its position (DALI): the resumed run starts "
-                "its data streams from the first batch again")
-        rng = state["rng"] if sync.is_main else state["rng"]["student_rank"]  # layout (b): each its own
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        start_step, clock_offset = int(state["step"]), int(state["clock_offset"])
-        best = state["best"]
-        elapsed_before = float(state["elapsed"])
-        if sync.is_main:
-            _truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start_step)
-        say(f"resumed {out_dir} at step {start_step}")
-    elif sync.is_main:
+        _restore(sess, state)
+        if ctx.is_main:
+            _truncate_metrics(metrics_path, sess.start_step)
+        say(f"resumed {out_dir} at step {sess.start_step}")
+    elif ctx.is_main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
         with open(os.path.join(out_dir, "split.json"), "w") as f:
             json.dump(streams.split, f)
-        open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
-    resumable = all(hasattr(getattr(streams, n), "state_dict") for n in ("labeled", "unlabeled"))
+        open(metrics_path, "w").close()
+    if ctx.is_main:
+        sess.metrics = open(metrics_path, "a")
+    return sess
 
-    def checkpoint(step: int, elapsed: float) -> None:
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        state = sync.gather_checkpoint({
-            "config": to_dict(cfg), "step": step, "clock_offset": clock_offset, "mpl": mpl.state_dict(),
-            "streams": {n: getattr(streams, n).state_dict() for n in ("labeled", "unlabeled")} if resumable else None,
-            "rng": rng, "best": best, "elapsed": elapsed,
-        }, student_extra={"best": best, "rng": rng})
-        if state is not None:  # None in the student's process of layout (b): the teacher's writes the file
-            sd = state["mpl"]
-            if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
-                ckpt.save_atomic(state, os.path.join(out_dir, "checkpoint.pt"))
-            else:
-                say(f"warning: not checkpointing step {step}: the weights are not finite")
-        sync.barrier()  # layout (b): neither process goes on before the file is there
 
-    metrics = open(os.path.join(out_dir, "metrics.jsonl") if sync.is_main else os.devnull, "a")
+def _rank_seed(cfg: TrainConfig, ctx: DistContext) -> int:
+    return cfg.seed + 7_919 * ctx.rank
+
+
+def _restore(sess: _Session, state: dict) -> None:
+    """Loads a checkpoint into the session (every rank reads the same file)."""
+    mpl, streams, ctx = sess.mpl, sess.streams, sess.ctx
+    mpl.load_state_dict(state["mpl"])
+    if state["streams"] is not None:
+        for name in ("labeled", "unlabeled"):
+            getattr(streams, name).load_state_dict(state["streams"][name])
+    else:
+        sess.say("warning: this data pipeline cannot save its position (DALI): the resumed run starts "
+                 "its data streams from the first batch again")
+    rng = state["rng"]
+    if ctx.distributed:
+        per_rank = state.get("rng_per_rank") or []
+        rng = per_rank[ctx.rank] if len(per_rank) == ctx.world_size else None
+        if rng is None:  # saved by another number of ranks: fresh per-rank streams
+            torch.manual_seed(_rank_seed(cfg=sess.cfg, ctx=ctx) + int(state["step"]))
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    sess.start_step, sess.clock_offset = int(state["step"]), int(state["clock_offset"])
+    sess.best = state["best"]
+    sess.elapsed_before = float(state["elapsed"])
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
+    """Rank 0 writes checkpoint.pt atomically; under data parallel every rank calls this (it
+    gathers each rank's RNG state) and waits at a barrier until the file is written."""
+    rng = _rng_state()
+    per_rank = None
+    if sess.ctx.distributed:
+        per_rank = [None] * sess.ctx.world_size
+        dist.all_gather_object(per_rank, rng)
+    state = None
+    if sess.sync.distributed:  # model-parallel ranks: rank 0 gathers the student's half
+        state = sess.sync.gather_checkpoint(_checkpoint_state(sess, step, elapsed, rng),
+                                            student_extra={"best": sess.best, "rng": rng})
+    elif sess.ctx.is_main:
+        state = _checkpoint_state(sess, step, elapsed, rng)
+    if state is not None:
+        if per_rank is not None:
+            state["rng_per_rank"] = per_rank
+        sd = state["mpl"]
+        if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
+            ckpt.save_atomic(state, os.path.join(sess.out_dir, "checkpoint.pt"))
+        else:
+            sess.say(f"warning: not checkpointing step {step}: the weights are not finite")
+    if sess.ctx.distributed:
+        dist.barrier()
+
+
+def _checkpoint_state(sess: _Session, step: int, elapsed: float, rng: dict) -> dict:
+    streams = sess.streams
+    return {
+        "config": to_dict(sess.cfg), "step": step, "clock_offset": sess.clock_offset, "mpl": sess.mpl.state_dict(),
+        "streams": ({n: getattr(streams, n).state_dict() for n in ("labeled", "unlabeled")}
+                    if sess.resumable else None),
+        "rng": rng, "best": sess.best, "elapsed": elapsed,
+    }
+
+
+def _train_loop(sess: _Session, progress: bool, stop_after: int | None) -> tuple[int, int | None, float]:
+    """Steps until cfg.steps, a signal or ``stop_after``; returns (step, signal or None, seconds)."""
+    cfg, mpl, ctx = sess.cfg, sess.mpl, sess.ctx
     bar = None
-    if progress and sync.is_main:
+    if progress and ctx.is_main:
         from tqdm import tqdm  # noqa: PLC0415
-        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset}", dynamic_ncols=True,
-                   disable=None)
+        bar = tqdm(total=cfg.steps, initial=sess.start_step, desc=f"{cfg.method} {cfg.preset}",
+                   dynamic_ncols=True, disable=None)
     t0 = time.perf_counter()
-    t_log, step_log = t0, start_step
-    labeled, unlabeled = streams.labeled, streams.unlabeled
+    clock = {"t_log": t0, "step_log": sess.start_step, "t0": t0}
+    labeled, unlabeled = sess.streams.labeled, sess.streams.unlabeled
     interrupted = None
-    step = start_step
-    with _Signals() as signals:
-        while step < cfg.steps:
-            mpl.step(next(labeled), next(unlabeled), clock=step - clock_offset)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                # The one host read per interval: sums of losses and h, and the skip counters.
-                totals, n = mpl.take_totals()
-                keys = list(totals)
-                values = torch.stack([totals[k] for k in keys] + [mpl.skipped_total.float(),
-                                                                  mpl.max_consecutive_skips.float()]).tolist()
-                now = time.perf_counter()
-                line = {"step": step, **{k: v / max(n, 1) for k, v in zip(keys, values)},
-                        "skipped_total": int(values[-2]), "lr_teacher": mpl.schedules.teacher(step - 1 - clock_offset),
-                        "lr_student": mpl.schedules.student(step - 1 - clock_offset),
-                        "steps_per_s": (step - step_log) / max(now - t_log, 1e-9),
-                        "seconds": elapsed_before + now - t0}
-                t_log, step_log = now, step
-                clock_offset = int(values[-2])  # the schedule clock counts applied steps only
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
+    step = sess.start_step
+    try:
+        with _Signals() as signals:
+            while step < cfg.steps:
+                mpl.step(next(labeled), next(unlabeled), clock=step - sess.clock_offset)
+                step += 1
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    _log_interval(sess, step, clock, bar)
                 if bar is not None:
-                    bar.set_postfix(sps=f"{line['steps_per_s']:.1f}", lt=f"{line['loss_teacher']:.3f}",
-                                    ls=f"{line['loss_student']:.3f}", h=f"{line['h']:+.2e}", refresh=False)
-                if values[-1] >= cfg.max_nonfinite:
-                    metrics.close()
-                    if bar is not None:
-                        bar.close()
-                    raise TrainingStopped(
-                        f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h "
-                        f"(all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
-                        f"or check the data; the last checkpoint holds the last finite state.")
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                _evaluate(mpl, streams, cfg, step, best, metrics, elapsed_before + time.perf_counter() - t0, sync)
-            stop = signals.received is not None or (stop_after is not None and step - start_step >= stop_after)
-            if sync.distributed:  # both processes stop at the same step: they agree at log intervals
-                stop = step % cfg.log_every == 0 and sync.any(stop)
-            if stop:
-                interrupted = signals.received or signal.SIGTERM
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint(step, elapsed_before + time.perf_counter() - t0)
-    if bar is not None:
-        bar.close()
-    seconds = elapsed_before + time.perf_counter() - t0
-    if interrupted is not None:
-        checkpoint(step, seconds)
-        metrics.close()
-        say(f"stopped by signal {interrupted} at step {step}; checkpoint saved. "
-            f"Continue with: python -m mpl_fast.train --resume {out_dir}")
-        return {"interrupted": True, "step": step, "output_dir": out_dir}
+                    bar.update(1)
+                if step % cfg.eval_every == 0 and step < cfg.steps and sess.evaluates:
+                    _evaluate(sess, step, sess.elapsed_before + time.perf_counter() - t0)
+                # One process acts on a signal after the step it came in; data-parallel ranks
+                # must agree on the step, so they act on it one step later (StopAgreement).
+                if ctx.distributed:
+                    stop_requested = sess.stop_agreement.poll(signals.received is not None)
+                else:
+                    stop_requested = signals.received is not None
+                if stop_requested or (stop_after is not None and step - sess.start_step >= stop_after):
+                    interrupted = signals.received or signal.SIGTERM
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    _checkpoint(sess, step, sess.elapsed_before + time.perf_counter() - t0)
+        if sess.stop_agreement is not None:
+            sess.stop_agreement.drain()  # the last flag every rank posted
+    finally:
+        if bar is not None:
+            bar.close()
+    return step, interrupted, sess.elapsed_before + time.perf_counter() - t0
 
-    _evaluate(mpl, streams, cfg, step, best, metrics, seconds, sync)
-    checkpoint(step, seconds)
-    summary = _finish(cfg, mpl, streams, best, step, seconds, metrics, sync)
-    metrics.close()
-    if sync.is_main:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    say(_format_summary(summary))
+
+def _log_interval(sess: _Session, step: int, clock: dict, bar) -> None:
+    """Writes one metrics line (rank 0) and checks the skip counters: the one host read per
+    interval. Under data parallel the totals are already global-batch averages, equal on every
+    rank (the step averages its losses with the teacher's gradients), so no collective is needed."""
+    cfg, mpl = sess.cfg, sess.mpl
+    totals, n = mpl.take_totals()
+    keys = list(totals)
+    values = torch.stack([totals[k] for k in keys] + [mpl.skipped_total.float(),
+                                                      mpl.max_consecutive_skips.float()]).tolist()
+    now = time.perf_counter()
+    line = {"step": step, **{k: v / max(n, 1) for k, v in zip(keys, values)},
+            "skipped_total": int(values[-2]), "lr_teacher": mpl.schedules.teacher(step - 1 - sess.clock_offset),
+            "lr_student": mpl.schedules.student(step - 1 - sess.clock_offset),
+            "steps_per_s": (step - clock["step_log"]) / max(now - clock["t_log"], 1e-9),
+            "seconds": sess.elapsed_before + now - clock["t0"]}
+    if sess.ctx.distributed:
+        line["world_size"] = sess.ctx.world_size
+    clock["t_log"], clock["step_log"] = now, step
+    sess.clock_offset = int(values[-2])  # the schedule clock counts applied steps only
+    sess.write_metrics(line)
+    if bar is not None:
+        bar.set_postfix(sps=f"{line['steps_per_s']:.1f}", lt=f"{line['loss_teacher']:.3f}",
+                        ls=f"{line['loss_student']:.3f}", h=f"{line['h']:+.2e}", refresh=False)
+    if values[-1] >= cfg.max_nonfinite:
+        raise TrainingStopped(
+            f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h "
+            f"(all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
+            f"or check the data; the last checkpoint holds the last finite state.")
+
+
+def _end(sess: _Session, step: int, interrupted: int | None, seconds: float) -> dict:
+    """Checkpoint; then, unless interrupted, rank 0 evaluates, finetunes and writes summary.json
+    (the student's rank of a model-parallel run evaluates and finetunes what it holds)."""
+    if interrupted is not None:
+        _checkpoint(sess, step, seconds)
+        sess.say(f"stopped by signal {interrupted} at step {step}; checkpoint saved. "
+                 f"Continue with: python -m mpl_fast.train --resume {sess.out_dir}")
+        return {"interrupted": True, "step": step, "output_dir": sess.out_dir}
+    if sess.evaluates:
+        _evaluate(sess, step, seconds)
+    _checkpoint(sess, step, seconds)
+    summary = _finish(sess, step, seconds) if sess.evaluates else None
+    if not sess.ctx.is_main:  # the student's rank of a model-parallel run has the summary too
+        return summary if summary is not None else {"rank": sess.ctx.rank, "step": step, "output_dir": sess.out_dir}
+    with open(os.path.join(sess.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    sess.say(_format_summary(summary))
     return summary
 
 
-def _evaluate(mpl: MPL, streams, cfg: TrainConfig, step: int, best: dict, metrics, seconds: float,
-              sync: model_parallel.RankSync | None = None) -> dict:
-    """Validation (selection) and test (report only) accuracy of every model; keeps the best-val weights."""
+def _evaluate(sess: _Session, step: int, seconds: float) -> dict:
+    """Validation (selection) and test (report only) accuracy of every model; keeps the best-val weights.
+    Model-parallel ranks each measure the networks they hold; rank 0 writes the merged line."""
+    cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
     line = {"step": step, "eval": True, "seconds": seconds}
     for name, model in mpl.models().items():
         line[f"val_{name}"] = accuracy(model, streams.val)
         line[f"test_{name}"] = accuracy(model, streams.test)
-    if sync is not None:  # layout (b): each process measured the networks it holds
-        line = sync.merge(line)
+    line = sess.sync.merge(line)
     sel = _selection_model(cfg)
     val = line.get(f"val_{sel}")
     if val is not None and val > best["val"]:
         best.update(val=val, step=step,
                     state={k: v.detach().cpu().clone() for k, v in mpl.models()[sel].state_dict().items()}
                     if sel in mpl.models() else None)
-    metrics.write(json.dumps(line) + "\n")
-    metrics.flush()
+    sess.write_metrics(line)
     return line
 
 
-def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds: float, metrics,
-            sync: model_parallel.RankSync | None = None) -> dict:
+def _finish(sess: _Session, step: int, seconds: float) -> dict:
     """Final accuracies, the finetuned student, and the summary dict."""
+    cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
     val, test = {}, {}
     for name, model in mpl.models().items():
         val[name], test[name] = accuracy(model, streams.val), accuracy(model, streams.test)
-    sel = _selection_model(cfg)
-    if sel in mpl.models():
-        _finish_selected(cfg, mpl, streams, best, val, test, quiet=sync is not None and not sync.is_main)
-    if sync is not None:  # layout (b): each process measured the networks it holds
-        val, test = sync.merge(val), sync.merge(test)
+    if _selection_model(cfg) in mpl.models():  # model parallel: on the rank that holds it
+        _finish_selected(cfg, mpl, streams, best, val, test, quiet=not sess.ctx.is_main)
+    val, test = sess.sync.merge(val), sess.sync.merge(test)
     headline = _headline_model(cfg)
     if headline == "ema" or headline == "student":
         headline = "selected" if best["step"] >= 0 else headline
-    metrics.write(json.dumps({"step": step, "final": True, **{f"val_{k}": v for k, v in val.items()},
-                              **{f"test_{k}": v for k, v in test.items()}}) + "\n")
+    sess.write_metrics({"step": step, "final": True, **{f"val_{k}": v for k, v in val.items()},
+                        **{f"test_{k}": v for k, v in test.items()}})
+    sel = _selection_model(cfg)
     return {
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
         "feedback": cfg.mpl.feedback if cfg.method == "mpl" else None,
@@ -471,8 +674,7 @@ def _finish(cfg: TrainConfig, mpl: MPL, streams, best: dict, step: int, seconds:
 
 def _finish_selected(cfg: TrainConfig, mpl: MPL, streams, best: dict, val: dict, test: dict, quiet: bool) -> None:
     """The best-validation weights of the selection model, then finetuned; their accuracies into val/test."""
-    sel = _selection_model(cfg)
-    selected = copy.deepcopy(mpl.models()[sel])
+    selected = copy.deepcopy(mpl.models()[_selection_model(cfg)])
     if best["state"] is not None:  # best on validation (never on test)
         selected.load_state_dict(best["state"])
     val["selected"], test["selected"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
@@ -559,12 +761,13 @@ def main(argv: list[str] | None = None) -> int:
         print(dry_run_report(cfg))
         return 0
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, dist_timeout=args.dist_timeout)
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    finally:
-        shutdown()  # leaves the torchrun process group, if this run joined one
+    except DataParallelFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

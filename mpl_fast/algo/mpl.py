@@ -39,6 +39,7 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
+from mpl_fast.parallel.data_parallel import NoGradientSync
 from mpl_fast.parallel.model_parallel import InProcessLink
 
 METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
@@ -92,7 +93,8 @@ class MPL:
                  baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, link=None):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 grad_sync: NoGradientSync | None = None, link=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if feedback not in fb.FEEDBACK_MODES:
@@ -105,6 +107,9 @@ class MPL:
             raise ValueError(f"method {method!r} needs a teacher and its optimizer")
         if link.holds_student and (student is None or student_opt is None):
             raise ValueError("the student half needs the student and its optimizer")
+        if grad_sync is not None and grad_sync.active and not (link.holds_teacher and link.holds_student):
+            raise ValueError("data-parallel gradient averaging needs both halves in each process; "
+                             "model-parallel ranks (one half each) cannot also be data parallel")
         self.link = link
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt
@@ -121,6 +126,8 @@ class MPL:
         self.sup_weight = sup_weight
         self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
         self.autocast = autocast  # e.g. bf16 torch.autocast, for the teacher's forward only
+        # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel.data_parallel).
+        self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
         self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 and student is not None else None
         # Counters and log totals live with the teacher when this process has it: it receives h.
@@ -247,6 +254,7 @@ class MPL:
         loss = cross_entropy(self.student(x_l), y_l, self.label_smoothing)
         self.student_opt.zero_grad(set_to_none=True)
         loss.backward()
+        (loss,) = self.grad_sync.average_grads_and_values(self.student, [loss])
         _clip(self.student, self.grad_clip_student)
         self.student_opt.step()
         ok = torch.isfinite(loss)
@@ -278,7 +286,9 @@ class MPL:
 
         ok = None
         if link.holds_teacher:                                                          # 4.
+            terms["loss_student"] = loss_student  # averaged with the teacher's terms under data parallel
             self._teacher_step(terms, t_us, y_hat, h)
+            loss_student = terms.pop("loss_student")
             ok = torch.isfinite(terms["loss_teacher"]) & torch.isfinite(h) & torch.isfinite(loss_student)
         ok_student = link.verdict(ok)
         if ok is None:  # a student-only process: its counters follow the teacher's verdict
@@ -308,12 +318,14 @@ class MPL:
 
     def _teacher_step(self, terms: dict, t_us: torch.Tensor, y_hat: torch.Tensor | None, h: torch.Tensor) -> None:
         """4. The teacher's step; the MPL term uses the SAME y_hat the student learned from.
-        Updates ``terms`` (loss_teacher, loss_mpl) in place."""
+        Updates ``terms`` (loss_teacher, loss_mpl; all of them averaged over data-parallel ranks) in place."""
         if y_hat is not None and self.method == "mpl":
             terms["loss_mpl"] = cross_entropy(t_us, y_hat)
             terms["loss_teacher"] = terms["loss_teacher"] + self.mpl_weight * h.detach() * terms["loss_mpl"]
         self.teacher_opt.zero_grad(set_to_none=True)
         terms["loss_teacher"].backward()
+        # (3) data parallel: the teacher's gradients and every logged loss, averaged in one all_reduce.
+        terms.update(zip(terms, self.grad_sync.average_grads_and_values(self.teacher, list(terms.values()))))
         _clip(self.teacher, self.grad_clip_teacher)
         self.teacher_opt.step()
 
@@ -330,6 +342,7 @@ class MPL:
         loss_student = cross_entropy(student(x_us), y_hat)
         self.student_opt.zero_grad(set_to_none=True)
         loss_student.backward()
+        self.grad_sync.average_([p.grad for p in self._student_params])  # (1) g_u
         _clip(student, self.grad_clip_student)
         g_u = [p.grad for p in self._student_params]  # SGD leaves .grad as it was: this is g_u
         self.student_opt.step()                        # (swap in mpl_fast.optim.FusedSGD here)
@@ -340,10 +353,12 @@ class MPL:
             if self.feedback == "finite-diff":
                 with torch.no_grad():
                     new_loss = cross_entropy(student(x_l), y_l)
+                self.grad_sync.average_([old_loss, new_loss])
                 h = fb.finite_diff(old_loss, new_loss)
             else:
                 new_loss = cross_entropy(student(x_l), y_l)
                 g_l_new = torch.autograd.grad(new_loss, self._student_params)
+                self.grad_sync.average_(g_l_new)  # (2): the same h on every rank
         if self.feedback == "grad-dot":
             h = fb.grad_dot(lr_s, g_l_new, g_u)
         elif self.feedback == "update-dot":  # delta theta from the guard's copy of theta_S before the step

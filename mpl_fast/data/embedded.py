@@ -18,6 +18,13 @@ Gaussian jitter (std 0.05).
 
 Every random choice comes from torch.Generators owned by the streams, whose states the
 streams save and restore (``state_dict``/``load_state_dict``), so resumed runs are exact.
+
+Data parallel (``world_size`` > 1): ``batch_size`` is per rank. Every rank draws and augments
+the same global batch of world_size * batch_size rows (same seeds) and keeps its slice, rows
+rank*B .. (rank+1)*B. These sets are tiny, so the duplicated work costs little, and the data a
+run sees does not depend on how it is split: N ranks at batch B see exactly the batches of one
+process at batch N*B, and every rank's stream state is the same (any rank's checkpoint resumes
+any other).
 """
 
 from __future__ import annotations
@@ -74,9 +81,10 @@ class _Stream:
     """An infinite iterator of augmented batches with a resumable state."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, seed: int,
-                 views: tuple[Callable, ...], device: str):
+                 views: tuple[Callable, ...], device: str, rank: int = 0, world_size: int = 1):
         self.x, self.y, self.views, self.device = x, y, views, device
-        self.indices = IndexBatches(len(x), batch_size, seed)
+        self.rank, self.world_size = rank, world_size
+        self.indices = IndexBatches(len(x), batch_size * world_size, seed)  # the global batch
         self.aug_gen = torch.Generator().manual_seed(seed + 7919)
 
     def __iter__(self):
@@ -85,10 +93,15 @@ class _Stream:
     def __next__(self):
         idx = self.indices.next()
         raw = self.x[idx]
-        views = [view(raw, self.aug_gen).to(self.device) for view in self.views]
+        views = [self._mine(view(raw, self.aug_gen)).to(self.device) for view in self.views]
         if self.y is not None:  # labeled: (view, label)
-            return views[0], self.y[idx].to(self.device)
+            return views[0], self._mine(self.y[idx]).to(self.device)
         return views[0], views[1]  # unlabeled: (weak, strong)
+
+    def _mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch."""
+        per_rank = rows.shape[0] // self.world_size
+        return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def state_dict(self) -> dict:
         return {"indices": self.indices.state_dict(), "aug_gen": self.aug_gen.get_state().clone()}
@@ -198,9 +211,12 @@ def build_embedded_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_s
     labeled, val = _per_class_split(ytr, per_class, cfg.val_per_class, seed)
     unlabeled = np.setdiff1d(np.arange(len(ytr)), val)  # labeled images are also unlabeled data
     X, Y = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    stream_seed = seed * 1_000_003 + rank * 7_919 + 1  # each rank draws its own batches
-    labeled_stream = _Stream(X[labeled], Y[labeled], cfg.batch_size, stream_seed, (weak,), device)
-    unlabeled_stream = _Stream(X[unlabeled], None, cfg.mu * cfg.batch_size, stream_seed + 1, (weak, strong), device)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    stream_seed = seed * 1_000_003 + 1  # the same on every rank: each takes its slice of one global batch
+    labeled_stream = _Stream(X[labeled], Y[labeled], cfg.batch_size, stream_seed, (weak,), device, rank, world_size)
+    unlabeled_stream = _Stream(X[unlabeled], None, cfg.mu * cfg.batch_size, stream_seed + 1, (weak, strong), device,
+                               rank, world_size)
     return DataStreams(
         labeled=labeled_stream,
         unlabeled=unlabeled_stream,

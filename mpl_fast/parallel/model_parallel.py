@@ -231,7 +231,7 @@ class RankSync:
 
     Rank 0 (the teacher's) is the main process: it logs, writes the metrics, the checkpoint
     (it gathers the student's half: one atomic file) and the summary. Both processes run the
-    trainer's loop in lockstep and meet only at evaluations, checkpoints and log intervals.
+    trainer's loop in lockstep and meet only at evaluations, checkpoints and the per-step stop flag.
     """
 
     def __init__(self, placement: Placement):
@@ -246,14 +246,6 @@ class RankSync:
         gathered = [None, None]
         dist.all_gather_object(gathered, _to_cpu(values))
         return {**gathered[STUDENT_RANK], **gathered[TEACHER_RANK]}
-
-    def any(self, flag: bool) -> bool:
-        """True on both processes when either passes True (a signal asks the run to stop)."""
-        if not self.distributed:
-            return flag
-        gathered = [None, None]
-        dist.all_gather_object(gathered, bool(flag))
-        return any(gathered)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -277,13 +269,3 @@ class RankSync:
             merged["best"] = theirs["best"]
         merged["rng"] = dict(state["rng"], student_rank=theirs["rng"])
         return merged
-
-
-def start(placement: Placement, device: str, timeout_s: float = 600.0) -> RankSync:
-    """Joins the torchrun process group for layout (b) (gloo on CPU, NCCL on CUDA; collectives
-    and send/recv time out after ``timeout_s``, so a dead peer ends the run with an error)."""
-    if placement.layout == "ranks":
-        from mpl_fast.parallel.distributed import init_from_env  # noqa: PLC0415
-
-        init_from_env(device, timeout_s=timeout_s)
-    return RankSync(placement)
