@@ -107,7 +107,7 @@ def write_tiny_imagefolder(root: str, *, num_classes: int = 3, train_per_class: 
                 crop.save(os.path.join(folder, f"{split}_{c}_{i}.jpg"), quality=90)
     if bad_files:
         train0 = os.path.join(root, "train", "class_00")
-        with open(os.path.join(train0, f"train_0_0.jpg"), "rb") as f:
+        with open(os.path.join(train0, "train_0_0.jpg"), "rb") as f:
             whole = f.read()
         with open(os.path.join(train0, "truncated.jpg"), "wb") as f:
             f.write(whole[: len(whole) // 3])
