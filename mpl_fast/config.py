@@ -83,7 +83,8 @@ class TrainConfig:
     threads: int = 0                # torch CPU threads (0 = torch's default)
     amp: bool = False
     model_parallel: bool = False
-    compile: bool = False
+    compile: bool = False           # torch.compile of the teacher's and student's forwards
+    channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: OptimConfig = field(default_factory=OptimConfig)

@@ -32,6 +32,7 @@ from mpl_fast.algo import MPL, Schedules, finetune, larger_batches
 from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, from_dict, preset, to_dict, validate
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
+from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
@@ -45,7 +46,6 @@ CHOICES = {
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 NOT_YET = {
     "model_parallel": "--model-parallel is not implemented yet (see issue 8)",
-    "compile": "--compile is not supported by the trainer yet (its step mutates state outside the graph)",
 }
 
 
@@ -147,8 +147,10 @@ def _build_streams(cfg: TrainConfig):
 def _make_model(cfg: TrainConfig, streams) -> torch.nn.Module:
     shape = streams.input_shape
     in_channels = shape[0] if len(shape) == 3 else 1
-    return create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
-                        in_channels=in_channels).to(cfg.device)
+    model = create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
+                         in_channels=in_channels).to(cfg.device)
+    # The layout is set before the optimizers, the step guard and the EMA see the tensors.
+    return to_channels_last(model) if use_channels_last(model, cfg.device, cfg.channels_last) else model
 
 
 def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
@@ -170,13 +172,16 @@ def build_mpl(cfg: TrainConfig, streams) -> MPL:
         min_lr_ratio=cfg.student.min_lr_ratio,
         student_wait=0 if cfg.method == "supervised" else m.student_wait_steps,
         uda_weight=m.uda_weight if cfg.method in ("mpl", "uda") else 0.0, uda_ramp=m.uda_ramp_steps)
-    return MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
-               _sgd(student, cfg.student), schedules, method=cfg.method, feedback=m.feedback,
-               pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
-               baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
-               uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
-               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
-               autocast=_precision(cfg).autocast)
+    mpl = MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
+                _sgd(student, cfg.student), schedules, method=cfg.method, feedback=m.feedback,
+                pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
+                baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
+                uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
+                grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
+                autocast=_precision(cfg).autocast)
+    if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
+        compile_modules(mpl.teacher, mpl.student)
+    return mpl
 
 
 def _precision(cfg: TrainConfig) -> PrecisionPolicy:
