@@ -1,7 +1,8 @@
 """How the trainer lays out and compiles its models for speed (issue 9).
 
-- channels_last: convolutions on CPU (oneDNN) and on GPU (cuDNN with tensor cores) run faster
-  on NHWC activations. Converting the module once is enough: a convolution whose weight is
+- channels_last: convolutions on the CPU (oneDNN) run faster on NHWC activations (WRN-28-2 MPL
+  step 1.14-1.22x, benchmarks/RESULTS.md); on a GPU cuDNN's tensor-core kernels are NHWC too
+  (expected to help, not measured here: no GPU). Converting the module once is enough: a convolution whose weight is
   channels_last makes its input channels_last too (one conversion per forward, at the stem),
   and every later activation stays NHWC. Only 4-d tensors change; an MLP is untouched. It must
   happen before the optimizers, the step guard and the EMA take their references and copies.
