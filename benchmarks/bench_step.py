@@ -26,8 +26,10 @@ cases agree to round-off; bf16 does not); "|dθ| end" = the same after all steps
 differences of ~1e-7 in the teacher grow by ~100-1000x per step at these learning rates (a
 random-init WRN in train-mode BatchNorm is that sensitive), so only the first is a correctness
 check (tests/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
-fast path with torch.profiler ranges (teacher fwd/bwd, student fwd/bwd, feedback fwd/bwd/dot,
-optimizers, EMA, the fast path's non-finite guard; "other" = losses, concat, schedules).
+fast path, NCHW and channels_last (PHASE_CASES), with torch.profiler ranges (teacher fwd/bwd,
+student fwd/bwd, feedback fwd/bwd/dot, optimizers, EMA, the fast path's non-finite guard;
+"other" = losses, concat, schedules) and the convolution ops' share of the step; compiled cases
+get none (the hooks would break their graphs).
 
     python benchmarks/bench_step.py [--quick] [--batch 16] [--mu 7] [--steps 5] [--compile]
         [--json PATH] [--profile DIR] [--device cpu|cuda] [--nvtx]
