@@ -9,13 +9,16 @@ alternation (one step of each in turn), so a load spike on a shared machine hits
 Cases (WRN-28-2 at 32x32; ResNet-50 at 224 unless --quick):
   plain            benchmarks/plain_mpl.py: per-tensor torch.dot loop, torch.optim.SGD(foreach=False),
                    .item() host reads, per-tensor EMA (the popular ports' way)
-  fast             mpl_fast.algo.MPL with torch.optim.SGD (what mpl_fast.train builds today)
+  fast             mpl_fast.algo.MPL with torch.optim.SGD
   fast+fusedsgd    mpl_fast.algo.MPL with mpl_fast.optim.FusedSGD for teacher and student
   ...+bf16         the same step under torch.autocast(bfloat16) (not numerically the same: speed only;
                    h_step1 in the JSON shows how far its feedback moves)
   ...+bf16teacher  only the teacher's forward under bf16 autocast (student and feedback in fp32)
-  ...+cl           models and inputs in channels_last
-  ...+compile      models compiled with torch.compile (--compile; slow to compile on a small CPU)
+  ...+cl           models in channels_last (mpl_fast.models.speed; fast+fusedsgd+cl is what
+                   mpl_fast.train runs by default; the inputs stay NCHW, the first conv converts them)
+  ...+compile      teacher and student compiled in place (mpl_fast.models.speed.compile_modules, as
+                   ``mpl_fast.train --compile``; eager RNG, so the dropout masks match plain's)
+  fast+fusedsgd+cl+compile  the combined fast path (= mpl_fast.train --compile); with --compile
 
 "ratio" = plain s/step / case s/step (> 1: faster than plain). "|dθ| st1" = the largest
 difference of any teacher/student parameter from the plain path's after the first step (fp32
@@ -23,8 +26,10 @@ cases agree to round-off; bf16 does not); "|dθ| end" = the same after all steps
 differences of ~1e-7 in the teacher grow by ~100-1000x per step at these learning rates (a
 random-init WRN in train-mode BatchNorm is that sensitive), so only the first is a correctness
 check (tests/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
-fast path with torch.profiler ranges (teacher fwd/bwd, student fwd/bwd, feedback fwd/bwd/dot,
-optimizers, EMA, the fast path's non-finite guard; "other" = losses, concat, schedules).
+fast path, NCHW and channels_last (PHASE_CASES), with torch.profiler ranges (teacher fwd/bwd,
+student fwd/bwd, feedback fwd/bwd/dot, optimizers, EMA, the fast path's non-finite guard;
+"other" = losses, concat, schedules) and the convolution ops' share of the step; compiled cases
+get none (the hooks would break their graphs).
 
     python benchmarks/bench_step.py [--quick] [--batch 16] [--mu 7] [--steps 5] [--compile]
         [--json PATH] [--profile DIR] [--device cpu|cuda] [--nvtx]
@@ -56,6 +61,7 @@ from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 from mpl_fast.algo import MPL, Schedules  # noqa: E402
 from mpl_fast.algo import feedback as fb  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
+from mpl_fast.models.speed import compile_modules, to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
@@ -82,17 +88,12 @@ def schedules() -> Schedules:
 class Case:
     """One way of running the step: a step object, and how to call it."""
 
-    def __init__(self, name: str, stepper, *, autocast: torch.dtype | None = None, channels_last: bool = False,
-                 exact: bool = True):
+    def __init__(self, name: str, stepper, *, autocast: torch.dtype | None = None, exact: bool = True):
         self.name, self.stepper, self.autocast = name, stepper, autocast
-        self.channels_last, self.exact = channels_last, exact
+        self.exact = exact
         self.times: list[float] = []
 
     def step(self, labeled, unlabeled, clock: int, device: torch.device):
-        if self.channels_last:
-            fmt = torch.channels_last
-            labeled = (labeled[0].contiguous(memory_format=fmt), labeled[1])
-            unlabeled = tuple(x.contiguous(memory_format=fmt) for x in unlabeled)
         ctx = torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
             return self.stepper.step(labeled, unlabeled, clock)
@@ -116,8 +117,8 @@ def build_cases(model: str, num_classes: int, dropout: float, device: torch.devi
     for variant in variants:
         teacher, student = copy.deepcopy(teacher0).to(device), copy.deepcopy(student0).to(device)
         parts = variant.split("+")
-        if "cl" in parts:
-            teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+        if "cl" in parts:  # before the optimizers, guard and EMA take their references
+            teacher, student = to_channels_last(teacher), to_channels_last(student)
         if "bf16teacher" in parts:
             teacher = AutocastForward(teacher, device.type)
         if parts[0] == "plain":
@@ -128,10 +129,9 @@ def build_cases(model: str, num_classes: int, dropout: float, device: torch.devi
             stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
                           schedules(), method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
         if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
-            teacher.compile()
-            student.compile()
+            compile_modules(teacher, student)
         cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,
-                          channels_last="cl" in parts, exact=not any(p.startswith("bf16") for p in parts)))
+                          exact=not any(p.startswith("bf16") for p in parts)))
     return cases
 
 
@@ -275,8 +275,14 @@ class PhaseRanges:
             undo()
 
 
+# Cases with a per-phase breakdown. Not the compiled ones: the phase hooks would run inside the
+# compiled forward and break its graph (their share is in the s/step table only).
+PHASE_CASES = ("plain", "fast+fusedsgd", "fast+fusedsgd+cl")
 PHASES = ("teacher fwd", "teacher bwd", "student fwd", "student bwd", "feedback fwd", "feedback bwd", "feedback dot",
           "teacher optimizer", "student optimizer", "ema", "guard (non-finite undo)")
+
+
+COMBINED = "fast+fusedsgd+cl+compile"  # what mpl_fast.train --compile runs
 
 
 def phase_table(per_phase: dict, step_total: float, steps: int) -> dict:
@@ -307,8 +313,16 @@ def profile_phases(case: Case, batches, first: int, steps: int, device: torch.de
                 run_step(case, batches[i % len(batches)], i, device)
     if trace_path:
         prof.export_chrome_trace(trace_path)
-    totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in PHASES + ("mpl step",)}
-    return phase_table(totals, totals.pop("mpl step", 0.0), steps)
+    events = prof.key_averages()
+    totals = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in PHASES + ("mpl step",)}
+    step_total = totals.pop("mpl step", 0.0)
+    table = phase_table(totals, step_total, steps)
+    # Self time of every convolution op (forward, backward, oneDNN or native): how much of the
+    # step no change outside the convolution kernels can touch.
+    conv_s = sum(e.self_cpu_time_total for e in events if "conv" in e.key.lower()) / 1e6
+    table["conv (self time, all phases)"] = round(1e3 * conv_s / steps, 1)
+    table["conv share %"] = round(100 * conv_s / max(step_total, 1e-9), 1)
+    return table
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -349,6 +363,10 @@ def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: 
                      "max_param_diff_vs_plain_step1": case.first_step_diff, "h_step1": case.first_step_h,
                      "max_param_diff_vs_plain_end": max_param_diff(case, plain), "exact": case.exact,
                      "warmup_s": round(case.warmup_s, 2)})
+    combined = next((r for r in rows if r["case"] == COMBINED), None)
+    if combined is not None:
+        print(f"combined fast path ({COMBINED}) vs plain: {combined['ratio_vs_plain']:.2f}x (medians), "
+              f"{min(plain.times) / combined['min_s']:.2f}x (minima)")
     print(f"{'case':<26} {'s/step':>8} {'min':>8} {'img/s':>8} {'ratio':>7} {'|dθ| st1':>9} {'|dθ| end':>9} {'warm-up s':>9}")
     for r in rows:
         print(f"{r['case']:<26} {r['s_per_step']:>8.3f} {r['min_s']:>8.3f} {r['images_per_s']:>8.1f} "
@@ -359,7 +377,7 @@ def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: 
     breakdown, profiled = {}, {}
     first = warmup + steps
     for case in cases:
-        if not phases or case.name not in ("plain", "fast+fusedsgd"):
+        if not phases or case.name not in PHASE_CASES:
             continue
         breakdown[case.name] = time_phases(case, batches, first, 2, device)
         trace = None
@@ -377,6 +395,8 @@ def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: 
             line += "".join(f"{100 * breakdown[n][phase] / max(breakdown[n]['step'], 1e-9):>6.1f}%" for n in names)
             line += " |" + "".join(f"{profiled[n][phase]:>15.1f}" for n in names)
             print(line)
+        for key in ("conv (self time, all phases)", "conv share %"):
+            print(f"{key:<26}" + " " * (22 * len(names)) + " |" + "".join(f"{profiled[n][key]:>15.1f}" for n in names))
     return {"model": model, "image_size": size, "batch": batch, "mu": mu, "images_per_step": images,
             "warmup_steps": warmup, "timed_steps": steps, "rows": rows, "phases_ms_wall": breakdown,
             "phases_ms_profiler": profiled}
@@ -391,7 +411,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resnet-mu", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models (slow to compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also time the combined fast path {COMBINED} (torch.compile: slow to compile)")
     parser.add_argument("--cases", default=None, help="comma-separated WRN cases (default: all)")
     parser.add_argument("--models", default="wrn28-2,resnet50", help="which models (--quick: wrn28-2 only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -407,11 +428,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     wrn_cases = ["plain", "fast", "fast+fusedsgd", "fast+fusedsgd+bf16", "fast+fusedsgd+cl"]
     if args.quick:
-        wrn_cases = ["plain", "fast", "fast+fusedsgd"]
+        wrn_cases = ["plain", "fast+fusedsgd", "fast+fusedsgd+cl"]
     if args.cases:
         wrn_cases = args.cases.split(",")
     if args.compile:
-        wrn_cases.append("fast+fusedsgd+compile")
+        wrn_cases.append(COMBINED)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_threads": torch.get_num_threads(), "device": str(device),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -426,7 +447,7 @@ def main(argv=None) -> int:
                                              phases=not args.no_phases))
     if "resnet50" in models:
         results["models"].append(bench_model("resnet50", 224, args.resnet_batch, args.resnet_mu, max(2, args.steps // 2),
-                                             1, ["plain", "fast+fusedsgd", "fast+fusedsgd+bf16"], device,
+                                             1, ["plain", "fast+fusedsgd", "fast+fusedsgd+cl", "fast+fusedsgd+bf16"], device,
                                              dropout=0.0, profile_dir=args.profile, phases=not args.no_phases))
     nvtx.__exit__(None, None, None)
     write_json(args.json, results)

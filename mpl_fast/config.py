@@ -85,7 +85,8 @@ class TrainConfig:
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
     teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
     student_device: str | None = None
-    compile: bool = False
+    compile: bool = False           # torch.compile of the teacher's and student's forwards
+    channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: OptimConfig = field(default_factory=OptimConfig)

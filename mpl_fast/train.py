@@ -39,6 +39,7 @@ from mpl_fast.algo import MPL, Schedules, finetune, larger_batches
 from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, from_dict, preset, to_dict, validate
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
 from mpl_fast.models import create_model
+from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
 from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
@@ -55,9 +56,6 @@ CHOICES = {
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 # Extra help for flags whose meaning depends on how the run is launched.
 HELP_NOTES = {"data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this"}
-NOT_YET = {
-    "compile": "--compile is not supported by the trainer yet (its step mutates state outside the graph)",
-}
 
 
 class TrainingStopped(RuntimeError):
@@ -172,8 +170,10 @@ def _device_name(cfg: TrainConfig, ctx: DistContext) -> str:
 def _make_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
     shape = streams.input_shape
     in_channels = shape[0] if len(shape) == 3 else 1
-    return create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
-                        in_channels=in_channels).to(device)
+    model = create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
+                         in_channels=in_channels).to(device)
+    # The layout is set before the optimizers, the step guard and the EMA see the tensors.
+    return to_channels_last(model) if use_channels_last(model, device, cfg.channels_last) else model
 
 
 def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
@@ -206,15 +206,18 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
         min_lr_ratio=cfg.student.min_lr_ratio,
         student_wait=0 if cfg.method == "supervised" else m.student_wait_steps,
         uda_weight=m.uda_weight if cfg.method in ("mpl", "uda") else 0.0, uda_ramp=m.uda_ramp_steps)
-    return MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
-               _sgd(student, cfg.student) if student is not None else None, schedules,
-               method=cfg.method, feedback=m.feedback,
-               pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
-               baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
-               uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
-               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
-               autocast=_precision(cfg, placement.data_device).autocast, grad_sync=grad_sync,
-               link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes))
+    mpl = MPL(teacher, student, _sgd(teacher, cfg.teacher) if teacher is not None else None,
+              _sgd(student, cfg.student) if student is not None else None, schedules,
+              method=cfg.method, feedback=m.feedback,
+              pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
+              baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
+              uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
+              grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
+              autocast=_precision(cfg, placement.data_device).autocast, grad_sync=grad_sync,
+              link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes))
+    if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
+        compile_modules(mpl.teacher, mpl.student)
+    return mpl
 
 
 def _placement(cfg: TrainConfig, device: str | None = None) -> model_parallel.Placement:
@@ -396,9 +399,6 @@ def _load_resume(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, dic
 def _check_config(cfg: TrainConfig) -> None:
     """Refuses what cannot run, before any work starts."""
     validate(cfg)
-    for key, msg in NOT_YET.items():
-        if getattr(cfg, key):
-            raise SystemExit(f"error: {msg}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")

@@ -15,6 +15,7 @@ from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 
 from mpl_fast.algo import MPL, Schedules  # noqa: E402
 from mpl_fast.models import WideResNet  # noqa: E402
+from mpl_fast.models.speed import to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 
 B, U, SIZE, CLASSES = 4, 12, 8, 5
@@ -45,8 +46,10 @@ def _schedules(wait: int) -> Schedules:
 KW = dict(uda_temperature=0.7, uda_threshold=0.3, label_smoothing=0.15, ema_decay=0.995)
 
 
-def _fast(optimizer: str, wait: int) -> MPL:
+def _fast(optimizer: str, wait: int, channels_last: bool = False) -> MPL:
     teacher, student = _models(0)
+    if channels_last:  # as mpl_fast.train lays them out by default; plain stays NCHW
+        teacher, student = to_channels_last(teacher), to_channels_last(student)
     opt = (lambda m: FusedSGD(m.parameters(), **HPARAMS)) if optimizer == "fused" else \
           (lambda m: torch.optim.SGD(m.parameters(), **HPARAMS))
     return MPL(teacher, student, opt(teacher), opt(student), _schedules(wait), method="mpl",
@@ -59,9 +62,10 @@ def _plain(wait: int) -> PlainMPL:
                     _schedules(wait), **KW)
 
 
-@pytest.mark.parametrize("optimizer,wait", [("torch-sgd", 0), ("fused", 0), ("fused", 1)])
-def test_fast_and_plain_steps_agree(optimizer, wait):
-    fast, plain = _fast(optimizer, wait), _plain(wait)
+@pytest.mark.parametrize("optimizer,wait,channels_last",
+                         [("torch-sgd", 0, False), ("fused", 0, False), ("fused", 1, False), ("fused", 0, True)])
+def test_fast_and_plain_steps_agree(optimizer, wait, channels_last):
+    fast, plain = _fast(optimizer, wait, channels_last), _plain(wait)
     hs = []
     for step in range(3):
         labeled, unlabeled = _batches(step)
@@ -84,6 +88,11 @@ def test_fast_and_plain_steps_agree(optimizer, wait):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     moved = max((a - b).abs().max().item() for a, b in zip(plain.student.parameters(), _models(0)[1].parameters()))
     assert moved > 1e-3
+    if channels_last:  # the layout survived the optimizer and the guard: the convs really ran NHWC
+        for model in (fast.teacher, fast.student, fast.ema.module):
+            convs = [p for p in model.parameters() if p.dim() == 4]
+            assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+            assert any(not p.is_contiguous() for p in convs)  # (1x1 kernels are both layouts at once)
 
 
 def test_plain_step_detects_a_different_feedback():

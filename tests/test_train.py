@@ -58,12 +58,6 @@ def test_cli_bad_values_list_the_choices(argv, expect, capsys):
         assert "choose from" in err
 
 
-@pytest.mark.parametrize("flag", ["--compile"])
-def test_not_yet_implemented_flags_are_refused_clearly(flag, tmp_path):
-    with pytest.raises(SystemExit, match="not (implemented|supported)"):
-        main([flag, "--steps", "1", "--output-dir", str(tmp_path)])
-
-
 def test_amp_runs_the_teacher_in_bf16_and_the_student_in_fp32(tmp_path):
     from mpl_fast.train import build_mpl, _build_streams
 

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from mpl_fast.algo.guard import host_flag
+
 
 class ModelEMA:
     """ema = d * ema + (1 - d) * model over parameters and floating buffers (integer buffers
@@ -15,7 +17,9 @@ class ModelEMA:
 
     ``update(model, ok)`` takes a 0-dim bool tensor: where it is False the EMA is left as it
     was and n does not advance (a skipped step leaves no trace), without a host sync: n lives
-    on the device.
+    on the device. The update is a few multi-tensor ops over all tensors, not a loop of
+    per-tensor ops: on the CPU (where reading n and ok is free) one ``_foreach_lerp_``; on an
+    accelerator the weight 1 - d is a device tensor, 0 on a skipped step.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -32,15 +36,43 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, ok: torch.Tensor | None = None) -> None:
+        if ok is None:
+            ok = torch.ones((), dtype=torch.bool, device=self.num_updates.device)
         n = self.num_updates.double()
         weight = 1.0 - torch.clamp((1 + n) / (10 + n), max=self.decay)  # 1 - d, on the device
+        floats: dict[torch.dtype, tuple[list, list]] = {}
+        ema_ints, model_ints = [], []
         for e, m in self._pairs(model):
             if e.is_floating_point():
-                new = torch.lerp(e, m.detach(), weight.to(e.dtype))
+                pair = floats.setdefault(e.dtype, ([], []))
+                pair[0].append(e)
+                pair[1].append(m.detach())
             else:
-                new = m
-            e.copy_(new if ok is None else torch.where(ok, new, e))
-        self.num_updates += 1 if ok is None else ok.to(torch.int64)
+                ema_ints.append(e)
+                model_ints.append(m)
+        applied = host_flag(ok)
+        if applied is None:
+            self._update_on_device(floats, ema_ints, model_ints, weight * ok, ok)
+        elif applied:
+            w = float(weight)
+            for dtype, (ema_t, model_t) in floats.items():
+                # lerp rounds its scalar weight to the tensors' dtype, as weight.to(dtype) did
+                torch._foreach_lerp_(ema_t, model_t, float(torch.tensor(w, dtype=dtype)))
+            if ema_ints:
+                torch._foreach_copy_(ema_ints, model_ints)
+        self.num_updates += ok.to(torch.int64)
+
+    @staticmethod
+    def _update_on_device(floats, ema_ints, model_ints, weight: torch.Tensor, ok: torch.Tensor) -> None:
+        """ema += w * (model - ema), w a device tensor (0 when not ok: ema + 0 * finite = ema)."""
+        for dtype, (ema_t, model_t) in floats.items():
+            diff = torch._foreach_sub(model_t, ema_t)
+            torch._foreach_mul_(diff, weight.to(dtype))  # a tensor scalar: no .item()
+            torch._foreach_add_(ema_t, diff)
+        if ema_ints:
+            diff = torch._foreach_sub(model_ints, ema_ints)
+            torch._foreach_mul_(diff, ok.to(ema_ints[0].dtype))
+            torch._foreach_add_(ema_ints, diff)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "num_updates": self.num_updates.clone(), "decay": self.decay}

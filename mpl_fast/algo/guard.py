@@ -1,9 +1,16 @@
 """Skipping a non-finite step without a host sync.
 
 Before a step, ``save()`` copies every parameter, buffer and momentum buffer of the models
-into preallocated storage; after it, ``restore_unless(ok)`` puts them back where the 0-dim
-bool ``ok`` is False (``torch.where`` on the device). The host never learns inside the step
-whether it was skipped; the trainer reads the skip counters at its log interval.
+into preallocated storage (one multi-tensor copy); after it, ``restore_unless(ok)`` puts them
+back where the 0-dim bool ``ok`` is False. The GPU never waits for the host inside the step:
+
+- ``ok`` on the CPU: reading it is not a device sync, so the host decides, and an applied step
+  (the usual case) costs nothing; a skipped one is one multi-tensor copy back.
+- ``ok`` on an accelerator: a masked copy on the device (``torch.where`` into the live tensor,
+  one kernel per tensor and no allocation); the host never learns whether the step was skipped.
+  A multi-tensor masked-copy kernel would make this one launch (not written: no GPU to run it).
+
+The trainer reads the skip counters at its log interval.
 """
 
 from __future__ import annotations
@@ -22,6 +29,12 @@ def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[p]
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def host_flag(flag: torch.Tensor) -> bool | None:
+    """``bool(flag)`` when ``flag`` lives on the CPU (reading it is free), else None: the
+    caller must then decide on the device."""
+    return bool(flag) if flag.device.type == "cpu" else None
 
 
 class StepGuard:
@@ -46,5 +59,15 @@ class StepGuard:
 
     @torch.no_grad()
     def restore_unless(self, ok: torch.Tensor) -> None:
+        """Puts the saved state back unless ``ok`` (a 0-dim bool tensor)."""
+        applied = host_flag(ok)
+        if applied is None:
+            self.restore_on_device_unless(ok)
+        elif not applied:
+            torch._foreach_copy_(self.live, self.saved)
+
+    @torch.no_grad()
+    def restore_on_device_unless(self, ok: torch.Tensor) -> None:
+        """The sync-free restore: live = where(ok, live, saved), written in place."""
         for s, t in zip(self.saved, self.live):
-            t.copy_(torch.where(ok, t, s))
+            torch.where(ok, t, s, out=t)

@@ -1,0 +1,118 @@
+"""The step guard and the EMA: both decision paths (the host reads a CPU flag; an accelerator
+decides on the device) undo a skipped step exactly and agree on an applied one."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mpl_fast.algo import MPL, Schedules, ema as ema_module, guard as guard_module
+from mpl_fast.algo.ema import ModelEMA
+from mpl_fast.algo.guard import StepGuard
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def _batches(seed: int, b: int = 8, u: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    x_l, y_l = torch.randn(b, 5, generator=g), torch.randint(0, 3, (b,), generator=g)
+    x_uw = torch.randn(u, 5, generator=g)
+    return (x_l, y_l), (x_uw, x_uw + 0.3 * torch.randn(u, 5, generator=g))
+
+
+def _mpl() -> MPL:
+    teacher, student = _net(0), _net(1)
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)  # noqa: E731
+    sched = Schedules(total_steps=100, teacher_lr=0.1, student_lr=0.1, teacher_schedule="constant",
+                      student_schedule="constant", uda_weight=1.0)
+    return MPL(teacher, student, opt(teacher), opt(student), sched, ema_decay=0.9, uda_threshold=0.0)
+
+
+@pytest.fixture(params=["host", "device"])
+def decision_path(request, monkeypatch):
+    """'device' makes the CPU behave like an accelerator: the flag is never read on the host."""
+    if request.param == "device":
+        monkeypatch.setattr(guard_module, "host_flag", lambda flag: None)
+        monkeypatch.setattr(ema_module, "host_flag", lambda flag: None)
+    return request.param
+
+
+def test_skipped_step_leaves_no_trace_on_either_path(decision_path):
+    mpl = _mpl()
+    mpl.step(*_batches(0), clock=0)
+    snap = copy.deepcopy(mpl.state_dict())
+    (x_l, y_l), u = _batches(1)
+    x_l = x_l.clone()
+    x_l[0, 0] = float("nan")
+    assert mpl.step((x_l, y_l), u, clock=1)["skipped"].item() == 1.0
+    after = mpl.state_dict()
+    for key in ("teacher", "student"):
+        for k, v in snap[key].items():
+            assert torch.equal(v, after[key][k]), (key, k)
+    for k, v in snap["ema"]["module"].items():
+        assert torch.equal(v, after["ema"]["module"][k]), k
+    assert torch.equal(snap["ema"]["num_updates"], after["ema"]["num_updates"])
+    for key in ("teacher_opt", "student_opt"):
+        for i, st in snap[key]["state"].items():
+            assert torch.equal(st["momentum_buffer"], after[key]["state"][i]["momentum_buffer"])
+    # The next finite step is applied and moves the models again.
+    mpl.step(*_batches(2), clock=1)
+    assert not torch.equal(snap["student"]["0.weight"], mpl.student.state_dict()["0.weight"])
+    assert int(mpl.ema.num_updates) == 2
+
+
+def test_both_paths_compute_the_same_steps(monkeypatch):
+    host = _mpl()
+    for step in range(3):
+        torch.manual_seed(step)
+        host.step(*_batches(step), clock=step)
+    monkeypatch.setattr(guard_module, "host_flag", lambda flag: None)
+    monkeypatch.setattr(ema_module, "host_flag", lambda flag: None)
+    device = _mpl()
+    for step in range(3):
+        torch.manual_seed(step)
+        device.step(*_batches(step), clock=step)
+    for a, b in zip(host.state_dict()["ema"]["module"].values(), device.state_dict()["ema"]["module"].values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(host.student.state_dict().values(), device.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_guard_restores_exactly_unless_ok(decision_path, ok):
+    model = _net(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = StepGuard([model], [opt])
+    before = [t.clone() for t in guard.live]
+    guard.save()
+    model(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")  # a non-finite value must be undone too
+    stepped = [t.clone() for t in guard.live]
+    guard.restore_unless(torch.tensor(ok))
+    expected = stepped if ok else before
+    for t, e in zip(guard.live, expected):
+        assert torch.equal(t, e)
+
+
+def test_ema_update_is_the_formula_with_int_buffers_copied(decision_path):
+    model = _net(4)
+    ema = ModelEMA(model, decay=0.5)
+    start = copy.deepcopy(ema.module.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[1].num_batches_tracked += 7
+    ema.update(model, torch.tensor(True))
+    d = min(0.5, 1 / 10)
+    for name, value in model.state_dict().items():
+        got = ema.module.state_dict()[name]
+        if value.is_floating_point():
+            torch.testing.assert_close(got, d * start[name] + (1 - d) * value)
+        else:
+            assert torch.equal(got, value), name
