@@ -30,9 +30,9 @@ PRESET_OF = {"digits": "digits", "two-moons": "two-moons"}
 
 
 def run_one(dataset: str, method: str, seed: int, steps: int | None, out_root: str, threads: int,
-            profile: str | None = None) -> dict:
+            profile: str | None = None, amp: bool = False) -> dict:
     cfg = preset(PRESET_OF[dataset])
-    cfg.method, cfg.seed, cfg.threads = method, seed, threads
+    cfg.method, cfg.seed, cfg.threads, cfg.amp = method, seed, threads, amp
     if steps is not None:
         cfg.steps = steps
     cfg.checkpoint_every = 0
@@ -62,17 +62,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--json", default=os.path.join("benchmarks", "results", "accuracy.json"))
     parser.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler Chrome trace per run")
+    parser.add_argument("--amp", action="store_true", help="train with --amp (bf16 teacher forward)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
     out_root = args.out or tempfile.mkdtemp(prefix="mpl-accuracy-")
 
-    results: dict = {"seeds": seeds, "machine": "2-core CPU dev VM, no GPU", "runs": [], "table": {}}
+    results: dict = {"seeds": seeds, "machine": "2-core CPU dev VM, no GPU", "amp": args.amp, "runs": [], "table": {}}
     for dataset in args.datasets:
         for method in args.methods:
             for seed in seeds:
                 t0 = time.perf_counter()
-                s = run_one(dataset, method, seed, args.steps, out_root, args.threads, args.profile)
+                s = run_one(dataset, method, seed, args.steps, out_root, args.threads, args.profile, args.amp)
                 row = {"dataset": dataset, "method": method, "seed": seed,
                        "headline_model": s["headline"]["model"], "test_top1": s["headline"]["test_top1"],
                        "all_test_top1": s["test_top1"], "seconds": round(time.perf_counter() - t0, 1)}
