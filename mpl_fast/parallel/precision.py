@@ -35,8 +35,12 @@ class PrecisionPolicy:
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_loss_scaling)
 
 
-def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device | str) -> PrecisionPolicy:
-    """The policy for ``--amp`` [``--amp-dtype``] on ``device``; bad combinations raise ValueError."""
+def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device | str, *,
+                      allow_cpu_fp16: bool = False) -> PrecisionPolicy:
+    """The policy for ``--amp`` [``--amp-dtype``] on ``device``; bad combinations raise ValueError.
+
+    ``allow_cpu_fp16`` lifts the CPU fp16 refusal: for tests of the fp16 path on a machine
+    without a GPU, never for real runs."""
     device = torch.device(device)
     if not amp:
         if amp_dtype is not None:
@@ -46,7 +50,7 @@ def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device | s
         amp_dtype = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"--amp-dtype must be one of {AMP_DTYPES}, got {amp_dtype!r}")
-    if device.type == "cpu" and amp_dtype == "fp16":
+    if device.type == "cpu" and amp_dtype == "fp16" and not allow_cpu_fp16:
         raise ValueError("--amp-dtype fp16 is refused on the CPU (about 100x slower than fp32 there); "
                          "use --amp-dtype bf16, or run on a GPU")
     dtype = torch.bfloat16 if amp_dtype == "bf16" else torch.float16
