@@ -183,8 +183,8 @@ def test_trainer_refuses_fp16_on_cpu_before_any_work(argv, match, tmp_path, monk
     assert not out.exists()
 
 
-def _trainer_fp16_run(tmp_path, device: str) -> dict:
-    assert main(["--amp", "--amp-dtype", "fp16", "--device", device, "--steps", "12", "--log-every", "4",
+def _trainer_fp16_run(tmp_path, device: str, extra: tuple = ()) -> dict:
+    assert main([*extra, "--amp", "--amp-dtype", "fp16", "--device", device, "--steps", "12", "--log-every", "4",
                  "--eval-every", "6", "--checkpoint-every", "6", "--mpl.student-wait-steps", "2",
                  "--finetune.steps", "1", "--threads", "1", "--output-dir", str(tmp_path)]) == 0
     summary = json.load(open(tmp_path / "summary.json"))
@@ -193,10 +193,12 @@ def _trainer_fp16_run(tmp_path, device: str) -> dict:
     return summary
 
 
-def test_trainer_runs_fp16_on_cpu_when_tests_allow_it(tmp_path, monkeypatch):
-    """The whole trainer path (flag, scaler in build_mpl, checkpoint) with the test-only switch."""
+@pytest.mark.parametrize("extra", [(), ("--model-parallel", "--teacher-device", "cpu", "--student-device", "cpu")])
+def test_trainer_runs_fp16_on_cpu_when_tests_allow_it(extra, tmp_path, monkeypatch):
+    """The whole trainer path (flag, scaler in build_mpl, checkpoint) with the test-only switch,
+    in one process and with the teacher and student halves joined by the model-parallel link."""
     monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
-    summary = _trainer_fp16_run(tmp_path, "cpu")
+    summary = _trainer_fp16_run(tmp_path, "cpu", extra)
     assert summary["steps"] == 12 and summary["skipped_steps"] == 0
 
 
