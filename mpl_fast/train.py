@@ -609,8 +609,8 @@ def _log_interval(sess: _Session, step: int, clock: dict, bar) -> None:
                         ls=f"{line['loss_student']:.3f}", h=f"{line['h']:+.2e}", refresh=False)
     if values[-1] >= cfg.max_nonfinite:
         raise TrainingStopped(
-            f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h "
-            f"(all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
+            f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h"
+            f"{' or overflowing fp16 gradients' if mpl.grad_scaler is not None else ''} (all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
             f"or check the data; the last checkpoint holds the last finite state.")
 
 

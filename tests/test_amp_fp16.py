@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -207,3 +208,61 @@ def test_trainer_fp16_on_cuda(tmp_path):
     """Written for a GPU machine (not run here): --amp fp16 trains with loss scaling on cuda."""
     summary = _trainer_fp16_run(tmp_path, "cuda")
     assert summary["steps"] == 12 and summary["skipped_steps"] <= 2
+
+
+def _dp_rank(rank: int, init_file: str, tmp: str):
+    """One of 2 gloo ranks: two-moons under fp16 with a scale (2^24) that overflows at first."""
+    import gc
+
+    import torch.distributed as dist
+
+    from mpl_fast.config import preset
+    from mpl_fast.parallel.precision import PrecisionPolicy
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MPL_FAST_ALLOW_CPU_FP16="1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    PrecisionPolicy.grad_scaler = lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    seen = {}
+    original = MPL.step
+
+    def step(self, *args, **kwargs):
+        seen["mpl"] = self
+        return original(self, *args, **kwargs)
+
+    MPL.step = step
+    cfg = preset("two-moons")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.max_nonfinite = 20, 5, 10, 0, 50
+    cfg.mpl.pseudo_labels, cfg.data.batch_size, cfg.amp, cfg.amp_dtype = "hard", 3, True, "fp16"
+    cfg.output_dir = os.path.join(tmp, "run")
+    run(cfg, progress=False, quiet=True)
+    mpl = seen.pop("mpl")
+    torch.save({"scale": mpl.grad_scaler.get_scale(), "skipped": int(mpl.skipped_total),
+                "params": {f"{n}.{k}": v.detach().clone() for n, m in (("teacher", mpl.teacher),
+                           ("student", mpl.student)) for k, v in m.state_dict().items()}},
+               os.path.join(tmp, f"rank{rank}.pt"))
+    del mpl
+    gc.collect()  # models before the process group (see mpl_fast.parallel.distributed.shutdown)
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_agree_on_overflow_skips_and_scale(tmp_path):
+    """Gradients are averaged before they are unscaled, so every rank sees the same inf flag:
+    the same steps are skipped, the scale moves the same way, the weights stay equal."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dp_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["skipped"] == r1["skipped"] >= 1 and r0["scale"] == r1["scale"] < 2.0 ** 24
+    assert r0["params"].keys() == r1["params"].keys()
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+
+
+def test_overflow_after_overflow_stops_the_run_and_says_so(tmp_path, monkeypatch, capsys):
+    from mpl_fast.parallel.precision import PrecisionPolicy
+
+    monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
+    monkeypatch.setattr(PrecisionPolicy, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 100))
+    assert main(["--amp", "--amp-dtype", "fp16", "--steps", "8", "--log-every", "4", "--max-nonfinite", "3",
+                 "--threads", "1", "--output-dir", str(tmp_path)]) != 0
+    assert "3 steps in a row had a non-finite loss or h or overflowing fp16 gradients" in capsys.readouterr().err
