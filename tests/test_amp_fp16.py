@@ -266,3 +266,13 @@ def test_overflow_after_overflow_stops_the_run_and_says_so(tmp_path, monkeypatch
     assert main(["--amp", "--amp-dtype", "fp16", "--steps", "8", "--log-every", "4", "--max-nonfinite", "3",
                  "--threads", "1", "--output-dir", str(tmp_path)]) != 0
     assert "3 steps in a row had a non-finite loss or h or overflowing fp16 gradients" in capsys.readouterr().err
+
+
+def test_cpu_fp16_policy_only_with_the_test_switch():
+    from mpl_fast.parallel.precision import resolve_precision
+
+    with pytest.raises(ValueError, match="refused on the CPU"):
+        resolve_precision(True, "fp16", "cpu")
+    policy = resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True)
+    assert policy.dtype == torch.float16 and policy.needs_loss_scaling and policy.grad_scaler().is_enabled()
+    assert not resolve_precision(True, "bf16", "cpu", allow_cpu_fp16=True).grad_scaler().is_enabled()
