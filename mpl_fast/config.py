@@ -81,7 +81,8 @@ class TrainConfig:
     checkpoint_every: int = 1000    # 0 = only at the end and on SIGINT/SIGTERM
     max_nonfinite: int = 10         # this many skipped steps in a row stop the run
     threads: int = 0                # torch CPU threads (0 = torch's default)
-    amp: bool = False
+    amp: bool = False               # autocast of the teacher's forward (bf16 where supported)
+    amp_dtype: str | None = None    # with --amp: bf16 or fp16 (loss-scaled; GPU only); default bf16 if supported
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
     teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
     student_device: str | None = None

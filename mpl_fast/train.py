@@ -44,13 +44,14 @@ from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
 from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
 from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
-from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
+from mpl_fast.parallel.precision import AMP_DTYPES, PrecisionPolicy, resolve_precision
 
 CHOICES = {
     "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
     "teacher.schedule": ("cosine", "constant"), "student.schedule": ("cosine", "constant"),
     "data.dataset": EMBEDDED_DATASETS + FILE_DATASETS, "data.loader": ("auto", "torch", "dali"),
     "data.randaug_policy": ("mpl", "torchvision"), "mpl.baseline": ("auto", "on", "off"),
+    "amp_dtype": AMP_DTYPES,
 }
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
@@ -199,6 +200,7 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
     if placement.student_device is None:
         student = None
     m = cfg.mpl
+    precision = _precision(cfg, placement.data_device)
     schedules = Schedules(
         total_steps=cfg.steps, teacher_lr=cfg.teacher.lr, student_lr=cfg.student.lr,
         teacher_warmup=cfg.teacher.warmup_steps, student_warmup=cfg.student.warmup_steps,
@@ -213,7 +215,8 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
               baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
               uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
-              autocast=_precision(cfg, placement.data_device).autocast, grad_sync=grad_sync,
+              autocast=precision.autocast, grad_sync=grad_sync,
+              grad_scaler=precision.grad_scaler() if teacher is not None else None,
               link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes))
     if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
         compile_modules(mpl.teacher, mpl.student)
@@ -234,12 +237,13 @@ def _placement(cfg: TrainConfig, device: str | None = None) -> model_parallel.Pl
 
 
 def _precision(cfg: TrainConfig, teacher_device=None) -> PrecisionPolicy:
-    """--amp: bf16 autocast of the teacher's forward (CPU and GPU); fp16 would need loss scaling."""
-    policy = resolve_precision(cfg.amp, None, teacher_device or cfg.device)
-    if policy.needs_loss_scaling:
-        raise SystemExit("error: --amp on this GPU would need fp16 with loss scaling, which the trainer does "
-                         "not implement yet (bf16 needs none: use a GPU with bf16 support, or drop --amp)")
-    return policy
+    """--amp [--amp-dtype]: autocast of the teacher's forward, bf16 where supported (CPU and GPU),
+    else fp16 with loss scaling (GPU only). MPL_FAST_ALLOW_CPU_FP16=1 lets tests run fp16 on a CPU."""
+    try:
+        return resolve_precision(cfg.amp, cfg.amp_dtype, teacher_device or cfg.device,
+                                 allow_cpu_fp16=os.environ.get("MPL_FAST_ALLOW_CPU_FP16") == "1")
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 @torch.no_grad()
@@ -402,7 +406,8 @@ def _check_config(cfg: TrainConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
-    _placement(cfg)  # a model-parallel layout that cannot work is refused before joining any group
+    placement = _placement(cfg)  # a model-parallel layout that cannot work is refused before joining any group
+    _precision(cfg, placement.data_device)  # e.g. fp16 on a CPU
 
 
 def _join_process_group(cfg: TrainConfig, timeout_s: float) -> tuple[DistContext, bool]:
@@ -604,8 +609,8 @@ def _log_interval(sess: _Session, step: int, clock: dict, bar) -> None:
                         ls=f"{line['loss_student']:.3f}", h=f"{line['h']:+.2e}", refresh=False)
     if values[-1] >= cfg.max_nonfinite:
         raise TrainingStopped(
-            f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h "
-            f"(all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
+            f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h"
+            f"{' or overflowing fp16 gradients' if mpl.grad_scaler is not None else ''} (all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
             f"or check the data; the last checkpoint holds the last finite state.")
 
 

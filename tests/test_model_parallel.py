@@ -184,7 +184,10 @@ def test_layout_b_two_ranks_match_the_single_process_step(tmp_path):
     # The student's process died: gloo told the teacher's at once (a silent peer would hit the
     # process group's timeout instead).
     alone = torch.load(tmp_path / "teacher_alone.pt")
-    assert alone["message"] is not None and "closed" in alone["message"] and alone["seconds"] < 10
+    # gloo words it as "Connection closed by peer" or as a "Read error", depending on timing.
+    assert alone["message"] is not None and alone["seconds"] < 10
+    assert any(word in alone["message"].lower() for word in ("closed", "read error", "connection reset")), \
+        alone["message"]
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -39,6 +39,7 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
+from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.data_parallel import NoGradientSync
 from mpl_fast.parallel.model_parallel import InProcessLink
 
@@ -94,6 +95,7 @@ class MPL:
                  uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 grad_scaler: torch.amp.GradScaler | None = None,
                  grad_sync: NoGradientSync | None = None, link=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -126,6 +128,9 @@ class MPL:
         self.sup_weight = sup_weight
         self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
         self.autocast = autocast  # e.g. bf16 torch.autocast, for the teacher's forward only
+        # fp16 autocast: scales the teacher's loss (its forward is the only fp16 part); a disabled
+        # scaler is dropped so that the fp32/bf16 step has no scaler calls at all.
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel.data_parallel).
         self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
@@ -171,6 +176,8 @@ class MPL:
             "max_consecutive_skips": self.max_consecutive_skips.clone(),
             "totals": {k: v.clone() for k, v in self.totals.items()},
             "steps_in_totals": self.steps_in_totals,
+            # (reads the scale on the host: fine for a checkpoint, never done inside a step)
+            "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -189,6 +196,8 @@ class MPL:
         for k, v in state["totals"].items():
             self.totals[k].copy_(v)
         self.steps_in_totals = int(state["steps_in_totals"])
+        if self.grad_scaler is not None and state.get("grad_scaler"):  # absent in fp32/bf16 checkpoints
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         self._build_guards()
 
     def models(self) -> dict[str, nn.Module]:
@@ -287,9 +296,11 @@ class MPL:
         ok = None
         if link.holds_teacher:                                                          # 4.
             terms["loss_student"] = loss_student  # averaged with the teacher's terms under data parallel
-            self._teacher_step(terms, t_us, y_hat, h)
+            found_inf = self._teacher_step(terms, t_us, y_hat, h)
             loss_student = terms.pop("loss_student")
             ok = torch.isfinite(terms["loss_teacher"]) & torch.isfinite(h) & torch.isfinite(loss_student)
+            if found_inf is not None:  # fp16 overflow in the teacher's gradients: skip the whole step
+                ok &= found_inf == 0
         ok_student = link.verdict(ok)
         if ok is None:  # a student-only process: its counters follow the teacher's verdict
             ok = ok_student
@@ -316,18 +327,36 @@ class MPL:
         return t_us, {"loss_teacher": loss_teacher, "loss_sup": loss_sup, "loss_uda": loss_uda,
                       "uda_mask": uda_mask, "loss_mpl": zero}
 
-    def _teacher_step(self, terms: dict, t_us: torch.Tensor, y_hat: torch.Tensor | None, h: torch.Tensor) -> None:
+    def _teacher_step(self, terms: dict, t_us: torch.Tensor, y_hat: torch.Tensor | None,
+                      h: torch.Tensor) -> torch.Tensor | None:
         """4. The teacher's step; the MPL term uses the SAME y_hat the student learned from.
-        Updates ``terms`` (loss_teacher, loss_mpl; all of them averaged over data-parallel ranks) in place."""
+        Updates ``terms`` (loss_teacher, loss_mpl; all of them averaged over data-parallel ranks) in place.
+
+        With a loss scaler (fp16): backward of the scaled loss, unscale before clipping, and
+        returns the scaler's device-side inf/nan flag (nonzero: the caller skips the whole step);
+        the scale is updated here, once per step, from that flag. Without one: returns None."""
         if y_hat is not None and self.method == "mpl":
             terms["loss_mpl"] = cross_entropy(t_us, y_hat)
             terms["loss_teacher"] = terms["loss_teacher"] + self.mpl_weight * h.detach() * terms["loss_mpl"]
+        scaler = self.grad_scaler
         self.teacher_opt.zero_grad(set_to_none=True)
-        terms["loss_teacher"].backward()
+        (terms["loss_teacher"] if scaler is None else scaler.scale(terms["loss_teacher"])).backward()
         # (3) data parallel: the teacher's gradients and every logged loss, averaged in one all_reduce.
+        # (Scaled gradients average the same way: every rank has the same scale.)
         terms.update(zip(terms, self.grad_sync.average_grads_and_values(self.teacher, list(terms.values()))))
+        if scaler is None:
+            _clip(self.teacher, self.grad_clip_teacher)
+            self.teacher_opt.step()
+            return None
+        scaler.unscale_(self.teacher_opt)  # in place on the device, and fills the inf/nan flags
+        found_inf = sum(scaler._found_inf_per_device(self.teacher_opt).values())
         _clip(self.teacher, self.grad_clip_teacher)
-        self.teacher_opt.step()
+        if isinstance(self.teacher_opt, FusedSGD):
+            self.teacher_opt.step(found_inf=found_inf)  # a no-op on the device when flagged
+        else:
+            self.teacher_opt.step()  # the guard undoes it when flagged
+        scaler.update()  # on the device from the same flags: halves the scale after an overflow
+        return found_inf
 
     def _student_step_and_feedback(self, x_l, y_l, x_us, y_hat, lr_s: float):
         """2. and 3.: the student's step on y_hat, then the feedback h (0 unless method is mpl)."""
