@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mpl_fast.algo import MPL, Schedules, deterministic_forward, pseudo_labels, uda_consistency
 from mpl_fast.algo.schedules import delayed, warmup_cosine
+from mpl_testing import assert_state_unchanged, toy_batches
 
 MODES = ("grad-dot", "update-dot", "finite-diff")
 
@@ -18,15 +19,6 @@ def _mlp(seed: int, bn: bool = True, dropout: float = 0.3) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Linear(5, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3)]
     return nn.Sequential(*layers)
-
-
-def _batches(seed: int, b: int = 8, u: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    x_l = torch.randn(b, 5, generator=g)
-    y_l = torch.randint(0, 3, (b,), generator=g)
-    x_uw = torch.randn(u, 5, generator=g)
-    x_us = x_uw + 0.3 * torch.randn(u, 5, generator=g)
-    return (x_l, y_l), (x_uw, x_us)
 
 
 def _mpl(teacher, student, *, lr_t=0.1, lr_s=0.1, momentum=0.0, weight_decay=0.0, feedback="grad-dot",
@@ -44,7 +36,7 @@ def test_one_mpl_step_matches_hand_written_reference():
     teacher, student = _mlp(0, bn=False, dropout=0.0), _mlp(1, bn=False, dropout=0.0)
     ref_t, ref_s = copy.deepcopy(teacher), copy.deepcopy(student)
     lr_t, lr_s, w_uda, ls = 0.2, 0.3, 1.5, 0.1
-    (x_l, y_l), (x_uw, x_us) = _batches(3)
+    (x_l, y_l), (x_uw, x_us) = toy_batches(3)
     mpl = _mpl(teacher, student, lr_t=lr_t, lr_s=lr_s, uda_weight=w_uda, label_smoothing=ls)
     out = mpl.step((x_l, y_l), (x_uw, x_us), clock=0)
 
@@ -80,7 +72,7 @@ def test_one_mpl_step_matches_hand_written_reference():
 def test_feedback_modes_agree_in_sign_and_value_at_small_lr(seed):
     """Taylor: lr*<g_l', g_u> ~ CE_l(theta) - CE_l(theta'): the sign of h is pinned."""
     hs = {}
-    (x_l, y_l), (x_uw, x_us) = _batches(seed)
+    (x_l, y_l), (x_uw, x_us) = toy_batches(seed)
     batches = (x_l.double(), y_l), (x_uw.double(), x_us.double())
     for mode in MODES:
         # fp64 so that the finite difference of two losses resolves a change of ~1e-5.
@@ -97,7 +89,7 @@ def test_feedback_modes_agree_in_sign_and_value_at_small_lr(seed):
 def test_positive_h_means_the_student_improved():
     """A pseudo label equal to the true label helps the student on that same data: h > 0."""
     teacher, student = _mlp(0), _mlp(1)
-    (x_l, y_l), _ = _batches(0)
+    (x_l, y_l), _ = toy_batches(0)
     mpl = _mpl(teacher, student, lr_s=0.05)
     # Unlabeled batch = the labeled batch; make the teacher output the true labels on it.
     bias = teacher[-1].bias
@@ -111,7 +103,7 @@ def test_h_is_exactly_zero_when_student_lr_is_zero(mode, momentum):
     teacher, student = _mlp(0), _mlp(1)
     mpl = _mpl(teacher, student, lr_s=0.0, momentum=momentum, weight_decay=5e-4, feedback=mode, baseline="on")
     for i in range(3):
-        out = mpl.step(*_batches(i), clock=i)
+        out = mpl.step(*toy_batches(i), clock=i)
         assert out["h"].item() == 0.0, (mode, i)
     assert mpl.totals["h"].item() == 0.0
 
@@ -139,24 +131,17 @@ def test_deterministic_forward_leaves_no_trace_and_is_repeatable():
 def test_non_finite_step_is_undone_and_counted():
     teacher, student = _mlp(0), _mlp(1)
     mpl = _mpl(teacher, student, momentum=0.9, ema_decay=0.9)
-    mpl.step(*_batches(0), clock=0)
+    mpl.step(*toy_batches(0), clock=0)
     snap = copy.deepcopy(mpl.state_dict())
-    (x_l, y_l), u = _batches(1)
+    (x_l, y_l), u = toy_batches(1)
     x_l = x_l.clone()
     x_l[0, 0] = float("nan")
     out = mpl.step((x_l, y_l), u, clock=1)
     assert out["skipped"].item() == 1.0
     after = mpl.state_dict()
-    for key in ("teacher", "student"):
-        for k, v in snap[key].items():
-            assert torch.equal(v, after[key][k]), (key, k)
-    for k, v in snap["ema"]["module"].items():
-        assert torch.equal(v, after["ema"]["module"][k]), k
-    for key in ("teacher_opt", "student_opt"):
-        for i, st in snap[key]["state"].items():
-            assert torch.equal(st["momentum_buffer"], after[key]["state"][i]["momentum_buffer"])
+    assert_state_unchanged(snap, after)
     assert mpl.skipped_total.item() == 1 and mpl.consecutive_skips.item() == 1
-    mpl.step(*_batches(2), clock=1)
+    mpl.step(*toy_batches(2), clock=1)
     assert mpl.consecutive_skips.item() == 0 and mpl.max_consecutive_skips.item() == 1
     assert not torch.equal(snap["student"]["0.weight"], mpl.student.state_dict()["0.weight"])
 
@@ -165,9 +150,9 @@ def test_student_waits_then_learns():
     teacher, student = _mlp(0), _mlp(1)
     mpl = _mpl(teacher, student, wait=2)
     w0 = student[0].weight.clone()
-    out = mpl.step(*_batches(0), clock=0)
+    out = mpl.step(*toy_batches(0), clock=0)
     assert torch.equal(student[0].weight, w0) and out["h"].item() == 0.0
-    mpl.step(*_batches(1), clock=2)
+    mpl.step(*toy_batches(1), clock=2)
     assert not torch.equal(student[0].weight, w0)
 
 
@@ -179,7 +164,7 @@ def test_baselines_run_without_feedback(method):
         mpl = MPL(None, student, None, s_opt, Schedules(100, 0.0, 0.1), method="supervised")
     else:
         mpl = _mpl(teacher, student, method=method)
-    out = mpl.step(*_batches(0), clock=0)
+    out = mpl.step(*toy_batches(0), clock=0)
     assert out["h"].item() == 0.0 and out["loss_mpl"].item() == 0.0
     assert torch.isfinite(out["loss_student"]) and out["loss_student"].item() > 0
     if method == "pseudo-labels":
@@ -220,7 +205,7 @@ def test_every_pseudo_label_kind_and_feedback_mode_trains_the_teacher_through_h(
                baseline="off")
     mpl.sup_weight = 0.0  # the teacher moves only through the MPL term h * CE(y_hat, T(x_strong))
     before = [p.clone() for p in teacher.parameters()]
-    out = mpl.step(*_batches(0), clock=0)
+    out = mpl.step(*toy_batches(0), clock=0)
     assert torch.isfinite(out["h"]) and out["h"].item() != 0.0
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
 

@@ -16,6 +16,7 @@ from torch import nn
 from mpl_fast.algo import MPL, Schedules
 from mpl_fast.optim import FusedSGD
 from mpl_fast.train import main, run
+from mpl_testing import toy_batches
 
 INIT_SCALE = 2.0 ** 16  # GradScaler's default
 
@@ -23,15 +24,6 @@ INIT_SCALE = 2.0 ** 16  # GradScaler's default
 def _mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def _batches(seed: int, b: int = 8, u: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    x_l = torch.randn(b, 5, generator=g)
-    y_l = torch.randint(0, 3, (b,), generator=g)
-    x_uw = torch.randn(u, 5, generator=g)
-    x_us = x_uw + 0.3 * torch.randn(u, 5, generator=g)
-    return (x_l, y_l), (x_uw, x_us)
 
 
 def _fp16():
@@ -73,7 +65,7 @@ def test_fp16_scaled_step_matches_fp32_step(seed):
     ref = _mpl(_mlp(seed), _mlp(seed + 10), fp16=False)
     amp = _mpl(_mlp(seed), _mlp(seed + 10), fp16=True)
     before = copy.deepcopy(ref.state_dict())
-    batches = _batches(seed)
+    batches = toy_batches(seed)
     out_ref = ref.step(*batches, clock=0)
     out_amp = amp.step(*batches, clock=0)
     assert out_amp["skipped"].item() == 0 and amp.grad_scaler.get_scale() == INIT_SCALE
@@ -107,7 +99,7 @@ def _explode_one_teacher_grad(mpl):
 def test_inf_in_teachers_grad_skips_the_whole_step_and_lowers_the_scale(optimizer, injection):
     scaler = torch.amp.GradScaler("cpu")
     mpl = _mpl(_mlp(0), _mlp(1), fp16=True, optimizer=optimizer, scaler=scaler, ema_decay=0.9)
-    out = mpl.step(*_batches(0), clock=0)  # a good step first: momentum and EMA are non-trivial
+    out = mpl.step(*toy_batches(0), clock=0)  # a good step first: momentum and EMA are non-trivial
     assert out["skipped"].item() == 0
     scale = INIT_SCALE
     if injection == "fp16-overflow":  # 2^40 overflows fp16 on the way back through the teacher's logits
@@ -115,7 +107,7 @@ def test_inf_in_teachers_grad_skips_the_whole_step_and_lowers_the_scale(optimize
         scaler.update(new_scale=scale)
     snap = copy.deepcopy(_tensors(mpl.state_dict()))
     hook = _explode_one_teacher_grad(mpl) if injection == "grad-hook" else None
-    out = mpl.step(*_batches(1), clock=1)
+    out = mpl.step(*toy_batches(1), clock=1)
     assert torch.isfinite(out["loss_teacher"]) and torch.isfinite(out["h"])  # only the gradient overflowed
     assert out["skipped"].item() == 1
     after = _tensors(mpl.state_dict())
@@ -125,7 +117,7 @@ def test_inf_in_teachers_grad_skips_the_whole_step_and_lowers_the_scale(optimize
     assert scaler.get_scale() == scale * 0.5
     if hook is not None:
         hook.remove()
-    out = mpl.step(*_batches(1), clock=1)  # the same batch, now at a scale that fits
+    out = mpl.step(*toy_batches(1), clock=1)  # the same batch, now at a scale that fits
     if injection == "grad-hook":
         assert out["skipped"].item() == 0 and mpl.consecutive_skips.item() == 0
         assert not torch.equal(snap["teacher.0.weight"], mpl.teacher.state_dict()["0.weight"])
@@ -141,7 +133,7 @@ def test_resume_from_state_dict_is_bit_exact():
 
     a = fresh(0, 1)
     for i in range(3):
-        a.step(*_batches(i), clock=i)
+        a.step(*toy_batches(i), clock=i)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     assert a.state_dict()["grad_scaler"]["scale"] == INIT_SCALE * 2  # grew once: the state matters
@@ -149,8 +141,8 @@ def test_resume_from_state_dict_is_bit_exact():
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=False))
     for i in range(3, 6):
-        out_a = a.step(*_batches(i), clock=i)
-        out_b = b.step(*_batches(i), clock=i)
+        out_a = a.step(*toy_batches(i), clock=i)
+        out_b = b.step(*toy_batches(i), clock=i)
         assert torch.equal(out_a["h"], out_b["h"]) and torch.equal(out_a["loss_teacher"], out_b["loss_teacher"])
     sa, sb = a.state_dict(), b.state_dict()
     assert sa["grad_scaler"] == sb["grad_scaler"]
@@ -163,7 +155,7 @@ def test_resume_from_state_dict_is_bit_exact():
 
 def test_fp32_state_dict_loads_into_an_fp16_run_and_keeps_its_scaler():
     a = _mpl(_mlp(0), _mlp(1), fp16=False)
-    a.step(*_batches(0), clock=0)
+    a.step(*toy_batches(0), clock=0)
     state = a.state_dict()
     assert state["grad_scaler"] is None
     b = _mpl(_mlp(0), _mlp(1), fp16=True)

@@ -22,19 +22,10 @@ import torch.multiprocessing as mp
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.config import preset
 from mpl_fast.train import run
+from mpl_testing import set_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
-
-
-def _set(cfg, **kw):
-    for k, v in kw.items():
-        obj = cfg
-        *path, leaf = k.split("__")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, v)
-    return cfg
 
 
 def _moons(out_dir, ranks: int, **kw):
@@ -44,7 +35,7 @@ def _moons(out_dir, ranks: int, **kw):
     cfg.mpl.pseudo_labels = "hard"  # sampled labels would draw different random numbers per rank
     cfg.data.batch_size = 6 // ranks
     cfg.output_dir = str(out_dir)
-    return _set(cfg, **kw)
+    return set_fields(cfg, **kw)
 
 
 def _digits(out_dir, ranks: int = 1, **kw):
@@ -55,7 +46,7 @@ def _digits(out_dir, ranks: int = 1, **kw):
     cfg.finetune.steps, cfg.threads = 3, 1
     cfg.data.batch_size = 16 // ranks
     cfg.output_dir = None if out_dir is None else str(out_dir)
-    return _set(cfg, **kw)
+    return set_fields(cfg, **kw)
 
 
 @pytest.mark.parametrize("dataset", ["digits", "two-moons"])
@@ -87,7 +78,7 @@ def _cifar(out_dir, data_dir, ranks: int = WORLD, **kw):
     cfg.model.name = "digits-cnn"  # a small CNN: the wiring is under test, not WRN-28-2
     cfg.mpl.student_wait_steps, cfg.finetune.steps = 0, 0
     cfg.output_dir = str(out_dir)
-    return _set(cfg, **kw)
+    return set_fields(cfg, **kw)
 
 
 # ----------------------------------------------------------------------------- in the ranks

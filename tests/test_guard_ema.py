@@ -10,18 +10,12 @@ from torch import nn
 from mpl_fast.algo import MPL, Schedules, ema as ema_module, guard as guard_module
 from mpl_fast.algo.ema import ModelEMA
 from mpl_fast.algo.guard import StepGuard
+from mpl_testing import assert_state_unchanged, toy_batches
 
 
 def _net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
-
-
-def _batches(seed: int, b: int = 8, u: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    x_l, y_l = torch.randn(b, 5, generator=g), torch.randint(0, 3, (b,), generator=g)
-    x_uw = torch.randn(u, 5, generator=g)
-    return (x_l, y_l), (x_uw, x_uw + 0.3 * torch.randn(u, 5, generator=g))
 
 
 def _mpl() -> MPL:
@@ -43,24 +37,17 @@ def decision_path(request, monkeypatch):
 
 def test_skipped_step_leaves_no_trace_on_either_path(decision_path):
     mpl = _mpl()
-    mpl.step(*_batches(0), clock=0)
+    mpl.step(*toy_batches(0), clock=0)
     snap = copy.deepcopy(mpl.state_dict())
-    (x_l, y_l), u = _batches(1)
+    (x_l, y_l), u = toy_batches(1)
     x_l = x_l.clone()
     x_l[0, 0] = float("nan")
     assert mpl.step((x_l, y_l), u, clock=1)["skipped"].item() == 1.0
     after = mpl.state_dict()
-    for key in ("teacher", "student"):
-        for k, v in snap[key].items():
-            assert torch.equal(v, after[key][k]), (key, k)
-    for k, v in snap["ema"]["module"].items():
-        assert torch.equal(v, after["ema"]["module"][k]), k
+    assert_state_unchanged(snap, after)
     assert torch.equal(snap["ema"]["num_updates"], after["ema"]["num_updates"])
-    for key in ("teacher_opt", "student_opt"):
-        for i, st in snap[key]["state"].items():
-            assert torch.equal(st["momentum_buffer"], after[key]["state"][i]["momentum_buffer"])
     # The next finite step is applied and moves the models again.
-    mpl.step(*_batches(2), clock=1)
+    mpl.step(*toy_batches(2), clock=1)
     assert not torch.equal(snap["student"]["0.weight"], mpl.student.state_dict()["0.weight"])
     assert int(mpl.ema.num_updates) == 2
 
@@ -69,13 +56,13 @@ def test_both_paths_compute_the_same_steps(monkeypatch):
     host = _mpl()
     for step in range(3):
         torch.manual_seed(step)
-        host.step(*_batches(step), clock=step)
+        host.step(*toy_batches(step), clock=step)
     monkeypatch.setattr(guard_module, "host_flag", lambda flag: None)
     monkeypatch.setattr(ema_module, "host_flag", lambda flag: None)
     device = _mpl()
     for step in range(3):
         torch.manual_seed(step)
-        device.step(*_batches(step), clock=step)
+        device.step(*toy_batches(step), clock=step)
     for a, b in zip(host.state_dict()["ema"]["module"].values(), device.state_dict()["ema"]["module"].values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(host.student.state_dict().values(), device.student.state_dict().values()):

@@ -12,6 +12,7 @@ import torch
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.config import preset
 from mpl_fast.train import TrainingStopped, build_parser, config_from_args, main, run
+from mpl_testing import set_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,13 +25,7 @@ def _tiny(tmp_path, name="run", **kw):
     cfg.finetune.steps = 3
     cfg.threads = 1  # shared CI cores: one thread avoids oversubscription
     cfg.output_dir = str(tmp_path / name)
-    for k, v in kw.items():
-        obj = cfg
-        *path, leaf = k.split("__")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, v)
-    return cfg
+    return set_fields(cfg, **kw)
 
 
 def test_cli_defaults_and_overrides():

@@ -1,0 +1,42 @@
+"""Helpers several test files share: toy batches for the MPL step, dotted config overrides, and
+the check that a skipped step left the run's state as it was."""
+
+from __future__ import annotations
+
+import torch
+
+
+def toy_batches(seed: int, b: int = 8, u: int = 24):
+    """((x_l, y_l), (x_weak, x_strong)) of 5-feature points in 3 classes, the strong view a
+    jittered copy of the weak one."""
+    g = torch.Generator().manual_seed(seed)
+    x_l = torch.randn(b, 5, generator=g)
+    y_l = torch.randint(0, 3, (b,), generator=g)
+    x_uw = torch.randn(u, 5, generator=g)
+    x_us = x_uw + 0.3 * torch.randn(u, 5, generator=g)
+    return (x_l, y_l), (x_uw, x_us)
+
+
+def set_fields(cfg, **overrides):
+    """``cfg`` with ``a__b=v`` overrides applied as ``cfg.a.b = v``."""
+    for key, value in overrides.items():
+        obj = cfg
+        *path, leaf = key.split("__")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
+    return cfg
+
+
+def assert_state_unchanged(before: dict, after: dict) -> None:
+    """Teacher, student, the EMA's weights and both optimizers' momentum are bit-identical in
+    two MPL.state_dict()s."""
+    for key in ("teacher", "student"):
+        for k, v in before[key].items():
+            assert torch.equal(v, after[key][k]), (key, k)
+    for k, v in before["ema"]["module"].items():
+        assert torch.equal(v, after["ema"]["module"][k]), k
+    for key in ("teacher_opt", "student_opt"):
+        for i, st in before[key]["state"].items():
+            if st.get("momentum_buffer") is not None:
+                assert torch.equal(st["momentum_buffer"], after[key]["state"][i]["momentum_buffer"]), (key, i)
