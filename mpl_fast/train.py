@@ -435,6 +435,9 @@ def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, 
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
     say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
+    if cfg.method != "supervised" and cfg.mpl.student_wait_steps >= cfg.steps:
+        say(f"warning: the student waits {cfg.mpl.student_wait_steps} steps (--mpl.student-wait-steps) and the run "
+            f"has {cfg.steps} (--steps): the student never trains, only the teacher does")
 
     torch.manual_seed(cfg.seed)
     placement = _placement(cfg, _device_name(cfg, ctx))

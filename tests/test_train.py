@@ -204,3 +204,9 @@ def test_cuda_device_without_gpu_is_refused_clearly(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         main(["--device", "cuda", "--steps", "1", "--output-dir", str(tmp_path)])
+
+
+def test_a_run_too_short_for_the_student_says_so(tmp_path, capsys):
+    cfg = _tiny(tmp_path, steps=4, mpl__student_wait_steps=4, finetune__steps=0)
+    run(cfg, progress=False)
+    assert "the student never trains" in capsys.readouterr().out
