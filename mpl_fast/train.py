@@ -56,7 +56,18 @@ CHOICES = {
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 # Extra help for flags whose meaning depends on how the run is launched.
-HELP_NOTES = {"data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this"}
+HELP_NOTES = {
+    "data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this",
+    "amp": "autocast the teacher's forward: bf16 where supported, else fp16 with loss scaling",
+    "amp_dtype": "with --amp: bf16 or fp16 (+ GradScaler); None picks bf16 where the device supports it; "
+                 "fp16 is refused on the CPU",
+    "model_parallel": "teacher and student on different devices (--teacher-device/--student-device), or on "
+                      "two torchrun ranks (rank 0 teacher, rank 1 student)",
+    "teacher_device": "with --model-parallel in one process, e.g. cuda:0",
+    "student_device": "with --model-parallel in one process, e.g. cuda:1 or cpu",
+    "compile": "torch.compile the teacher's and student's forwards (slow first steps)",
+    "channels_last": "NHWC memory format for conv models on CPU/CUDA",
+}
 
 
 class TrainingStopped(RuntimeError):
