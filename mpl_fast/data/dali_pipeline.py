@@ -54,13 +54,14 @@ def find_bad_files(paths: list[str], stats: dict, strict: bool, threads: int = 1
 
 
 def _train_pipeline(files, labels, *, batch_size, image_size, flip, shard_id, num_shards,
-                    reader_seed, seed, decode, device_id, num_threads, checkpoint=None):
+                    reader_seed, seed, decode, device_id, num_threads, checkpoint=None,
+                    checkpointing=True):
     from nvidia.dali import fn, pipeline_def, types
 
     # Checkpointing records the reader's position and every random op's state, so a pipeline
     # rebuilt from a checkpoint continues with the exact next batch.
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  enable_checkpointing=True)
+                  enable_checkpointing=checkpointing)
     def weak_view():
         encoded, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id,
                                          num_shards=num_shards, shuffle_after_epoch=True,
