@@ -7,6 +7,9 @@ tensors on the batch's device (not DALI's own rand_augment), so both loaders sha
 DALI cannot skip a sample it fails to decode (the pipeline dies), so files are checked before
 the pipeline is built (header and end marker, no decoding: imagefolder.quick_check); a file
 that still fails stops the run with a message pointing at --loader torch.
+
+The training streams are resumable: their state is DALI's pipeline checkpoint plus the batch
+count (which seeds the strong view), see DaliTrainBatches.
 """
 
 from __future__ import annotations
@@ -140,7 +143,10 @@ class DaliTrainBatches:
     def _start(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self._iterator = DALIGenericIterator(self._build(self._checkpoint), ["images", "labels"])
+        try:  # the iterator runs the pipeline's first batches already
+            self._iterator = DALIGenericIterator(self._build(self._checkpoint), ["images", "labels"])
+        except Exception as e:
+            raise _dali_failed(e) from None
         self._batches = _batches(self._iterator)  # no reader_name: endless
         if self._checkpoint is None:
             for _ in range(self.consumed):  # skip-ahead (see the class docstring)
