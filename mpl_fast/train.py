@@ -497,8 +497,8 @@ def _restore(sess: _Session, state: dict) -> None:
         for name in ("labeled", "unlabeled"):
             getattr(streams, name).load_state_dict(state["streams"][name])
     else:
-        sess.say("warning: this data pipeline cannot save its position (DALI): the resumed run starts "
-                 "its data streams from the first batch again")
+        sess.say("warning: this checkpoint holds no data-stream position (written before the DALI streams "
+                 "could save theirs): the resumed run starts its data streams from the first batch again")
     rng = state["rng"]
     if ctx.distributed:
         per_rank = state.get("rng_per_rank") or []

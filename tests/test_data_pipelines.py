@@ -342,3 +342,71 @@ def test_torch_streams_resume_with_the_next_batch(data, num_workers):
         (rx, ry), (rweak, rstrong) = next(resumed.labeled), next(resumed.unlabeled)
         assert torch.equal(x, rx) and torch.equal(y, ry)
         assert torch.equal(weak, rweak) and torch.equal(strong, rstrong)
+
+
+def _interrupted_and_resumed(cfg, before, after, **build_kw):
+    """(the batches after ``before`` of an uninterrupted stream, the same number from a stream
+    rebuilt from the first one's state_dict, the saved state)."""
+    first = quiet_build(cfg, **build_kw)
+    for _ in range(before):
+        next(first.labeled), next(first.unlabeled)
+    state = {"labeled": first.labeled.state_dict(), "unlabeled": first.unlabeled.state_dict()}
+    expected = [(next(first.labeled), next(first.unlabeled)) for _ in range(after)]
+    resumed = quiet_build(cfg, **build_kw)
+    resumed.labeled.load_state_dict(state["labeled"])
+    resumed.unlabeled.load_state_dict(state["unlabeled"])
+    return expected, [(next(resumed.labeled), next(resumed.unlabeled)) for _ in range(after)], state
+
+
+def _assert_same_batches(expected, got):
+    for ((x, y), (weak, strong)), ((rx, ry), (rweak, rstrong)) in zip(expected, got, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+        assert torch.equal(weak, rweak) and torch.equal(strong, rstrong)
+
+
+@needs_dali
+def test_dali_streams_resume_with_the_next_batch(data):
+    # 5 labeled files in batches of 4 and 10 unlabeled in 12: the resumed batches cross epochs,
+    # where DALI reshuffles (shuffle_after_epoch), and the random crops/flips continue.
+    cfg = config(data, "imagefolder", loader="dali", image_size=32, num_workers=2)
+    expected, got, state = _interrupted_and_resumed(cfg, before=3, after=3)
+    assert state["labeled"]["consumed"] == 3 and state["unlabeled"]["consumed"] == 3
+    assert isinstance(state["unlabeled"]["dali_checkpoint"], (str, bytes))
+    _assert_same_batches(expected, got)
+    # The continuation differs from a restart, so the comparison above can fail.
+    restarted = quiet_build(cfg)
+    assert not torch.equal(next(restarted.unlabeled)[0], expected[0][1][0])
+
+
+@needs_dali
+def test_dali_checkpoint_survives_a_checkpoint_file(data, tmp_path):
+    """The state goes through torch.save / torch.load(weights_only=True) as the trainer's does."""
+    cfg = config(data, "imagefolder", loader="dali", image_size=32)
+    first = quiet_build(cfg)
+    next(first.unlabeled)
+    torch.save({"unlabeled": first.unlabeled.state_dict()}, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    expected = next(first.unlabeled)
+    resumed = quiet_build(cfg)
+    resumed.unlabeled.load_state_dict(loaded["unlabeled"])
+    got = next(resumed.unlabeled)
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+
+
+@needs_dali
+def test_dali_other_rank_resumes_by_skipping_ahead(data):
+    # The trainer saves rank 0's stream state for every rank: rank 1 cannot use rank 0's DALI
+    # checkpoint (it names rank 0's shard), so it replays its own stream up to `consumed`.
+    cfg = config(data, "imagefolder", loader="dali", image_size=32)
+    rank0 = quiet_build(cfg, rank=0, world_size=2)
+    for _ in range(2):
+        next(rank0.labeled), next(rank0.unlabeled)
+    state0 = {n: getattr(rank0, n).state_dict() for n in ("labeled", "unlabeled")}
+    rank1 = quiet_build(cfg, rank=1, world_size=2)
+    for _ in range(2):
+        next(rank1.labeled), next(rank1.unlabeled)
+    expected = [(next(rank1.labeled), next(rank1.unlabeled)) for _ in range(2)]
+    resumed1 = quiet_build(cfg, rank=1, world_size=2)
+    resumed1.labeled.load_state_dict(state0["labeled"])
+    resumed1.unlabeled.load_state_dict(state0["unlabeled"])
+    _assert_same_batches(expected, [(next(resumed1.labeled), next(resumed1.unlabeled)) for _ in range(2)])

@@ -7,11 +7,16 @@ tensors on the batch's device (not DALI's own rand_augment), so both loaders sha
 DALI cannot skip a sample it fails to decode (the pipeline dies), so files are checked before
 the pipeline is built (header and end marker, no decoding: imagefolder.quick_check); a file
 that still fails stops the run with a message pointing at --loader torch.
+
+The training streams are resumable: their state is DALI's pipeline checkpoint plus the batch
+count (which seeds the strong view), see DaliTrainBatches.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,10 +57,14 @@ def find_bad_files(paths: list[str], stats: dict, strict: bool, threads: int = 1
 
 
 def _train_pipeline(files, labels, *, batch_size, image_size, flip, shard_id, num_shards,
-                    reader_seed, seed, decode, device_id, num_threads):
+                    reader_seed, seed, decode, device_id, num_threads, checkpoint=None,
+                    checkpointing=True):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    # Checkpointing records the reader's position and every random op's state, so a pipeline
+    # rebuilt from a checkpoint continues with the exact next batch.
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  enable_checkpointing=checkpointing)
     def weak_view():
         encoded, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id,
                                          num_shards=num_shards, shuffle_after_epoch=True,
@@ -68,7 +77,7 @@ def _train_pipeline(files, labels, *, batch_size, image_size, flip, shard_id, nu
             images = fn.flip(images, horizontal=fn.random.coin_flip())
         return fn.transpose(images, perm=[2, 0, 1]), label
 
-    return weak_view()
+    return weak_view(checkpoint=checkpoint)
 
 
 def _eval_pipeline(files, labels, *, batch_size, image_size, decode, device_id, num_threads):
@@ -104,6 +113,76 @@ def _batches(iterator):
         except Exception as e:
             raise _dali_failed(e) from None
         yield out["images"], out["labels"].reshape(-1).long()
+
+
+class DaliTrainBatches:
+    """Endless (batch number, uint8 images, int64 labels) from a training pipeline that can
+    save its position: state_dict() holds the batches handed out and DALI's checkpoint of the
+    pipeline (reader position, random ops' states), so load_state_dict() makes the next batch
+    the one an uninterrupted stream would give. The pipeline is built at the first ``next``.
+
+    The trainer saves rank 0's state for every rank; DALI's checkpoint holds the shard, so
+    another rank (or another number of ranks) skips ahead instead: it runs its pipeline from
+    the start and drops ``consumed`` batches (exact, as the pipeline is seeded, but it decodes
+    them)."""
+
+    def __init__(self, build_pipeline: Callable[[bytes | str | None], object], *, rank: int, world_size: int):
+        self._build, self._where = build_pipeline, (rank, world_size)
+        self.consumed, self._checkpoint, self._batches, self._iterator = 0, None, None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._start()
+        images, labels = next(self._batches)
+        self.consumed += 1
+        return self.consumed - 1, images, labels
+
+    def _start(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        try:  # the iterator runs the pipeline's first batches already
+            self._iterator = DALIGenericIterator(self._build(self._checkpoint), ["images", "labels"])
+        except Exception as e:
+            raise _dali_failed(e) from None
+        self._batches = _batches(self._iterator)  # no reader_name: endless
+        if self._checkpoint is None:
+            for _ in range(self.consumed):  # skip-ahead (see the class docstring)
+                next(self._batches)
+
+    def state_dict(self) -> dict:
+        # The iterator's checkpoint accounts for the batches DALI has prefetched but not handed out.
+        checkpoint = self._iterator.checkpoints()[0] if self._iterator is not None else self._checkpoint
+        return {"consumed": self.consumed, "dali_checkpoint": checkpoint,
+                "rank": self._where[0], "world_size": self._where[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        same_shard = (state.get("rank"), state.get("world_size")) == self._where
+        self.consumed = int(state["consumed"])
+        self._checkpoint = state.get("dali_checkpoint") if same_shard else None
+        self._batches = self._iterator = None
+
+
+class ResumableStream:
+    """A DaliTrainBatches turned into finished batches by ``finish(number, images, labels)``,
+    with the batches' state_dict/load_state_dict passed through (what the trainer checks)."""
+
+    def __init__(self, batches: DaliTrainBatches, finish_batch):
+        self._source, self._finish = batches, finish_batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._finish(*next(self._source))
+
+    def state_dict(self) -> dict:
+        return self._source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._source.load_state_dict(state)
 
 
 class DaliEvalBatches:
@@ -144,8 +223,6 @@ class DaliEvalBatches:
 def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, source, seed: int,
                        rank: int, world_size: int, device, stats: dict, image_size: int):
     """(labeled, unlabeled, val, test) streams through DALI pipelines."""
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     device_id = (device.index or 0) if on_gpu else None
@@ -170,23 +247,23 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
                              f"{world_size} ranks")
         # Shuffle once with the shared seed: DALI's shuffle_after_epoch leaves epoch 0 in order.
         order = np.random.default_rng([seed, _STREAM_IDS[view]]).permutation(len(files))
-        pipe = _train_pipeline([files[i] for i in order], [labels[i] for i in order],
-                               batch_size=batch_size, image_size=image_size, flip=source.flip,
-                               shard_id=rank, num_shards=world_size,
-                               reader_seed=batch_seed(seed, _STREAM_IDS[view]) % 2**31,
-                               seed=batch_seed(seed, _STREAM_IDS[view], rank) % 2**31,
-                               decode=decode, device_id=device_id, num_threads=threads)
-        return _batches(DALIGenericIterator(pipe, ["images", "labels"]))  # no reader: endless
+        build = partial(_train_pipeline, [files[i] for i in order], [labels[i] for i in order],
+                        batch_size=batch_size, image_size=image_size, flip=source.flip,
+                        shard_id=rank, num_shards=world_size,
+                        reader_seed=batch_seed(seed, _STREAM_IDS[view]) % 2**31,
+                        seed=batch_seed(seed, _STREAM_IDS[view], rank) % 2**31,
+                        decode=decode, device_id=device_id, num_threads=threads)
+        return DaliTrainBatches(lambda checkpoint: build(checkpoint=checkpoint), rank=rank,
+                                world_size=world_size)
 
-    def labeled_stream(batches):
-        for images, labels in batches:
-            yield finish.normalize(images.to(device)), labels.to(device)
+    def labeled_batch(number, images, labels):
+        return finish.normalize(images.to(device)), labels.to(device)
 
-    def unlabeled_stream(batches):
-        for number, (images, _) in enumerate(batches):
-            weak = images.to(device)
-            g = strong_generator(batch_seed(seed, _STREAM_IDS[UNLABELED], rank, number))
-            yield finish.normalize(weak), finish.normalize(strong_view(weak, generator=g, **strong))
+    def unlabeled_batch(number, images, labels):
+        # Seeded by the batch number, which a resumed stream continues from.
+        weak = images.to(device)
+        g = strong_generator(batch_seed(seed, _STREAM_IDS[UNLABELED], rank, number))
+        return finish.normalize(weak), finish.normalize(strong_view(weak, generator=g, **strong))
 
     def evaluation(labeled_set, indices):
         files, labels = subset(labeled_set, indices)
@@ -194,6 +271,7 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
                                image_size=image_size, decode=decode, device_id=device_id,
                                num_threads=threads)
 
-    labeled = labeled_stream(train(LABELED, split["labeled"], cfg.batch_size))
-    unlabeled = unlabeled_stream(train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size))
+    labeled = ResumableStream(train(LABELED, split["labeled"], cfg.batch_size), labeled_batch)
+    unlabeled = ResumableStream(train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size),
+                                unlabeled_batch)
     return labeled, unlabeled, evaluation(data, split["val"]), evaluation(test, np.arange(len(test)))
