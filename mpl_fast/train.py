@@ -347,6 +347,11 @@ class _Session:
         return self.ctx.is_main or self.sync.distributed
 
     @property
+    def data_parallel(self) -> bool:
+        """torchrun ranks that each read their own shard (not model-parallel halves of one step)."""
+        return self.ctx.distributed and not self.sync.distributed
+
+    @property
     def resumable(self) -> bool:
         return all(hasattr(getattr(self.streams, n), "state_dict") for n in ("labeled", "unlabeled"))
 
@@ -494,8 +499,9 @@ def _restore(sess: _Session, state: dict) -> None:
     mpl, streams, ctx = sess.mpl, sess.streams, sess.ctx
     mpl.load_state_dict(state["mpl"])
     if state["streams"] is not None:
+        saved = _own_stream_state(sess, state)
         for name in ("labeled", "unlabeled"):
-            getattr(streams, name).load_state_dict(state["streams"][name])
+            getattr(streams, name).load_state_dict(saved[name])
     else:
         sess.say("warning: this checkpoint holds no data-stream position (written before the DALI streams "
                  "could save theirs): the resumed run starts its data streams from the first batch again")
@@ -514,6 +520,21 @@ def _restore(sess: _Session, state: dict) -> None:
     sess.elapsed_before = float(state["elapsed"])
 
 
+def _own_stream_state(sess: _Session, state: dict) -> dict:
+    """This rank's saved stream states: its own under data parallel when the checkpoint holds
+    one per rank for this many ranks; else rank 0's (a DALI stream of another shard then skips
+    ahead, exact but decoding the consumed batches again)."""
+    per_rank = state.get("streams_per_rank") or []
+    if not sess.data_parallel or not per_rank:
+        return state["streams"]
+    if len(per_rank) == sess.ctx.world_size:
+        return per_rank[sess.ctx.rank]
+    sess.say(f"note: the checkpoint was written by {len(per_rank)} ranks and this run has {sess.ctx.world_size}: "
+             f"the data streams start from rank 0's saved position (a DALI stream of another shard skips "
+             f"ahead, decoding the batches consumed so far again)")
+    return state["streams"]
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -521,7 +542,8 @@ def _rng_state() -> dict:
 
 def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
     """Rank 0 writes checkpoint.pt atomically; under data parallel every rank calls this (it
-    gathers each rank's RNG state) and waits at a barrier until the file is written."""
+    gathers each rank's RNG state and, for data parallel, each rank's stream states) and waits
+    at a barrier until the file is written."""
     rng = _rng_state()
     per_rank = None
     if sess.ctx.distributed:
@@ -533,9 +555,12 @@ def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
                                             student_extra={"best": sess.best, "rng": rng})
     elif sess.ctx.is_main:
         state = _checkpoint_state(sess, step, elapsed, rng)
+    streams_per_rank = _gather_stream_states(sess)
     if state is not None:
         if per_rank is not None:
             state["rng_per_rank"] = per_rank
+        if streams_per_rank is not None:
+            state["streams_per_rank"] = streams_per_rank
         sd = state["mpl"]
         if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
             ckpt.save_atomic(state, os.path.join(sess.out_dir, "checkpoint.pt"))
@@ -543,6 +568,18 @@ def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
             sess.say(f"warning: not checkpointing step {step}: the weights are not finite")
     if sess.ctx.distributed:
         dist.barrier()
+
+
+def _gather_stream_states(sess: _Session) -> list | None:
+    """Under data parallel, every rank's stream states (each rank reads its own shard), on rank 0;
+    None elsewhere and on the other ranks. Model-parallel ranks read the same streams: rank 0's
+    state in ``state["streams"]`` is right for both."""
+    if not (sess.data_parallel and sess.resumable):
+        return None
+    mine = {n: getattr(sess.streams, n).state_dict() for n in ("labeled", "unlabeled")}
+    gathered = [None] * sess.ctx.world_size if sess.ctx.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
 
 
 def _checkpoint_state(sess: _Session, step: int, elapsed: float, rng: dict) -> dict:

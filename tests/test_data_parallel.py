@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.config import preset
+from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.train import run
 from mpl_testing import set_fields
 
@@ -81,6 +82,21 @@ def _cifar(out_dir, data_dir, ranks: int = WORLD, **kw):
     return set_fields(cfg, **kw)
 
 
+def _dali(out_dir, data_dir, **kw):
+    """The imagenet-10pct recipe on a tiny ImageFolder read by DALI, shrunk to a few CPU steps."""
+    cfg = preset("imagenet-10pct")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.threads = 6, 2, 100, 0, 1
+    cfg.data.data_dir, cfg.data.loader, cfg.data.image_size = str(data_dir), "dali", 32
+    cfg.data.labeled_fraction, cfg.data.labels_per_class, cfg.data.val_per_class = None, 2, 1
+    cfg.data.batch_size, cfg.data.mu, cfg.data.num_workers, cfg.data.eval_batch_size = 2, 1, 1, 64
+    cfg.model.name = "digits-cnn"  # a small CNN: the per-rank stream state is under test
+    for opt in (cfg.teacher, cfg.student):
+        opt.warmup_steps = 2
+    cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps, cfg.finetune.steps = 0, 4, 0
+    cfg.output_dir = str(out_dir)
+    return set_fields(cfg, **kw)
+
+
 # ----------------------------------------------------------------------------- in the ranks
 
 _RECORD: dict = {}
@@ -103,6 +119,18 @@ def _record_steps():
         return values
 
     MPL.step = step
+    if dali_unavailable_reason() is None:
+        from mpl_fast.data.dali_pipeline import DaliTrainBatches
+
+        original_start = DaliTrainBatches._start
+
+        def start(self):  # how each DALI stream (re)started: from a checkpoint, or by skipping ahead
+            original_start(self)
+            _RECORD.setdefault(_RECORD["current"], {"h": []}).setdefault("dali_starts", []).append(
+                {"consumed": self.consumed, "skipped_ahead": self.skipped_ahead,
+                 "from_checkpoint": self._checkpoint is not None})
+
+        DaliTrainBatches._start = start
 
 
 def _scenarios(rank: int, tmp: str) -> dict:
@@ -124,6 +152,12 @@ def _scenarios(rank: int, tmp: str) -> dict:
     go("cifar-part", _cifar(os.path.join(tmp, "cifar-part"), cifar), stop_after=3)
     _RECORD["current"] = "cifar-resumed"
     returned["cifar-resumed"] = run(None, resume=os.path.join(tmp, "cifar-part"), progress=False, quiet=True)
+    if dali_unavailable_reason() is None:
+        images = os.path.join(tmp, "imagefolder")
+        go("dali-full", _dali(os.path.join(tmp, "dali-full"), images))
+        go("dali-part", _dali(os.path.join(tmp, "dali-part"), images), stop_after=3)
+        _RECORD["current"] = "dali-resumed"
+        returned["dali-resumed"] = run(None, resume=os.path.join(tmp, "dali-part"), progress=False, quiet=True)
     _RECORD["signal"] = (1, 5)  # rank 1 alone gets a SIGTERM after its 6th step
     go("digits-signal", _digits(os.path.join(tmp, "digits-signal"), WORLD, steps=12))
     _RECORD["signal"] = None
@@ -145,10 +179,12 @@ def _rank_main(rank: int, init_file: str, tmp: str):
 @pytest.fixture(scope="module")
 def dp(tmp_path_factory):
     """Runs every scenario once in 2 gloo ranks; returns (folder, per-rank results)."""
-    from mpl_fast.data.tiny import write_tiny_cifar
+    from mpl_fast.data.tiny import write_tiny_cifar, write_tiny_imagefolder
 
     tmp = tmp_path_factory.mktemp("dp")
     write_tiny_cifar(str(tmp / "cifar-data"), train_per_class=6, test_per_class=2)
+    if dali_unavailable_reason() is None:
+        write_tiny_imagefolder(str(tmp / "imagefolder"), num_classes=3, train_per_class=5, val_per_class=2, size=48)
     mp.spawn(_rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -284,6 +320,52 @@ def test_files_on_disk_train_and_resume_under_data_parallel(dp):
             assert torch.equal(v, ranks[1]["recorded"][name]["params"][k]), (name, k)
 
 
+@pytest.mark.skipif(dali_unavailable_reason() is not None, reason="NVIDIA DALI not installed (optional extra `dali`)")
+def test_dali_resume_under_data_parallel_loads_each_ranks_own_checkpoint(dp):
+    """Each rank's DALI stream state is saved; on resume every rank restarts its pipeline from
+    its own DALI checkpoint (nothing skipped ahead) and the run ends as the uninterrupted one."""
+    folder, ranks = dp
+    saved = ckpt.load(str(folder / "dali-full" / "checkpoint.pt"))
+    assert [s["labeled"]["rank"] for s in saved["streams_per_rank"]] == list(range(WORLD))
+    assert saved["streams"] == saved["streams_per_rank"][0]  # what older readers and other world sizes use
+    for r in range(WORLD):
+        starts = ranks[r]["recorded"]["dali-resumed"]["dali_starts"]
+        assert len(starts) == 2, starts  # the labeled and the unlabeled stream
+        for s in starts:
+            assert s["consumed"] == 3 and s["from_checkpoint"] and s["skipped_ahead"] == 0, (r, s)
+        full, resumed = ranks[r]["recorded"]["dali-full"]["params"], ranks[r]["recorded"]["dali-resumed"]["params"]
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], v) for k, v in resumed.items()), r
+    a, b = (ckpt.load(str(folder / n / "checkpoint.pt")) for n in ("dali-full", "dali-part"))
+    assert a["step"] == b["step"] == 6
+    for model in ("student", "teacher"):
+        assert all(torch.equal(v, b["mpl"][model][k]) for k, v in a["mpl"][model].items()), model
+    for r in range(WORLD):  # both ranks' streams went on from where they stopped
+        for name in ("labeled", "unlabeled"):
+            assert b["streams_per_rank"][r][name]["consumed"] == a["streams_per_rank"][r][name]["consumed"] == 6
+
+
+def test_a_checkpoint_of_another_world_size_falls_back_to_rank_zeros_stream_state():
+    """Per-rank stream states are used only when the world size matches; single-process runs
+    and other world sizes read ``state["streams"]`` (rank 0's) as before."""
+    from mpl_fast.train import _own_stream_state
+
+    class Ctx:
+        def __init__(self, rank, world_size):
+            self.rank, self.world_size = rank, world_size
+
+    class Sess:
+        def __init__(self, rank, world_size, data_parallel=True):
+            self.ctx, self.data_parallel, self.notes = Ctx(rank, world_size), data_parallel, []
+            self.say = self.notes.append
+
+    state = {"streams": "rank0", "streams_per_rank": ["rank0", "rank1"]}
+    assert _own_stream_state(Sess(1, 2), state) == "rank1"
+    assert _own_stream_state(Sess(1, 2, data_parallel=False), state) == "rank0"  # model parallel
+    three = Sess(2, 3)
+    assert _own_stream_state(three, state) == "rank0" and "skips" in three.notes[0]
+    assert _own_stream_state(Sess(1, 2), {"streams": "rank0"}) == "rank0"  # an older checkpoint
+
+
 # ----------------------------------------------------------------------------- failures
 
 def _free_port() -> int:
@@ -308,6 +390,18 @@ def _failing_rank(rank: int, port: int, out_dir: str, how: str, result_file: str
         return original(self, *args, **kwargs)
 
     MPL.step = step
+    if dali_unavailable_reason() is None:
+        from mpl_fast.data.dali_pipeline import DaliTrainBatches
+
+        original_start = DaliTrainBatches._start
+
+        def start(self):  # how each DALI stream (re)started: from a checkpoint, or by skipping ahead
+            original_start(self)
+            _RECORD.setdefault(_RECORD["current"], {"h": []}).setdefault("dali_starts", []).append(
+                {"consumed": self.consumed, "skipped_ahead": self.skipped_ahead,
+                 "from_checkpoint": self._checkpoint is not None})
+
+        DaliTrainBatches._start = start
     start = time.perf_counter()
     try:
         run(_digits(out_dir, WORLD), progress=False, quiet=True, dist_timeout=3.0)

@@ -121,14 +121,16 @@ class DaliTrainBatches:
     pipeline (reader position, random ops' states), so load_state_dict() makes the next batch
     the one an uninterrupted stream would give. The pipeline is built at the first ``next``.
 
-    The trainer saves rank 0's state for every rank; DALI's checkpoint holds the shard, so
-    another rank (or another number of ranks) skips ahead instead: it runs its pipeline from
-    the start and drops ``consumed`` batches (exact, as the pipeline is seeded, but it decodes
-    them)."""
+    Under data parallel the trainer saves every rank's state and each rank loads its own. DALI's
+    checkpoint holds the shard, so a state saved by another rank or number of ranks makes the
+    stream skip ahead instead: it runs its pipeline from the start and drops ``consumed``
+    batches (exact, as the pipeline is seeded, but it decodes them); ``skipped_ahead`` counts
+    the batches so dropped."""
 
     def __init__(self, build_pipeline: Callable[[bytes | str | None], object], *, rank: int, world_size: int):
         self._build, self._where = build_pipeline, (rank, world_size)
         self.consumed, self._checkpoint, self._batches, self._iterator = 0, None, None, None
+        self.skipped_ahead = 0
 
     def __iter__(self):
         return self
@@ -151,6 +153,7 @@ class DaliTrainBatches:
         if self._checkpoint is None:
             for _ in range(self.consumed):  # skip-ahead (see the class docstring)
                 next(self._batches)
+                self.skipped_ahead += 1
 
     def state_dict(self) -> dict:
         # The iterator's checkpoint accounts for the batches DALI has prefetched but not handed out.
