@@ -395,8 +395,9 @@ def test_dali_checkpoint_survives_a_checkpoint_file(data, tmp_path):
 
 @needs_dali
 def test_dali_other_rank_resumes_by_skipping_ahead(data):
-    # The trainer saves rank 0's stream state for every rank: rank 1 cannot use rank 0's DALI
-    # checkpoint (it names rank 0's shard), so it replays its own stream up to `consumed`.
+    # The fallback when a checkpoint holds no state of this rank's own (another world size, an
+    # older checkpoint): rank 1 cannot use rank 0's DALI checkpoint (it names rank 0's shard),
+    # so it replays its own stream up to `consumed`.
     cfg = config(data, "imagefolder", loader="dali", image_size=32)
     rank0 = quiet_build(cfg, rank=0, world_size=2)
     for _ in range(2):
@@ -410,3 +411,4 @@ def test_dali_other_rank_resumes_by_skipping_ahead(data):
     resumed1.labeled.load_state_dict(state0["labeled"])
     resumed1.unlabeled.load_state_dict(state0["unlabeled"])
     _assert_same_batches(expected, [(next(resumed1.labeled), next(resumed1.unlabeled)) for _ in range(2)])
+    assert resumed1.labeled._source.skipped_ahead == 2 and resumed1.unlabeled._source.skipped_ahead == 2
