@@ -4,7 +4,8 @@ With no arguments it trains MPL on scikit-learn's bundled 8x8 digits on the CPU 
 minute) and prints the test accuracies of the student, its EMA, the teacher and the
 finetuned student. Every number of a preset can be overridden by a flag named after its
 place in the configuration tree (``--teacher.lr 0.1``, ``--mpl.uda-weight 2``,
-``--data.labels-per-class 4``; see ``--help``).
+``--data.labels-per-class 4``; see ``--help``; the parser is mpl_fast.cli, ``--dry-run``'s report
+mpl_fast.parallel.plan).
 
 The run writes to ``--output-dir`` (default runs/<preset>-<method>-<timestamp>):
 config.json, split.json, metrics.jsonl (one line per log interval and per evaluation),
@@ -21,7 +22,6 @@ mpl_fast.parallel.model_parallel).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -36,121 +36,23 @@ import torch.distributed as dist
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules, finetune, larger_batches
-from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, from_dict, preset, to_dict, validate
-from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
+from mpl_fast.cli import build_parser, config_from_args
+from mpl_fast.config import TrainConfig, from_dict, to_dict, validate
 from mpl_fast.models import create_model
 from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
 from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
 from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
-from mpl_fast.parallel.precision import AMP_DTYPES, PrecisionPolicy, resolve_precision
+from mpl_fast.parallel.plan import dry_run_report
+from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
 
-CHOICES = {
-    "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
-    "teacher.schedule": ("cosine", "constant"), "student.schedule": ("cosine", "constant"),
-    "data.dataset": EMBEDDED_DATASETS + FILE_DATASETS, "data.loader": ("auto", "torch", "dali"),
-    "data.randaug_policy": ("mpl", "torchvision"), "mpl.baseline": ("auto", "on", "off"),
-    "amp_dtype": AMP_DTYPES,
-}
-# Flags with a short name besides their dotted one.
-ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
-# Extra help for flags whose meaning depends on how the run is launched.
-HELP_NOTES = {
-    "data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this",
-    "amp": "autocast the teacher's forward: bf16 where supported, else fp16 with loss scaling",
-    "amp_dtype": "with --amp: bf16 or fp16 (+ GradScaler); None picks bf16 where the device supports it; "
-                 "fp16 is refused on the CPU",
-    "model_parallel": "teacher and student on different devices (--teacher-device/--student-device), or on "
-                      "two torchrun ranks (rank 0 teacher, rank 1 student)",
-    "teacher_device": "with --model-parallel in one process, e.g. cuda:0",
-    "student_device": "with --model-parallel in one process, e.g. cuda:1 or cpu",
-    "compile": "torch.compile the teacher's and student's forwards (slow first steps)",
-    "channels_last": "NHWC memory format for conv models on CPU/CUDA",
-}
+__all__ = ["run", "main", "build_mpl", "build_parser", "config_from_args", "dry_run_report", "accuracy",
+           "TrainingStopped", "DataParallelFailure"]
 
 
 class TrainingStopped(RuntimeError):
     """Raised when too many consecutive steps were not finite."""
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def _leaves(cls, prefix: str = ""):
-    """(dotted name, type, default) of every leaf field of a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from _leaves(hints[f.name], name + ".")
-        else:
-            yield name, hints[f.name], f
-
-
-def _parse_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
-    if base is bool:
-        return bool
-    nullable = type(None) in typing.get_args(tp)
-
-    def parse(text: str):
-        if nullable and text.lower() in ("none", "null"):
-            return None
-        return base(text)
-
-    parse.__name__ = base.__name__
-    return parse
-
-
-def _get(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mpl_fast.train",
-        description="Meta Pseudo Labels and its baselines. Defaults come from --preset; any flag overrides them.",
-    )
-    digits = preset("digits")
-    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe (default: digits)")
-    parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
-    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="under torchrun: a collective that waits this long for another rank fails the run "
-                             "with a message instead of hanging (default: 600)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="build teacher and student on the meta device (no memory, no data), print their "
-                             "parameter counts and a per-device memory estimate of one MPL step, and exit")
-    for name, tp, _field in _leaves(TrainConfig):
-        if name == "preset":
-            continue
-        flag = "--" + name.replace("_", "-")
-        flags = [flag] + ([ALIASES[name]] if name in ALIASES else [])
-        note = f"; {HELP_NOTES[name]}" if name in HELP_NOTES else ""
-        kwargs = {"dest": name, "default": None,
-                  "help": f"default: the preset's (digits: {_get(digits, name)!r}){note}"}
-        if _parse_type(tp) is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(*flags, type=_parse_type(tp), choices=CHOICES.get(name), **kwargs)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = preset(args.preset)
-    for name, _tp, _field in _leaves(TrainConfig):
-        value = getattr(args, name, None) if name != "preset" else None
-        if value is None:
-            continue
-        obj = cfg
-        *path, leaf = name.split(".")
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, leaf, value)
-    return cfg
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -765,44 +667,6 @@ def _truncate_metrics(path: str, step: int) -> None:
         keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
     with open(path, "w") as f:
         f.writelines(keep)
-
-
-# Classes and input shape per data set, for --dry-run (which reads no data); image folders are
-# taken to be ImageNet.
-_DRY_RUN_SHAPES = {"digits": (10, (1, 8, 8)), "two-moons": (2, (2,)), "cifar10": (10, (3, 32, 32)),
-                   "cifar100": (100, (3, 32, 32)), "svhn": (10, (3, 32, 32)), "imagefolder": (1000, (3, 224, 224))}
-
-
-def dry_run_report(cfg: TrainConfig, fsdp_devices: int = 8) -> str:
-    """Parameter counts and per-device memory of one MPL step for ``cfg``, from meta-device models."""
-    from mpl_fast.parallel.plan import measure_footprint, plan_mpl_memory  # noqa: PLC0415
-
-    num_classes, shape = _DRY_RUN_SHAPES[cfg.data.dataset]
-    if cfg.data.image_size and len(shape) == 3:
-        shape = (shape[0], cfg.data.image_size, cfg.data.image_size)
-    with torch.device("meta"):
-        model = create_model(cfg.model.name, num_classes, dropout=cfg.model.dropout,
-                             in_channels=shape[0] if len(shape) == 3 else 1)
-    footprint = measure_footprint(model, shape)  # teacher and student share the architecture
-    lines = [f"{cfg.preset}: {cfg.model.name}, {footprint.parameters:,} parameters per network "
-             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, "
-             f"unlabeled {cfg.data.mu}x that (weak + strong)",
-             "estimated peak memory of one MPL step per device (weights, gradients, momentum, g_u, activations):"]
-    for precision in ("fp32", "bf16"):
-        for layout, devices in (("single", 1), ("model-parallel", 2), ("fsdp", fsdp_devices)):
-            plan = plan_mpl_memory(footprint, footprint, batch_size=cfg.data.batch_size, mu=cfg.data.mu,
-                                   precision=precision, layout=layout, devices=devices)
-            if layout == "model-parallel":  # the two devices differ: say which is which
-                teacher_b, student_b = plan.per_device_bytes
-                per_device = f"{teacher_b / 2**30:.1f}, {student_b / 2**30:.1f} GiB (teacher, student)"
-            else:
-                per_device = ", ".join(f"{b / 2**30:.1f}" for b in sorted(set(plan.per_device_bytes), reverse=True))
-                per_device += " GiB"
-            lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device}")
-    lines.append("model-parallel: the same on two devices of one process (--model-parallel --teacher-device ... "
-                 "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
-    lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,42 @@ def plan_mpl_memory(teacher: NetworkFootprint, student: NetworkFootprint, *, bat
     return MemoryPlan(layout=layout, devices=devices, precision=precision,
                       teacher_parameters=teacher.parameters, student_parameters=student.parameters,
                       per_device_bytes=per_device)
+
+
+# Classes and input shape per data set, for --dry-run (which reads no data); image folders are
+# taken to be ImageNet.
+_DRY_RUN_SHAPES = {"digits": (10, (1, 8, 8)), "two-moons": (2, (2,)), "cifar10": (10, (3, 32, 32)),
+                   "cifar100": (100, (3, 32, 32)), "svhn": (10, (3, 32, 32)), "imagefolder": (1000, (3, 224, 224))}
+
+
+def dry_run_report(cfg, fsdp_devices: int = 8) -> str:
+    """``--dry-run``: parameter counts and per-device memory of one MPL step for ``cfg`` (a
+    TrainConfig), from meta-device models."""
+    from mpl_fast.models import create_model  # noqa: PLC0415 - models import timm: only when asked
+
+    num_classes, shape = _DRY_RUN_SHAPES[cfg.data.dataset]
+    if cfg.data.image_size and len(shape) == 3:
+        shape = (shape[0], cfg.data.image_size, cfg.data.image_size)
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, num_classes, dropout=cfg.model.dropout,
+                             in_channels=shape[0] if len(shape) == 3 else 1)
+    footprint = measure_footprint(model, shape)  # teacher and student share the architecture
+    lines = [f"{cfg.preset}: {cfg.model.name}, {footprint.parameters:,} parameters per network "
+             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, "
+             f"unlabeled {cfg.data.mu}x that (weak + strong)",
+             "estimated peak memory of one MPL step per device (weights, gradients, momentum, g_u, activations):"]
+    for precision in ("fp32", "bf16"):
+        for layout, devices in (("single", 1), ("model-parallel", 2), ("fsdp", fsdp_devices)):
+            plan = plan_mpl_memory(footprint, footprint, batch_size=cfg.data.batch_size, mu=cfg.data.mu,
+                                   precision=precision, layout=layout, devices=devices)
+            if layout == "model-parallel":  # the two devices differ: say which is which
+                teacher_b, student_b = plan.per_device_bytes
+                per_device = f"{teacher_b / 2**30:.1f}, {student_b / 2**30:.1f} GiB (teacher, student)"
+            else:
+                per_device = ", ".join(f"{b / 2**30:.1f}" for b in sorted(set(plan.per_device_bytes), reverse=True))
+                per_device += " GiB"
+            lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device}")
+    lines.append("model-parallel: the same on two devices of one process (--model-parallel --teacher-device ... "
+                 "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
+    lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
+    return "\n".join(lines)

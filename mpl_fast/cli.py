@@ -1,0 +1,112 @@
+"""The command line of ``python -m mpl_fast.train``: one flag per leaf of the config tree
+(``--teacher.lr``, ``--mpl.uda-weight``, ...), defaults from ``--preset``, choices listed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, preset
+from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
+from mpl_fast.parallel.precision import AMP_DTYPES
+
+CHOICES = {
+    "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
+    "teacher.schedule": ("cosine", "constant"), "student.schedule": ("cosine", "constant"),
+    "data.dataset": EMBEDDED_DATASETS + FILE_DATASETS, "data.loader": ("auto", "torch", "dali"),
+    "data.randaug_policy": ("mpl", "torchvision"), "mpl.baseline": ("auto", "on", "off"),
+    "amp_dtype": AMP_DTYPES,
+}
+# Flags with a short name besides their dotted one.
+ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
+# Extra help for flags whose meaning depends on how the run is launched.
+HELP_NOTES = {
+    "data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this",
+    "amp": "autocast the teacher's forward: bf16 where supported, else fp16 with loss scaling",
+    "amp_dtype": "with --amp: bf16 or fp16 (+ GradScaler); None picks bf16 where the device supports it; "
+                 "fp16 is refused on the CPU",
+    "model_parallel": "teacher and student on different devices (--teacher-device/--student-device), or on "
+                      "two torchrun ranks (rank 0 teacher, rank 1 student)",
+    "teacher_device": "with --model-parallel in one process, e.g. cuda:0",
+    "student_device": "with --model-parallel in one process, e.g. cuda:1 or cpu",
+    "compile": "torch.compile the teacher's and student's forwards (slow first steps)",
+    "channels_last": "NHWC memory format for conv models on CPU/CUDA",
+}
+
+
+def _leaves(cls, prefix: str = ""):
+    """(dotted name, type, default) of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], name + ".")
+        else:
+            yield name, hints[f.name], f
+
+
+def _parse_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    if base is bool:
+        return bool
+    nullable = type(None) in typing.get_args(tp)
+
+    def parse(text: str):
+        if nullable and text.lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpl_fast.train",
+        description="Meta Pseudo Labels and its baselines. Defaults come from --preset; any flag overrides them.",
+    )
+    digits = preset("digits")
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe (default: digits)")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
+    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="under torchrun: a collective that waits this long for another rank fails the run "
+                             "with a message instead of hanging (default: 600)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build teacher and student on the meta device (no memory, no data), print their "
+                             "parameter counts and a per-device memory estimate of one MPL step, and exit")
+    for name, tp, _field in _leaves(TrainConfig):
+        if name == "preset":
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags = [flag] + ([ALIASES[name]] if name in ALIASES else [])
+        note = f"; {HELP_NOTES[name]}" if name in HELP_NOTES else ""
+        kwargs = {"dest": name, "default": None,
+                  "help": f"default: the preset's (digits: {_get(digits, name)!r}){note}"}
+        if _parse_type(tp) is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(*flags, type=_parse_type(tp), choices=CHOICES.get(name), **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = preset(args.preset)
+    for name, _tp, _field in _leaves(TrainConfig):
+        value = getattr(args, name, None) if name != "preset" else None
+        if value is None:
+            continue
+        obj = cfg
+        *path, leaf = name.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
+    return cfg
