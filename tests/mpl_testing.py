@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from mpl_fast.config import preset
+
 
 def toy_batches(seed: int, b: int = 8, u: int = 24):
     """((x_l, y_l), (x_weak, x_strong)) of 5-feature points in 3 classes, the strong view a
@@ -40,3 +42,21 @@ def assert_state_unchanged(before: dict, after: dict) -> None:
         for i, st in before[key]["state"].items():
             if st.get("momentum_buffer") is not None:
                 assert torch.equal(st["momentum_buffer"], after[key]["state"][i]["momentum_buffer"]), (key, i)
+
+
+def tiny_dali_config(out_dir, data_dir, *, mu: int, uda_ramp_steps: int | None = None, **overrides):
+    """The imagenet-10pct recipe on a tiny ImageFolder read by DALI, shrunk to 6 CPU steps of a
+    small CNN (the data wiring is under test, not the model)."""
+    cfg = preset("imagenet-10pct")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.threads = 6, 2, 100, 0, 1
+    cfg.data.data_dir, cfg.data.loader, cfg.data.image_size = str(data_dir), "dali", 32
+    cfg.data.labeled_fraction, cfg.data.labels_per_class, cfg.data.val_per_class = None, 2, 1
+    cfg.data.batch_size, cfg.data.mu, cfg.data.num_workers, cfg.data.eval_batch_size = 2, mu, 1, 64
+    cfg.model.name = "digits-cnn"
+    for opt in (cfg.teacher, cfg.student):
+        opt.warmup_steps = 2
+    cfg.mpl.student_wait_steps, cfg.finetune.steps = 0, 0
+    if uda_ramp_steps is not None:
+        cfg.mpl.uda_ramp_steps = uda_ramp_steps
+    cfg.output_dir = str(out_dir)
+    return set_fields(cfg, **overrides)

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.config import preset
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.data.tiny import write_tiny_imagefolder
 from mpl_fast.train import run
-from mpl_testing import set_fields
+from mpl_testing import tiny_dali_config
 
 pytestmark = [
     pytest.mark.skipif(dali_unavailable_reason() is not None,
@@ -19,18 +18,7 @@ pytestmark = [
 
 
 def _dali_run(out_dir, data_dir, **kw):
-    """The imagenet-10pct recipe on a tiny ImageFolder through DALI, shrunk to a few CPU steps."""
-    cfg = preset("imagenet-10pct")
-    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.threads = 6, 2, 100, 0, 1
-    cfg.data.data_dir, cfg.data.loader, cfg.data.image_size = str(data_dir), "dali", 32
-    cfg.data.labeled_fraction, cfg.data.labels_per_class, cfg.data.val_per_class = None, 2, 1
-    cfg.data.batch_size, cfg.data.mu, cfg.data.num_workers, cfg.data.eval_batch_size = 2, 2, 1, 64
-    cfg.model.name = "digits-cnn"  # a small CNN: the data wiring is under test
-    for opt in (cfg.teacher, cfg.student):
-        opt.warmup_steps = 2
-    cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps, cfg.finetune.steps = 0, 4, 0
-    cfg.output_dir = str(out_dir)
-    return set_fields(cfg, **kw)
+    return tiny_dali_config(out_dir, data_dir, mu=2, **kw)
 
 
 def test_dali_run_interrupted_and_resumed_ends_with_the_same_weights(tmp_path):

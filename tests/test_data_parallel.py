@@ -23,7 +23,7 @@ from mpl_fast import checkpoint as ckpt
 from mpl_fast.config import preset
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.train import run
-from mpl_testing import set_fields
+from mpl_testing import set_fields, tiny_dali_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -83,21 +83,28 @@ def _cifar(out_dir, data_dir, ranks: int = WORLD, **kw):
 
 
 def _dali(out_dir, data_dir, **kw):
-    """The imagenet-10pct recipe on a tiny ImageFolder read by DALI, shrunk to a few CPU steps."""
-    cfg = preset("imagenet-10pct")
-    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.threads = 6, 2, 100, 0, 1
-    cfg.data.data_dir, cfg.data.loader, cfg.data.image_size = str(data_dir), "dali", 32
-    cfg.data.labeled_fraction, cfg.data.labels_per_class, cfg.data.val_per_class = None, 2, 1
-    cfg.data.batch_size, cfg.data.mu, cfg.data.num_workers, cfg.data.eval_batch_size = 2, 1, 1, 64
-    cfg.model.name = "digits-cnn"  # a small CNN: the per-rank stream state is under test
-    for opt in (cfg.teacher, cfg.student):
-        opt.warmup_steps = 2
-    cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps, cfg.finetune.steps = 0, 4, 0
-    cfg.output_dir = str(out_dir)
-    return set_fields(cfg, **kw)
+    """Per-rank stream state is under test: the tiny DALI recipe with mu 1."""
+    return tiny_dali_config(out_dir, data_dir, mu=1, uda_ramp_steps=4, **kw)
 
 
 # ----------------------------------------------------------------------------- in the ranks
+
+def _record_dali_starts() -> None:
+    """Records in _RECORD how each DALI stream (re)started: from a checkpoint, or by skipping ahead."""
+    if dali_unavailable_reason() is not None:
+        return
+    from mpl_fast.data.dali_pipeline import DaliTrainBatches
+
+    original_start = DaliTrainBatches._start
+
+    def start(self):
+        original_start(self)
+        _RECORD.setdefault(_RECORD["current"], {"h": []}).setdefault("dali_starts", []).append(
+            {"consumed": self.consumed, "skipped_ahead": self.skipped_ahead,
+             "from_checkpoint": self._checkpoint is not None})
+
+    DaliTrainBatches._start = start
+
 
 _RECORD: dict = {}
 
@@ -119,18 +126,7 @@ def _record_steps():
         return values
 
     MPL.step = step
-    if dali_unavailable_reason() is None:
-        from mpl_fast.data.dali_pipeline import DaliTrainBatches
-
-        original_start = DaliTrainBatches._start
-
-        def start(self):  # how each DALI stream (re)started: from a checkpoint, or by skipping ahead
-            original_start(self)
-            _RECORD.setdefault(_RECORD["current"], {"h": []}).setdefault("dali_starts", []).append(
-                {"consumed": self.consumed, "skipped_ahead": self.skipped_ahead,
-                 "from_checkpoint": self._checkpoint is not None})
-
-        DaliTrainBatches._start = start
+    _record_dali_starts()
 
 
 def _scenarios(rank: int, tmp: str) -> dict:
@@ -390,18 +386,7 @@ def _failing_rank(rank: int, port: int, out_dir: str, how: str, result_file: str
         return original(self, *args, **kwargs)
 
     MPL.step = step
-    if dali_unavailable_reason() is None:
-        from mpl_fast.data.dali_pipeline import DaliTrainBatches
-
-        original_start = DaliTrainBatches._start
-
-        def start(self):  # how each DALI stream (re)started: from a checkpoint, or by skipping ahead
-            original_start(self)
-            _RECORD.setdefault(_RECORD["current"], {"h": []}).setdefault("dali_starts", []).append(
-                {"consumed": self.consumed, "skipped_ahead": self.skipped_ahead,
-                 "from_checkpoint": self._checkpoint is not None})
-
-        DaliTrainBatches._start = start
+    _record_dali_starts()
     start = time.perf_counter()
     try:
         run(_digits(out_dir, WORLD), progress=False, quiet=True, dist_timeout=3.0)
