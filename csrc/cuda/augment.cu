@@ -84,7 +84,7 @@ __device__ void apply_one(int32_t code, const float* p, const uint8_t* fill, int
         local += C == 3 ? grayscale(src[i], src[plane + i], src[2 * plane + i]) : src[i];
       atomicAdd(&sh.sum, local);
       __syncthreads();
-      const float mean = mean_from_sum(static_cast<int32_t>(sh.sum), plane);
+      const float mean = mean_from_sum(static_cast<int64_t>(sh.sum), plane);
       for (int32_t i = tid; i < numel; i += nthreads) dst[i] = blend(float(src[i]), mean, p[0], p[1]);
       break;
     }
