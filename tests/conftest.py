@@ -15,14 +15,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def python_without_extension():
     """Runs ``code`` in a fresh interpreter from the repo root with MPL_FAST_NO_EXTENSION=1, so
-    every op takes its pure-PyTorch reference path; returns the CompletedProcess."""
+    every op takes its pure-PyTorch reference path; asserts that it exits with 0 (its stderr as
+    the message) and returns what it printed."""
     import os
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def run(code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+    def run(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
                               env={**os.environ, "MPL_FAST_NO_EXTENSION": "1"}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
     return run

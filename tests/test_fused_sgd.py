@@ -392,9 +392,8 @@ def test_fused_sgd_on_the_reference_fallback(python_without_extension):
             "        o.zero_grad(); m(x).square().sum().backward(); o.step()\n"
             "err = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))\n"
             "print(mpl_fast.ops.backend(), err < 1e-6, oa.last_updates()[0].abs().sum().item() > 0)\n")
-    proc = python_without_extension(code)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["reference", "True", "True"]
+    stdout = python_without_extension(code)
+    assert stdout.split() == ["reference", "True", "True"]
 
 
 def test_constructor_validation_like_torch():

@@ -189,9 +189,8 @@ def test_reference_fallback_without_extension(python_without_extension):
             "out = mpl_fast.ops.multi_tensor_dot([torch.ones(3), torch.full((2,), float('inf'))],"
             " [torch.ones(3), torch.ones(2)], found_inf=f)\n"
             "print(mpl_fast.ops.backend(), out.item(), f.item())\n")
-    proc = python_without_extension(code)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["reference", "inf", "1.0"]
+    stdout = python_without_extension(code)
+    assert stdout.split() == ["reference", "inf", "1.0"]
 
 
 @pytest.mark.cuda
