@@ -443,26 +443,22 @@ def _rng_state() -> dict:
 
 
 def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
-    """Rank 0 writes checkpoint.pt atomically; under data parallel every rank calls this (it
+    """Rank 0 writes checkpoint.pt atomically; under torchrun every rank calls this (rank 0
     gathers each rank's RNG state and, for data parallel, each rank's stream states) and waits
     at a barrier until the file is written."""
-    rng = _rng_state()
-    per_rank = None
-    if sess.ctx.distributed:
-        per_rank = [None] * sess.ctx.world_size
-        dist.all_gather_object(per_rank, rng)
+    rng, streams = _rng_state(), _stream_states(sess)
+    per_rank = _gather_per_rank(sess, rng, streams)
     state = None
     if sess.sync.distributed:  # model-parallel ranks: rank 0 gathers the student's half
-        state = sess.sync.gather_checkpoint(_checkpoint_state(sess, step, elapsed, rng),
+        state = sess.sync.gather_checkpoint(_checkpoint_state(sess, step, elapsed, rng, streams),
                                             student_extra={"best": sess.best, "rng": rng})
     elif sess.ctx.is_main:
-        state = _checkpoint_state(sess, step, elapsed, rng)
-    streams_per_rank = _gather_stream_states(sess)
+        state = _checkpoint_state(sess, step, elapsed, rng, streams)
     if state is not None:
         if per_rank is not None:
-            state["rng_per_rank"] = per_rank
-        if streams_per_rank is not None:
-            state["streams_per_rank"] = streams_per_rank
+            state["rng_per_rank"] = [mine["rng"] for mine in per_rank]
+            if sess.data_parallel and streams is not None:
+                state["streams_per_rank"] = [mine["streams"] for mine in per_rank]
         sd = state["mpl"]
         if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
             ckpt.save_atomic(state, os.path.join(sess.out_dir, "checkpoint.pt"))
@@ -472,25 +468,29 @@ def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
         dist.barrier()
 
 
-def _gather_stream_states(sess: _Session) -> list | None:
-    """Under data parallel, every rank's stream states (each rank reads its own shard), on rank 0;
-    None elsewhere and on the other ranks. Model-parallel ranks read the same streams: rank 0's
-    state in ``state["streams"]`` is right for both."""
-    if not (sess.data_parallel and sess.resumable):
+def _stream_states(sess: _Session) -> dict | None:
+    """This rank's positions in its training streams (None for a pipeline that cannot save one)."""
+    if not sess.resumable:
         return None
-    mine = {n: getattr(sess.streams, n).state_dict() for n in ("labeled", "unlabeled")}
+    return {n: getattr(sess.streams, n).state_dict() for n in ("labeled", "unlabeled")}
+
+
+def _gather_per_rank(sess: _Session, rng: dict, streams: dict | None) -> list | None:
+    """Under torchrun, on rank 0: every rank's {"rng", "streams"} in one gather (stream states
+    only under data parallel, where each rank reads its own shard; model-parallel ranks read the
+    same streams, so rank 0's state is right for both). None in one process and on other ranks."""
+    if not sess.ctx.distributed:
+        return None
+    mine = {"rng": rng, "streams": streams if sess.data_parallel else None}
     gathered = [None] * sess.ctx.world_size if sess.ctx.is_main else None
     dist.gather_object(mine, gathered, dst=0)
     return gathered
 
 
-def _checkpoint_state(sess: _Session, step: int, elapsed: float, rng: dict) -> dict:
-    streams = sess.streams
+def _checkpoint_state(sess: _Session, step: int, elapsed: float, rng: dict, streams: dict | None) -> dict:
     return {
         "config": to_dict(sess.cfg), "step": step, "clock_offset": sess.clock_offset, "mpl": sess.mpl.state_dict(),
-        "streams": ({n: getattr(streams, n).state_dict() for n in ("labeled", "unlabeled")}
-                    if sess.resumable else None),
-        "rng": rng, "best": sess.best, "elapsed": elapsed,
+        "streams": streams, "rng": rng, "best": sess.best, "elapsed": elapsed,
     }
 
 
