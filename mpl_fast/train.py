@@ -575,10 +575,9 @@ def _end(sess: _Session, step: int, interrupted: int | None, seconds: float) -> 
         sess.say(f"stopped by signal {interrupted} at step {step}; checkpoint saved. "
                  f"Continue with: python -m mpl_fast.train --resume {sess.out_dir}")
         return {"interrupted": True, "step": step, "output_dir": sess.out_dir}
-    if sess.evaluates:
-        _evaluate(sess, step, seconds)
+    final = _evaluate(sess, step, seconds) if sess.evaluates else None
     _checkpoint(sess, step, seconds)
-    summary = _finish(sess, step, seconds) if sess.evaluates else None
+    summary = _finish(sess, step, seconds, final) if sess.evaluates else None
     if not sess.ctx.is_main:  # the student's rank of a model-parallel run has the summary too
         return summary if summary is not None else {"rank": sess.ctx.rank, "step": step, "output_dir": sess.out_dir}
     with open(os.path.join(sess.out_dir, "summary.json"), "w") as f:
@@ -606,12 +605,13 @@ def _evaluate(sess: _Session, step: int, seconds: float) -> dict:
     return line
 
 
-def _finish(sess: _Session, step: int, seconds: float) -> dict:
-    """Final accuracies, the finetuned student, and the summary dict."""
+def _finish(sess: _Session, step: int, seconds: float, final: dict) -> dict:
+    """Final accuracies, the finetuned student, and the summary dict. ``final`` is the last
+    evaluation's line (every model's accuracies at this step, merged across model-parallel
+    ranks): the models have not changed since, so they are not measured again."""
     cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
-    val, test = {}, {}
-    for name, model in mpl.models().items():
-        val[name], test[name] = accuracy(model, streams.val), accuracy(model, streams.test)
+    val = {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")}
+    test = {k[len("test_"):]: v for k, v in final.items() if k.startswith("test_")}
     if _selection_model(cfg) in mpl.models():  # model parallel: on the rank that holds it
         _finish_selected(cfg, mpl, streams, best, val, test, quiet=not sess.ctx.is_main)
     val, test = sess.sync.merge(val), sess.sync.merge(test)
