@@ -373,8 +373,8 @@ class MPL:
         loss_student.backward()
         self.grad_sync.average_([p.grad for p in self._student_params])  # (1) g_u
         _clip(student, self.grad_clip_student)
-        g_u = [p.grad for p in self._student_params]  # SGD leaves .grad as it was: this is g_u
-        self.student_opt.step()                        # (swap in mpl_fast.optim.FusedSGD here)
+        g_u = [p.grad for p in self._student_params]  # SGD and FusedSGD leave .grad as it was: this is g_u
+        self.student_opt.step()
         if not need_h:
             return torch.zeros((), device=loss_student.device), loss_student
 
