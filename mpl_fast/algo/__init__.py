@@ -4,13 +4,14 @@ Knows nothing of devices or data loaders: it takes models, optimizers and batche
 """
 
 from mpl_fast.algo.ema import ModelEMA
-from mpl_fast.algo.feedback import FEEDBACK_MODES, deterministic_forward, finite_diff, grad_dot, subtract_baseline, update_dot
+from mpl_fast.algo.feedback import deterministic_forward, finite_diff, grad_dot, subtract_baseline, update_dot
 from mpl_fast.algo.finetune import finetune, larger_batches
 from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
-from mpl_fast.algo.mpl import LOG_KEYS, METHODS, MPL, Schedules
+from mpl_fast.algo.mpl import LOG_KEYS, MPL, Schedules
 from mpl_fast.algo.schedules import delayed, linear_ramp, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
+from mpl_fast.config import FEEDBACK_MODES, METHODS  # the one list of each, kept with the config
 
 __all__ = ["MPL", "Schedules", "METHODS", "LOG_KEYS", "FEEDBACK_MODES", "ModelEMA", "StepGuard",
            "cross_entropy", "pseudo_labels", "uda_consistency", "grad_dot", "update_dot", "finite_diff", "subtract_baseline",

@@ -30,8 +30,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mpl_fast.ops import multi_tensor_dot
 
-FEEDBACK_MODES = ("grad-dot", "update-dot", "finite-diff")
-
 
 @contextmanager
 def deterministic_forward(model: nn.Module) -> Iterator[None]:

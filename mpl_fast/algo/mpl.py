@@ -39,11 +39,11 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
+from mpl_fast.config import FEEDBACK_MODES, METHODS
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.data_parallel import NoGradientSync
 from mpl_fast.parallel.model_parallel import InProcessLink
 
-METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
 LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
 
 
@@ -99,8 +99,8 @@ class MPL:
                  grad_sync: NoGradientSync | None = None, link=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if feedback not in fb.FEEDBACK_MODES:
-            raise ValueError(f"feedback must be one of {fb.FEEDBACK_MODES}, got {feedback!r}")
+        if feedback not in FEEDBACK_MODES:
+            raise ValueError(f"feedback must be one of {FEEDBACK_MODES}, got {feedback!r}")
         if link is None:
             link = InProcessLink(_device_of(teacher if teacher is not None else student), _device_of(student))
         if method == "supervised" and not (link.holds_teacher and link.holds_student):
