@@ -174,20 +174,19 @@ def accuracy(model: torch.nn.Module, batches) -> float | None:
     return None if total == 0 else 100.0 * int(correct) / total
 
 
-def _headline_model(cfg: TrainConfig) -> str:
-    """What a method delivers: UDA's teacher; otherwise the (EMA, then finetuned) student."""
-    if cfg.method == "uda":
-        return "teacher"
-    if cfg.finetune.steps > 0:
-        return "finetuned"
-    return "ema" if cfg.mpl.ema_decay > 0 else "student"
-
-
 def _selection_model(cfg: TrainConfig) -> str:
     """The model whose best-validation weights are kept (and finetuned)."""
     if cfg.method == "uda":
         return "teacher"
     return "ema" if cfg.mpl.ema_decay > 0 else "student"
+
+
+def _headline_model(cfg: TrainConfig) -> str:
+    """What a method delivers: UDA's teacher; otherwise the selected student, finetuned when
+    the preset finetunes."""
+    if cfg.method != "uda" and cfg.finetune.steps > 0:
+        return "finetuned"
+    return _selection_model(cfg)
 
 
 def _default_output_dir(cfg: TrainConfig) -> str:
