@@ -145,3 +145,25 @@ def _snapshot_bn_during_recompute(module: _BatchNorm, _inputs) -> None:
         buffer = getattr(module, name, None)
         if buffer is not None:
             saved.append((buffer, buffer.detach().clone()))
+
+
+# -------------------------------------------------------------------- measuring it
+
+def saved_activation_bytes(run, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes autograd keeps for the backward while ``run()`` executes (its forward): the distinct
+    storages of every tensor saved through saved_tensors_hooks, less those of ``exclude``
+    (pass the parameters and buffers: they live anyway). With checkpointing, a block saves only
+    its inputs here (its inner tensors go to the checkpoint's own hooks and are dropped)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    del out
+    return sum(storages.values())

@@ -1,0 +1,220 @@
+"""--activation-checkpointing: which blocks are wrapped, that a checkpointed forward/backward and
+a whole MPL step equal the plain ones (BatchNorm statistics, dropout masks, autograd.grad,
+bf16 autocast), that the saved activations really shrink, and that copies stay correct."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo.feedback import deterministic_forward
+from mpl_fast.models import DigitsCNN, TwoMoonsMLP, WideResNet, create_model
+from mpl_fast.models.checkpointing import (checkpointed_units, enable_activation_checkpointing,
+                                           find_checkpoint_units, saved_activation_bytes)
+from mpl_fast.optim import FusedSGD
+
+
+class _DropoutBlockNet(nn.Module):
+    """Dropout and BatchNorm INSIDE the checkpointed units, named by the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3))
+            for c in (3, 8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(x.mean((2, 3)))
+
+    def activation_checkpoint_units(self):
+        return list(self.stages)
+
+
+@pytest.mark.parametrize("build,expected", [
+    (lambda: WideResNet(10, 28, 2), 12),
+    (lambda: DigitsCNN(10, 1), 1),
+    (lambda: torchvision.models.resnet18(), 8),
+    (lambda: create_model("resnet18", 10), 8),
+    (lambda: create_model("efficientnet_b0", 10), 16),
+])
+def test_the_residual_blocks_are_the_units(build, expected):
+    with torch.device("meta"):
+        model = build()
+    assert len(find_checkpoint_units(model)) == expected
+
+
+def test_a_model_without_blocks_is_refused_by_name():
+    with pytest.raises(ValueError, match="TwoMoonsMLP"):
+        enable_activation_checkpointing(TwoMoonsMLP())
+
+
+def test_checkpointing_twice_is_refused():
+    model = WideResNet(5, 10, 1)
+    assert enable_activation_checkpointing(model) == 3
+    assert len(checkpointed_units(model)) == 3
+    with pytest.raises(ValueError, match="already"):
+        enable_activation_checkpointing(model)
+
+
+def _grads_and_buffers(model, x, seed):
+    torch.manual_seed(seed)
+    model.train()
+    loss = model(x).square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss.detach(), grads, [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("build", [lambda: WideResNet(5, 10, 1, dropout=0.2), _DropoutBlockNet])
+def test_checkpointed_backward_equals_plain(build):
+    """Same loss, gradients and BN running statistics (updated once, not twice), and the same
+    dropout masks inside a recomputed block, over two forward/backward passes."""
+    torch.manual_seed(0)
+    plain = build()
+    ckpt = copy.deepcopy(plain)
+    enable_activation_checkpointing(ckpt)
+    x = torch.randn(6, 3, 8, 8)
+    for seed in (1, 2):
+        loss_p, grads_p, bufs_p = _grads_and_buffers(plain, x, seed)
+        loss_c, grads_c, bufs_c = _grads_and_buffers(ckpt, x, seed)
+        assert torch.equal(loss_p, loss_c)
+        for gp, gc in zip(grads_p, grads_c):
+            torch.testing.assert_close(gc, gp, rtol=1e-6, atol=1e-7)
+        for bp, bc in zip(bufs_p, bufs_c):
+            assert torch.equal(bp, bc)
+    nbt = [m.num_batches_tracked for m in ckpt.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(n) == 2 for n in nbt)  # two forwards, two recomputes: counted twice, not four times
+
+
+def test_a_deep_copy_recomputes_its_own_blocks():
+    """The EMA and the finetuned model are deep copies: their BatchNorm guard must act on the
+    copy's buffers, and the original must be left alone."""
+    torch.manual_seed(0)
+    original = WideResNet(5, 10, 1)
+    enable_activation_checkpointing(original)
+    clone = copy.deepcopy(original)
+    before = [b.clone() for b in original.buffers()]
+    plain = copy.deepcopy(clone)
+    for m in plain.modules():  # the same weights without hooks: the reference
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    x = torch.randn(4, 3, 8, 8)
+    _, grads_c, bufs_c = _grads_and_buffers(clone, x, 0)
+    _, grads_p, bufs_p = _grads_and_buffers(plain, x, 0)
+    for gp, gc in zip(grads_p, grads_c):
+        torch.testing.assert_close(gc, gp, rtol=1e-6, atol=1e-7)
+    for bp, bc in zip(bufs_p, bufs_c):
+        assert torch.equal(bp, bc)
+    for b0, b1 in zip(before, original.buffers()):
+        assert torch.equal(b0, b1)
+    with torch.no_grad():  # evaluation of a checkpointed model runs as usual
+        clone.eval()
+        assert clone(x).shape == (4, 5)
+
+
+def test_autograd_grad_through_checkpoints_in_deterministic_forward():
+    """The feedback's g_l' is torch.autograd.grad under deterministic_forward: BN on batch stats
+    without tracking, dropout off; the recompute must see the same flags and touch no buffer."""
+    torch.manual_seed(0)
+    plain = WideResNet(5, 10, 1, dropout=0.2)
+    ckpt = copy.deepcopy(plain)
+    enable_activation_checkpointing(ckpt)
+    x = torch.randn(4, 3, 8, 8)
+    grads = []
+    for model in (plain, ckpt):
+        with deterministic_forward(model):
+            grads.append(torch.autograd.grad(model(x).logsumexp(1).mean(), list(model.parameters())))
+    for gp, gc in zip(*grads):
+        torch.testing.assert_close(gc, gp, rtol=1e-6, atol=1e-7)
+    for bp, bc in zip(plain.buffers(), ckpt.buffers()):
+        assert torch.equal(bp, bc)
+
+
+# ------------------------------------------------------------------ the whole MPL step
+
+B, U, SIZE, CLASSES = 4, 12, 8, 5
+HPARAMS = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def _mpl(feedback: str, checkpointing: bool, autocast) -> MPL:
+    torch.manual_seed(0)
+    teacher = WideResNet(CLASSES, depth=10, width=1, dropout=0.2)
+    student = WideResNet(CLASSES, depth=10, width=1, dropout=0.2)
+    if checkpointing:
+        enable_activation_checkpointing(teacher)
+        enable_activation_checkpointing(student)
+    schedules = Schedules(total_steps=20, teacher_lr=0.05, student_lr=0.08, teacher_warmup=2, uda_weight=8.0,
+                          uda_ramp=3)
+    return MPL(teacher, student, FusedSGD(teacher.parameters(), **HPARAMS), FusedSGD(student.parameters(), **HPARAMS),
+               schedules, feedback=feedback, uda_temperature=0.7, uda_threshold=0.3, label_smoothing=0.15,
+               ema_decay=0.995, autocast=autocast)
+
+
+def _batches(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    x_l = torch.randn(B, 3, SIZE, SIZE, generator=g)
+    y_l = torch.randint(0, CLASSES, (B,), generator=g)
+    x_uw = torch.randn(U, 3, SIZE, SIZE, generator=g)
+    return (x_l, y_l), (x_uw, x_uw + 0.5 * torch.randn(U, 3, SIZE, SIZE, generator=g))
+
+
+def _close(a, b, where):
+    if isinstance(a, torch.Tensor):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+
+
+@pytest.mark.parametrize("feedback,amp", [("grad-dot", False), ("update-dot", False), ("finite-diff", False),
+                                          ("grad-dot", True)])
+def test_mpl_step_with_checkpointing_equals_the_plain_step(feedback, amp):
+    """Three MPL steps, teacher and student checkpointed or not: the same h and losses, and the
+    same teacher, student (BN running statistics and num_batches_tracked included), momentum,
+    EMA and baseline, to round-off. ``amp``: the teacher's forward under bf16 autocast (the
+    recompute must run under it too)."""
+    autocast = (lambda: torch.autocast("cpu", torch.bfloat16)) if amp else contextlib.nullcontext
+    plain, ckpt = _mpl(feedback, False, autocast), _mpl(feedback, True, autocast)
+    hs = []
+    for step in range(3):
+        labeled, unlabeled = _batches(step)
+        torch.manual_seed(step)
+        out_p = plain.step(labeled, unlabeled, clock=step)
+        torch.manual_seed(step)
+        out_c = ckpt.step(labeled, unlabeled, clock=step)
+        _close(out_p, out_c, f"step {step}")
+        hs.append(float(out_p["h"]))
+    assert all(h != 0.0 for h in hs[1:])  # the feedback really ran
+    _close(plain.state_dict(), ckpt.state_dict(), "state")
+    assert float(ckpt.skipped_total) == 0
+
+
+# ------------------------------------------------------------------ memory, measured
+
+def test_checkpointing_cuts_the_saved_activations_of_wrn28_2():
+    """Bytes autograd saves during a training forward of WRN-28-2 at CIFAR size: with every
+    block checkpointed only the 12 block inputs (plus stem and head) remain."""
+    torch.manual_seed(0)
+    plain = WideResNet(10, 28, 2)
+    ckpt = copy.deepcopy(plain)
+    assert enable_activation_checkpointing(ckpt) == 12
+    x = torch.randn(4, 3, 32, 32)
+    sizes = []
+    for model in (plain, ckpt):
+        model.train()
+        state = (*model.parameters(), *model.buffers())
+        sizes.append(saved_activation_bytes(lambda: model(x), exclude=state))
+    plain_bytes, ckpt_bytes = sizes
+    # Plain: ~8 saved tensors per block at the block's resolution; checkpointed: ~1.
+    assert ckpt_bytes * 4 < plain_bytes, sizes
+    assert ckpt_bytes > 0
