@@ -10,12 +10,18 @@ import torch
 import torchvision
 from torch import nn
 
+from mpl_fast import checkpoint as run_checkpoint
 from mpl_fast.algo import MPL, Schedules
 from mpl_fast.algo.feedback import deterministic_forward
 from mpl_fast.models import DigitsCNN, TwoMoonsMLP, WideResNet, create_model
 from mpl_fast.models.checkpointing import (checkpointed_units, enable_activation_checkpointing,
                                            find_checkpoint_units, saved_activation_bytes)
+from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
+from mpl_fast.parallel.plan import measure_footprint
+from mpl_fast import train as train_module
+from mpl_fast.train import main, run
+from mpl_testing import set_fields
 
 
 class _DropoutBlockNet(nn.Module):
@@ -218,3 +224,68 @@ def test_checkpointing_cuts_the_saved_activations_of_wrn28_2():
     # Plain: ~8 saved tensors per block at the block's resolution; checkpointed: ~1.
     assert ckpt_bytes * 4 < plain_bytes, sizes
     assert ckpt_bytes > 0
+
+
+# ------------------------------------------------------------------ the dry-run plan
+
+def test_plan_counts_block_inputs_and_one_block_when_checkpointed():
+    """Leaf outputs outside blocks + every block's input + the largest block's leaf outputs once."""
+    with torch.device("meta"):
+        model = _DropoutBlockNet()
+    plain = measure_footprint(model, (3, 4, 4)).activation_elements_per_image
+    ckpt = measure_footprint(model, (3, 4, 4), activation_checkpointing=True).activation_elements_per_image
+    per_block = 4 * 8 * 16  # conv, bn, relu, dropout outputs of 8x4x4
+    assert plain == 2 * per_block + 4
+    assert ckpt == 4 + 3 * 16 + 8 * 16 + per_block
+
+
+def test_dry_run_reports_the_smaller_activations(capsys):
+    gib = {}
+    for flag in ([], ["--activation-checkpointing"]):
+        assert main(["--preset", "cifar10-4k", "--dry-run", *flag]) == 0
+        out = capsys.readouterr().out
+        single = next(ln for ln in out.splitlines() if "fp32 activations, single" in ln)
+        gib[bool(flag)] = float(single.split(":")[-1].split()[0])
+    assert "activation checkpointing: 12 blocks keep only their inputs" in out
+    assert gib[True] < 0.6 * gib[False], gib
+
+
+# ------------------------------------------------------------------ the trainer
+
+def _digits(tmp_path, name, **overrides):
+    cfg = preset("digits")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 10, 5, 100, 0
+    cfg.mpl.student_wait_steps, cfg.finetune.steps, cfg.threads = 3, 0, 1
+    cfg.output_dir = str(tmp_path / name)
+    return set_fields(cfg, **overrides)
+
+
+def test_trainer_with_and_without_the_flag_gives_the_same_weights(tmp_path, monkeypatch):
+    """The digits preset (DigitsCNN with BN and dropout, EMA, UDA, grad-dot): 10 steps each way."""
+    wrapped = []
+
+    def counting(model):
+        wrapped.append(enable_activation_checkpointing(model))
+        return wrapped[-1]
+
+    monkeypatch.setattr(train_module, "enable_activation_checkpointing", counting)
+    for name, on in (("plain", False), ("ckpt", True)):
+        run(_digits(tmp_path, name, activation_checkpointing=on), progress=False, quiet=True)
+    assert wrapped == [1, 1]  # the flag reached the trainer: student and teacher, one stage each
+    plain = run_checkpoint.load(str(tmp_path / "plain" / "checkpoint.pt"))["mpl"]
+    checkpointed = run_checkpoint.load(str(tmp_path / "ckpt" / "checkpoint.pt"))["mpl"]
+    for key in ("teacher", "student", "ema", "teacher_opt", "student_opt"):
+        _close(plain[key], checkpointed[key], key)
+    # BN counted once per training forward, recompute or not: the teacher 10, the student 10 - 3
+    # (it waits 3 steps; its feedback forwards do not track)
+    assert checkpointed["teacher"]["features.1.num_batches_tracked"] == 10
+    assert checkpointed["student"]["features.1.num_batches_tracked"] == 7
+
+
+def test_trainer_refuses_what_cannot_be_checkpointed(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse error: exit status 2
+        main(["--compile", "--activation-checkpointing", "--steps", "1"])
+    assert "compile and activation_checkpointing cannot be combined" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="TwoMoonsMLP"):
+        run(_digits(tmp_path, "moons", preset="two-moons", model__name="two-moons-mlp", data__dataset="two-moons",
+                    activation_checkpointing=True), progress=False, quiet=True)
