@@ -289,3 +289,50 @@ def test_trainer_refuses_what_cannot_be_checkpointed(tmp_path, capsys):
     with pytest.raises(SystemExit, match="TwoMoonsMLP"):
         run(_digits(tmp_path, "moons", preset="two-moons", model__name="two-moons-mlp", data__dataset="two-moons",
                     activation_checkpointing=True), progress=False, quiet=True)
+
+
+# ------------------------------------------------------------------ with FSDP2 (fully_shard)
+
+def _fsdp_rank(rank: int, init_file: str, results: str) -> None:
+    """One of 2 gloo ranks: a checkpointed WRN sharded with fully_shard (per block, then the root,
+    the order FSDP2 wants) against the same model unsharded and unchecked, both stepped twice on
+    the same batch (so the ranks' averaged gradient is the single-process one)."""
+    import torch.distributed as dist  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        plain = WideResNet(5, 10, 1, dropout=0.2)
+        sharded = copy.deepcopy(plain)
+        blocks = enable_activation_checkpointing(sharded)
+        for block in checkpointed_units(sharded):
+            fully_shard(block)
+        fully_shard(sharded)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, sharded)]
+        x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        for step in range(2):
+            for model, opt in zip((plain, sharded), opts):
+                torch.manual_seed(10 + step)
+                opt.zero_grad()
+                model(x).logsumexp(1).mean().backward()
+                opt.step()
+        worst = max((q.full_tensor() - p).abs().max().item()
+                    for p, q in zip(plain.parameters(), sharded.parameters()))
+        buffers_equal = all(torch.equal(p, q) for p, q in zip(plain.buffers(), sharded.buffers()))
+        torch.save({"blocks": blocks, "worst": worst, "buffers_equal": buffers_equal}, f"{results}/{rank}.pt")
+        del plain, sharded, opts  # before destroy_process_group (see the issue's exit-abort note)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpointed_blocks_compose_with_fully_shard(tmp_path):
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    mp.spawn(_fsdp_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["blocks"] == 3
+        assert result["worst"] < 1e-5, result
+        assert result["buffers_equal"], result
