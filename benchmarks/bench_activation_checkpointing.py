@@ -13,7 +13,7 @@ Measured per model:
                     mpl_fast.models.checkpointing.saved_activation_bytes); the teacher's graph is
                     alive across the whole student step, so this is the step's largest term
   saved MiB student the same for the student's forward over the strong batch
-  peak MiB          CPU: growth of the peak RSS (ru_maxrss) over the RSS after setup, during 2 steps
+  peak MiB          CPU: growth of the peak RSS (VmHWM) over the RSS after setup, during 2 steps
                     in a fresh process per case, with glibc told to mmap every block >= 64 KiB
                     (MALLOC_MMAP_THRESHOLD_): a freed activation then leaves the RSS at once, so the
                     peak follows live memory (with glibc's default, freed heap memory stays resident
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -116,9 +115,11 @@ def max_param_diff(a: MPL, b: MPL) -> float:
                for p, q in zip(ma.parameters(), mb.parameters()))
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MiB. VmHWM, not getrusage's ru_maxrss:
+    Linux carries ru_maxrss across fork + exec, so a child of a big parent reports the parent's size."""
     with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith("VmRSS:"))
+        line = next(ln for ln in f if ln.startswith(key + ":"))
     return int(line.split()[1]) / 1024
 
 
@@ -133,10 +134,10 @@ def peak_child(model: str, case: str, batch: int, mu: int, device: str) -> dict:
         for i, b in enumerate(batches):
             timed_step(mpl, b, i, dev)
         return {"peak_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20, "kind": "cuda max_memory_allocated"}
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     for i, b in enumerate(batches):
         timed_step(mpl, b, i, dev)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _status_mib("VmHWM")
     return {"peak_mib": peak - base, "kind": "cpu peak RSS growth"}
 
 
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
                "models": []}
     for model in args.models.split(","):
         batch, mu = (args.batch, args.mu) if model == "wrn28-2" else (args.resnet_batch, args.resnet_mu)
-        steps = args.steps if model == "wrn28-2" else max(2, args.steps // 2)
+        steps = args.steps if model == "wrn28-2" else max(3, args.steps // 2)
         results["models"].append(bench_model(model, batch, mu, steps, args.warmup, device, args.profile,
                                              not args.no_peak, args.threads))
     write_json(args.json, results)
