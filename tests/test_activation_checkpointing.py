@@ -336,3 +336,22 @@ def test_checkpointed_blocks_compose_with_fully_shard(tmp_path):
         assert result["blocks"] == 3
         assert result["worst"] < 1e-5, result
         assert result["buffers_equal"], result
+
+
+def test_timm_efficientnet_with_drop_path_equals_plain():
+    """timm's EfficientNet blocks (BatchNormAct2d, squeeze-excite, stochastic depth inside the
+    block: the recompute must draw the same drop-path masks)."""
+    import timm  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    plain = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5, drop_path_rate=0.5)
+    ckpt = copy.deepcopy(plain)
+    assert enable_activation_checkpointing(ckpt) == 16
+    x = torch.randn(2, 3, 32, 32)
+    loss_p, grads_p, bufs_p = _grads_and_buffers(plain, x, 7)
+    loss_c, grads_c, bufs_c = _grads_and_buffers(ckpt, x, 7)
+    assert torch.equal(loss_p, loss_c)
+    for gp, gc in zip(grads_p, grads_c):
+        torch.testing.assert_close(gc, gp, rtol=1e-5, atol=1e-6)
+    for bp, bc in zip(bufs_p, bufs_c):
+        assert torch.equal(bp, bc)
