@@ -148,10 +148,10 @@ B, U, SIZE, CLASSES = 4, 12, 8, 5
 HPARAMS = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 
-def _mpl(feedback: str, checkpointing: bool, autocast) -> MPL:
+def _mpl(feedback: str, checkpointing: bool, autocast, device: str = "cpu") -> MPL:
     torch.manual_seed(0)
-    teacher = WideResNet(CLASSES, depth=10, width=1, dropout=0.2)
-    student = WideResNet(CLASSES, depth=10, width=1, dropout=0.2)
+    teacher = WideResNet(CLASSES, depth=10, width=1, dropout=0.2).to(device)
+    student = WideResNet(CLASSES, depth=10, width=1, dropout=0.2).to(device)
     if checkpointing:
         enable_activation_checkpointing(teacher)
         enable_activation_checkpointing(student)
@@ -355,3 +355,31 @@ def test_timm_efficientnet_with_drop_path_equals_plain():
         torch.testing.assert_close(gc, gp, rtol=1e-5, atol=1e-6)
     for bp, bc in zip(bufs_p, bufs_c):
         assert torch.equal(bp, bc)
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_checkpointing_lowers_peak_memory_and_keeps_the_step():
+    """Written for a lent GPU (not run on the CPU-only dev machines): the MPL step's
+    max_memory_allocated with checkpointing is clearly lower, and the step is the same; the
+    recompute runs on the autograd engine's device thread (the BatchNorm guard is per thread)."""
+    device = torch.device("cuda")
+    peaks, states = [], []
+    cudnn = torch.backends.cudnn
+    saved_flags = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False  # round-off equal runs need fixed algorithms
+    for on in (False, True):
+        mpl = _mpl("grad-dot", on, contextlib.nullcontext, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for step in range(2):
+            (x_l, y_l), (x_uw, x_us) = _batches(step)
+            big = lambda t: t.repeat(8, 1, 4, 4).to(device)  # noqa: E731 - 32x32 images, 8x the batch
+            torch.manual_seed(step)
+            mpl.step((big(x_l), y_l.repeat(8).to(device)), (big(x_uw), big(x_us)), clock=step)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        states.append({k: mpl.state_dict()[k] for k in ("teacher", "student", "ema")})
+    cudnn.deterministic, cudnn.benchmark = saved_flags
+    _close(states[0], states[1], "state")
+    assert peaks[1] < 0.75 * peaks[0], peaks

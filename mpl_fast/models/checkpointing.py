@@ -135,8 +135,8 @@ def _restore_batchnorm_buffers() -> Iterator[None]:
     finally:
         _RECOMPUTE.saved = outer
         with torch.no_grad():
-            for buffer, copy in reversed(saved):  # reversed: a BN run twice ends at its first snapshot
-                buffer.copy_(copy)
+            for buffer, snapshot in reversed(saved):  # reversed: a BN run twice ends at its first snapshot
+                buffer.copy_(snapshot)
 
 
 def _snapshot_bn_during_recompute(module: _BatchNorm, _inputs) -> None:
