@@ -32,6 +32,9 @@ HELP_NOTES = {
     "student_device": "with --model-parallel in one process, e.g. cuda:1 or cpu",
     "compile": "torch.compile the teacher's and student's forwards (slow first steps)",
     "channels_last": "NHWC memory format for conv models on CPU/CUDA",
+    "activation_checkpointing": "teacher and student keep only each residual block's input and recompute "
+                                "its activations in the backward: trades about one extra forward per step "
+                                "for the activations of every block (not with --compile)",
 }
 
 

@@ -88,6 +88,7 @@ class TrainConfig:
     student_device: str | None = None
     compile: bool = False           # torch.compile of the teacher's and student's forwards
     channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (both networks)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: OptimConfig = field(default_factory=OptimConfig)
@@ -224,6 +225,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.mpl.soft_temperature > 0, "mpl.soft_temperature must be > 0")
     need(cfg.log_every > 0 and cfg.eval_every > 0, "log_every and eval_every must be > 0")
     need(cfg.max_nonfinite > 0, "max_nonfinite must be > 0")
+    need(not (cfg.compile and cfg.activation_checkpointing),
+         "compile and activation_checkpointing cannot be combined yet: torch.compile accepts a checkpoint's "
+         "recompute context only as a TorchDispatchMode, and the one that keeps BatchNorm's running statistics "
+         "from being updated twice is not (mpl_fast/models/checkpointing.py); choose one")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
         need(opt.schedule in ("cosine", "constant"), f"{name}.schedule must be 'cosine' or 'constant'")

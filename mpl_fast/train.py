@@ -39,6 +39,7 @@ from mpl_fast.algo import MPL, Schedules, finetune, larger_batches
 from mpl_fast.cli import build_parser, config_from_args
 from mpl_fast.config import TrainConfig, from_dict, to_dict, validate
 from mpl_fast.models import create_model
+from mpl_fast.models.checkpointing import enable_activation_checkpointing
 from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
@@ -87,7 +88,14 @@ def _make_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
     model = create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
                          in_channels=in_channels).to(device)
     # The layout is set before the optimizers, the step guard and the EMA see the tensors.
-    return to_channels_last(model) if use_channels_last(model, device, cfg.channels_last) else model
+    if use_channels_last(model, device, cfg.channels_last):
+        model = to_channels_last(model)
+    if cfg.activation_checkpointing:  # on the final layout; before torch.compile (refused) and fully_shard
+        try:
+            enable_activation_checkpointing(model)
+        except ValueError as exc:
+            raise SystemExit(f"error: --activation-checkpointing: {exc}") from None
+    return model
 
 
 def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:

@@ -41,3 +41,8 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x)))
+
+    def activation_checkpoint_units(self) -> list[nn.Module]:
+        """What --activation-checkpointing recomputes: the whole feature stack is one stage (the
+        net has no residual blocks; splitting it would rename its parameters)."""
+        return [self.features]

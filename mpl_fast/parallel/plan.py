@@ -12,6 +12,9 @@ What one MPL step keeps alive at its peak (see DESIGN.md, "The algorithm"):
 Activations are counted by running the network on meta tensors with hooks on every leaf module
 and summing their outputs' sizes: an estimate (it ignores allocator slack, workspaces and the
 buffers autograd frees early), good for choosing between layouts, not a guarantee.
+With activation checkpointing (--activation-checkpointing) a checkpointed block keeps only its
+input until the backward, which recomputes one block at a time: the estimate counts the leaves
+outside blocks, every block's input, and the largest block's own leaf outputs once.
 """
 
 from __future__ import annotations
@@ -54,17 +57,31 @@ class MemoryPlan:
                 f"{self.devices} device(s), {self.precision} activations: per device " + ", ".join(gib))
 
 
-def measure_footprint(model: nn.Module, input_shape: tuple[int, ...]) -> NetworkFootprint:
-    """Parameter count and activation elements per image of ``model`` (built on the meta device)."""
-    parameters = sum(p.numel() for p in model.parameters())
-    counted = [0]
+def measure_footprint(model: nn.Module, input_shape: tuple[int, ...],
+                      activation_checkpointing: bool = False) -> NetworkFootprint:
+    """Parameter count and activation elements per image of ``model`` (built on the meta device);
+    with ``activation_checkpointing``, what its checkpointed blocks keep instead (module docstring)."""
+    from mpl_fast.models.checkpointing import find_checkpoint_units  # noqa: PLC0415
 
-    def count_output(_module, _inputs, output):
+    parameters = sum(p.numel() for p in model.parameters())
+    units = find_checkpoint_units(model) if activation_checkpointing else []
+    unit_of = {m: i for i, unit in enumerate(units) for m in unit.modules()}
+    counted = [0]                      # leaf outputs outside any checkpointed block, and block inputs
+    inside = [0] * len(units)          # each block's own leaf outputs (recomputed in the backward)
+
+    def count_output(module, _inputs, output):
         if isinstance(output, torch.Tensor):
-            counted[0] += output.numel()
+            if module in unit_of:
+                inside[unit_of[module]] += output.numel()
+            else:
+                counted[0] += output.numel()
+
+    def count_input(_module, inputs):
+        counted[0] += sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(count_output) for m in leaves]
+    handles += [unit.register_forward_pre_hook(count_input) for unit in units]
     was_training = model.training
     try:
         model.train()
@@ -74,7 +91,7 @@ def measure_footprint(model: nn.Module, input_shape: tuple[int, ...]) -> Network
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return NetworkFootprint(parameters=parameters, activation_elements_per_image=counted[0])
+    return NetworkFootprint(parameters=parameters, activation_elements_per_image=counted[0] + max(inside, default=0))
 
 
 def plan_mpl_memory(teacher: NetworkFootprint, student: NetworkFootprint, *, batch_size: int, mu: int,
@@ -120,6 +137,7 @@ def dry_run_report(cfg, fsdp_devices: int = 8) -> str:
     """``--dry-run``: parameter counts and per-device memory of one MPL step for ``cfg`` (a
     TrainConfig), from meta-device models."""
     from mpl_fast.models import create_model  # noqa: PLC0415 - models import timm: only when asked
+    from mpl_fast.models.checkpointing import find_checkpoint_units  # noqa: PLC0415
 
     num_classes, shape = _DRY_RUN_SHAPES[cfg.data.dataset]
     if cfg.data.image_size and len(shape) == 3:
@@ -127,11 +145,18 @@ def dry_run_report(cfg, fsdp_devices: int = 8) -> str:
     with torch.device("meta"):
         model = create_model(cfg.model.name, num_classes, dropout=cfg.model.dropout,
                              in_channels=shape[0] if len(shape) == 3 else 1)
-    footprint = measure_footprint(model, shape)  # teacher and student share the architecture
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    # teacher and student share the architecture
+    footprint = measure_footprint(model, shape, activation_checkpointing=checkpointing)
     lines = [f"{cfg.preset}: {cfg.model.name}, {footprint.parameters:,} parameters per network "
              f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, "
              f"unlabeled {cfg.data.mu}x that (weak + strong)",
              "estimated peak memory of one MPL step per device (weights, gradients, momentum, g_u, activations):"]
+    if checkpointing:
+        plain = measure_footprint(model, shape)
+        lines.insert(1, f"activation checkpointing: {len(find_checkpoint_units(model))} blocks keep only their "
+                        f"inputs: {footprint.activation_elements_per_image:,} activation values per image instead "
+                        f"of {plain.activation_elements_per_image:,}")
     for precision in ("fp32", "bf16"):
         for layout, devices in (("single", 1), ("model-parallel", 2), ("fsdp", fsdp_devices)):
             plan = plan_mpl_memory(footprint, footprint, batch_size=cfg.data.batch_size, mu=cfg.data.mu,
