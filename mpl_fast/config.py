@@ -86,6 +86,7 @@ class TrainConfig:
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
     teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
     student_device: str | None = None
+    fsdp: bool = False              # torchrun: shard teacher and student over all ranks (FSDP2)
     compile: bool = False           # torch.compile of the teacher's and student's forwards
     channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
     data: DataConfig = field(default_factory=DataConfig)
@@ -224,6 +225,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.mpl.soft_temperature > 0, "mpl.soft_temperature must be > 0")
     need(cfg.log_every > 0 and cfg.eval_every > 0, "log_every and eval_every must be > 0")
     need(cfg.max_nonfinite > 0, "max_nonfinite must be > 0")
+    need(not (cfg.fsdp and cfg.model_parallel),
+         "--fsdp shards both networks over all torchrun ranks (data parallel) and cannot be combined with "
+         "--model-parallel: sharding the teacher's and the student's rank groups separately is not implemented")
+    need(not (cfg.fsdp and cfg.compile), "--fsdp with --compile is not supported: leave one of them off")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
         need(opt.schedule in ("cosine", "constant"), f"{name}.schedule must be 'cosine' or 'constant'")

@@ -6,6 +6,7 @@ single-process runs made here.
 """
 
 import copy
+import json
 import os
 
 import pytest
@@ -13,9 +14,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
+from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
-from mpl_testing import assert_state_unchanged, init_gloo_rank, rank_slice, toy_batches
+from mpl_testing import assert_state_unchanged, init_gloo_rank, rank_slice, set_fields, toy_batches
 
 WORLD = 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -81,12 +84,34 @@ def _step_scenarios(rank: int) -> dict:
     return results
 
 
+def _digits(out_dir, **kw):
+    """The digits preset (a CNN with BatchNorm and dropout), a few steps, 2 ranks x 8 labeled, sharded."""
+    cfg = preset("digits")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 10, 2, 5, 0
+    cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps = 2, 6
+    cfg.teacher.warmup_steps = cfg.student.warmup_steps = 2
+    cfg.finetune.steps, cfg.threads, cfg.fsdp = 2, 1, True
+    cfg.data.batch_size = 8
+    cfg.output_dir = str(out_dir)
+    return set_fields(cfg, **kw)
+
+
+def _trainer_scenarios(tmp: str) -> dict:
+    """The trainer under --fsdp: a whole run, and the same run stopped after 6 steps (one evaluation in) and resumed."""
+    from mpl_fast.train import run
+
+    returned = {"full": run(_digits(os.path.join(tmp, "full")), progress=False, quiet=True)}
+    returned["part"] = run(_digits(os.path.join(tmp, "part")), progress=False, quiet=True, stop_after=6)
+    returned["resumed"] = run(None, resume=os.path.join(tmp, "part"), progress=False, quiet=True)
+    return returned
+
+
 def _rank_main(rank: int, init_file: str, tmp: str):
     import torch.distributed as dist
 
     init_gloo_rank(rank, WORLD, init_file)
     torch.set_num_threads(1)
-    returned = {"steps": _step_scenarios(rank)}
+    returned = {"steps": _step_scenarios(rank), "trainer": _trainer_scenarios(tmp)}
     torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
     import gc
 
@@ -151,3 +176,67 @@ def test_a_non_finite_step_is_skipped_on_every_rank(ranks, feedback):
         got = results[r]["steps"][feedback]
         assert got["skipped"][STEPS] == 1.0
         assert_state_unchanged(got["before_nan"], got["after_nan"])
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+def test_trainer_under_fsdp_runs_and_writes_a_one_process_checkpoint(ranks):
+    """2 ranks, --fsdp, digits: rank 0 reports, and its checkpoint (whole tensors, the
+    one-process format) loads into unsharded networks in this process, which measure the same
+    accuracies rank 0 measured on its gathered replicas."""
+    from mpl_fast.train import _build_streams, accuracy, build_mpl
+
+    tmp, results = ranks
+    summary = results[0]["trainer"]["full"]
+    assert summary["steps"] == 10 and summary["skipped_steps"] == 0
+    assert results[1]["trainer"]["full"] == {"rank": 1, "step": 10, "output_dir": str(tmp / "full")}
+    assert json.load(open(tmp / "full" / "summary.json")) == summary
+    state = ckpt.load(str(tmp / "full" / "checkpoint.pt"))
+    assert state["config"]["fsdp"] and state["step"] == 10
+    cfg = _digits(tmp / "unused", fsdp=False)
+    streams = _build_streams(cfg)
+    mpl = build_mpl(cfg, streams)
+    mpl.load_state_dict(state["mpl"])  # the format of a one-process checkpoint: loads as is
+    for name, model in mpl.models().items():
+        assert accuracy(model, streams.test) == summary["test_top1"][name], name
+    lines = [json.loads(ln) for ln in open(tmp / "full" / "metrics.jsonl")]
+    assert [ln["step"] for ln in lines if "h" in ln] == [2, 4, 6, 8, 10]
+    assert any(ln["h"] != 0.0 for ln in lines if "h" in ln)
+
+
+def test_resume_under_fsdp_is_exact(ranks):
+    """Stopped after 6 steps, resumed from its checkpoint: the end equals the uninterrupted run."""
+    tmp, results = ranks
+    assert results[0]["trainer"]["part"]["interrupted"] and results[1]["trainer"]["part"]["step"] == 6
+    a = ckpt.load(str(tmp / "full" / "checkpoint.pt"))["mpl"]
+    b = ckpt.load(str(tmp / "part" / "checkpoint.pt"))["mpl"]
+    for key in ("teacher", "student"):
+        assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+    assert all(torch.equal(v, b["ema"]["module"][k]) for k, v in a["ema"]["module"].items())
+    for key in ("teacher_opt", "student_opt"):
+        assert all(torch.equal(st["momentum_buffer"], b[key]["state"][i]["momentum_buffer"])
+                   for i, st in a[key]["state"].items()), key
+    assert results[0]["trainer"]["full"]["test_top1"] == results[0]["trainer"]["resumed"]["test_top1"]
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_fsdp_with_model_parallel_or_compile_is_refused(capsys):
+    from mpl_fast.train import main
+
+    for extra in (["--model-parallel"], ["--compile"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--fsdp", *extra, "--steps", "1"])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--fsdp shards both networks over all torchrun ranks" in err and "--model-parallel" in err
+    assert "--fsdp with --compile is not supported" in err
+
+
+def test_fsdp_without_torchrun_is_refused(monkeypatch, tmp_path):
+    from mpl_fast.train import run
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match="--fsdp shards the networks over torchrun ranks"):
+        run(_digits(tmp_path / "x"), progress=False, quiet=True)
+    assert not (tmp_path / "x").exists()  # refused before any work
