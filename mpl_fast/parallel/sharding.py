@@ -45,20 +45,31 @@ def is_sharded(model: nn.Module | None) -> bool:
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 shards one by one (each all-gathered just before it runs, freed after):
-    the modules a model lists in ``fsdp_units()``; else each direct child that holds parameters,
-    containers (Sequential, ModuleList, ModuleDict) opened into their children, recursively. So
-    WRN's residual blocks, timm EfficientNet's blocks and ResNet's bottlenecks are units."""
-    if hasattr(model, "fsdp_units"):
-        return list(model.fsdp_units())
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _candidate_units(module: nn.Module) -> list[nn.Module]:
     units = []
-    for child in model.children():
+    for child in module.children():
         if isinstance(child, _CONTAINERS):
-            units.extend(shard_units(child))
-        elif any(True for _ in child.parameters()):
+            units.extend(_candidate_units(child))
+        elif _numel(child) > 0:
             units.append(child)
     return units
+
+
+def shard_units(model: nn.Module, min_fraction: float = 1 / 64) -> list[nn.Module]:
+    """The blocks FSDP2 shards one by one (each all-gathered just before it runs, freed after):
+    the modules a model lists in ``fsdp_units()``; else each direct child, containers (Sequential,
+    ModuleList, ModuleDict) opened into their children recursively, that holds at least
+    ``min_fraction`` of the parameters. So WRN's residual blocks, timm EfficientNet's blocks and
+    ResNet's bottlenecks are units; small leftovers (a stem, a norm, a classifier) go with the
+    root, which saves one collective each per forward and backward."""
+    if hasattr(model, "fsdp_units"):
+        return list(model.fsdp_units())
+    smallest = min_fraction * _numel(model)
+    return [unit for unit in _candidate_units(model) if _numel(unit) >= smallest]
 
 
 def device_mesh(device: torch.device | str, group: dist.ProcessGroup | None = None):
