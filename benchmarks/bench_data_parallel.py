@@ -42,11 +42,12 @@ from common import write_json  # noqa: E402 - benchmarks/ is on the path when ru
 WORLD = 2
 
 
-def _config(preset_name: str, batch: int, model: str | None = None):
+def _config(preset_name: str, batch: int, model: str | None = None, channels_last: bool = True):
     from mpl_fast.config import preset
 
     cfg = preset(preset_name)
     cfg.data.batch_size = batch
+    cfg.channels_last = channels_last
     if model is not None:
         cfg.model.name = model
     cfg.mpl.student_wait_steps = 0  # every timed step is a full MPL step (h included)
@@ -113,7 +114,7 @@ def _rank(rank: int, args, init_file: str, results):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    cfg = _config(args.preset, args.batch, args.model)
+    cfg = _config(args.preset, args.batch, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
     streams = _build_streams(cfg, DistContext(rank=rank, world_size=WORLD))
     averager = GradientAverager()
@@ -160,7 +161,7 @@ def _single_process(args, threads: int) -> float:
     from mpl_fast.train import _build_streams, build_mpl
 
     torch.set_num_threads(threads)
-    cfg = _config(args.preset, args.batch * WORLD, args.model)
+    cfg = _config(args.preset, args.batch * WORLD, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
     streams = _build_streams(cfg)
     mpl = build_mpl(cfg, streams)
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--preset", default="digits", choices=("digits", "two-moons"))
     parser.add_argument("--model", default=None, help="override the preset's model (e.g. wrn28-2)")
     parser.add_argument("--batch", type=int, default=16, help="labeled batch per rank (unlabeled: mu x that)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC conv layout for the unsharded runs (the trainer's default; --fsdp is always NCHW)")
     parser.add_argument("--fsdp", action="store_true", help="also time the --fsdp (FSDP2-sharded) step against DP")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="10 steps")
@@ -186,7 +189,7 @@ def main() -> None:
         mp.spawn(_rank, args=(args, os.path.join(tmp, "rendezvous"), results), nprocs=WORLD, join=True)
         per_rank = dict(results)
     single = {threads: _single_process(args, threads) for threads in (1, WORLD)}
-    cfg = _config(args.preset, args.batch, args.model)
+    cfg = _config(args.preset, args.batch, args.model, args.channels_last)
     images = WORLD * args.batch * (1 + 2 * cfg.data.mu)  # labeled + weak + strong, global batch
     sync_s = max(r["sync_s"] for r in per_rank.values())  # a DP step lasts as long as its slowest rank
     alone_s = max(r["alone_s"] for r in per_rank.values())
@@ -206,7 +209,7 @@ def main() -> None:
                      "bytes_per_rank_dp": [r["dp_bytes"] for r in per_rank.values()],
                      "bytes_per_rank_fsdp": [r["fsdp_bytes"] for r in per_rank.values()]})
     poll_s = max(r["stop_poll_s"] for r in per_rank.values())
-    print(f"\n{args.preset} ({cfg.model.name}), per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
+    print(f"\n{args.preset} ({cfg.model.name}, {'channels_last' if args.channels_last else 'NCHW'}), per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
           f"median step time; 2-core CPU, gloo")
     print(f"{'case':<72} {'baseline':>10} {'ours':>10} {'ratio':>7}")
     for row in rows:
@@ -223,6 +226,7 @@ def main() -> None:
     print(f"trainer's per-step stop flag (StopAgreement.poll, async gloo all_reduce): {poll_s * 1e6:.0f} us "
           f"({100 * poll_s / sync_s:.2f}% of a data-parallel step)")
     write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "model": cfg.model.name,
+                           "channels_last": args.channels_last,
                            "batch_per_rank": args.batch,
                            "steps": args.steps,
                            "world_size": WORLD, "per_rank": per_rank, "rows": rows})
