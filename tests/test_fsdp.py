@@ -25,7 +25,7 @@ FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
 STEPS = 4  # then one non-finite step (skipped), then one more
 
 
-def _toy_mpl(feedback: str, mesh=None) -> MPL:
+def _toy_mpl(feedback: str, mesh=None, grad_scaler=None) -> MPL:
     """A BN-free MLP teacher and student (uneven shards: 3 classes over 2 ranks) with every
     part of the step on: UDA, label smoothing, clipping, Nesterov momentum, weight decay, EMA."""
     from mpl_fast.parallel.data_parallel import ShardedSync
@@ -42,7 +42,7 @@ def _toy_mpl(feedback: str, mesh=None) -> MPL:
     schedules = Schedules(total_steps=10, teacher_lr=0.3, student_lr=0.5, teacher_warmup=1, uda_weight=1.0)
     return MPL(teacher, student, opt(teacher), opt(student), schedules, method="mpl", feedback=feedback,
                uda_threshold=0.3, label_smoothing=0.1, ema_decay=0.9, grad_clip_teacher=0.5, grad_clip_student=0.5,
-               grad_sync=ShardedSync() if mesh is not None else None, ema_module=ema_module)
+               grad_sync=ShardedSync() if mesh is not None else None, ema_module=ema_module, grad_scaler=grad_scaler)
 
 
 def _batches(step: int, rank: int | None = None):
@@ -103,7 +103,43 @@ def _trainer_scenarios(tmp: str) -> dict:
     returned = {"full": run(_digits(os.path.join(tmp, "full")), progress=False, quiet=True)}
     returned["part"] = run(_digits(os.path.join(tmp, "part")), progress=False, quiet=True, stop_after=6)
     returned["resumed"] = run(None, resume=os.path.join(tmp, "part"), progress=False, quiet=True)
+    short = dict(steps=4, eval_every=100, finetune__steps=0)
+    returned["supervised"] = run(_digits(os.path.join(tmp, "supervised"), method="supervised", **short),
+                                 progress=False, quiet=True)
+    returned["bf16"] = run(_digits(os.path.join(tmp, "bf16"), amp=True, amp_dtype="bf16", **short),
+                           progress=False, quiet=True)
+    os.environ["MPL_FAST_ALLOW_CPU_FP16"] = "1"  # the GPU's loss-scaled fp16 path, on the CPU (slow)
+    returned["fp16"] = run(_digits(os.path.join(tmp, "fp16"), amp=True, amp_dtype="fp16", **short),
+                           progress=False, quiet=True)
+    del os.environ["MPL_FAST_ALLOW_CPU_FP16"]
     return returned
+
+
+def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
+    """fp16 loss scaling: rank 1 alone finds an inf in its shard of the teacher's gradients at
+    step 2. Returns per step whether this rank skipped, and the states around that step."""
+    from mpl_fast.parallel.sharding import full_state_dict, local
+
+    mpl = _toy_mpl("grad-dot", mesh, grad_scaler=scaler)
+    mpl.grad_clip_teacher = 0.0  # (a clip's norm is global: it would spread the inf to every rank)
+    unscale = mpl.grad_scaler.unscale_
+    clock = {"step": 0}
+
+    def unscale_with_an_inf_on_rank_1(opt):
+        if rank == 1 and clock["step"] == 2:
+            local(next(mpl.teacher.parameters()).grad).view(-1)[0] = float("inf")
+        return unscale(opt)
+
+    mpl.grad_scaler.unscale_ = unscale_with_an_inf_on_rank_1
+    out = {"skipped": []}
+    for step in range(4):
+        clock["step"] = step
+        if step == 2:
+            out["before"] = full_state_dict(mpl.state_dict())
+        out["skipped"].append(float(mpl.step(*_batches(step, rank), clock=step)["skipped"]))
+        if step == 2:
+            out["after"] = full_state_dict(mpl.state_dict())
+    return out
 
 
 def _rank_main(rank: int, init_file: str, tmp: str):
@@ -111,7 +147,12 @@ def _rank_main(rank: int, init_file: str, tmp: str):
 
     init_gloo_rank(rank, WORLD, init_file)
     torch.set_num_threads(1)
+    from mpl_fast.parallel.precision import resolve_precision
+    from mpl_fast.parallel.sharding import device_mesh
+
     returned = {"steps": _step_scenarios(rank), "trainer": _trainer_scenarios(tmp)}
+    policy = resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True)  # the GPU's fp16 path, on the CPU
+    returned["overflow"] = _overflow_on_one_rank(rank, device_mesh("cpu"), policy.grad_scaler())
     torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
     import gc
 
@@ -217,6 +258,30 @@ def test_resume_under_fsdp_is_exact(ranks):
         assert all(torch.equal(st["momentum_buffer"], b[key]["state"][i]["momentum_buffer"])
                    for i, st in a[key]["state"].items()), key
     assert results[0]["trainer"]["full"]["test_top1"] == results[0]["trainer"]["resumed"]["test_top1"]
+
+
+@pytest.mark.parametrize("variant", ["supervised", "bf16", "fp16"])
+def test_supervised_and_mixed_precision_run_under_fsdp(ranks, variant):
+    """--method supervised (no teacher), bf16 autocast, and fp16 with loss scaling (DTensor
+    gradients through GradScaler.unscale_) each train 4 sharded steps with finite losses."""
+    tmp, results = ranks
+    summary = results[0]["trainer"][variant]
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0, summary
+    lines = [json.loads(ln) for ln in open(tmp / variant / "metrics.jsonl") if '"loss_student"' in ln]
+    assert lines and all(ln["loss_student"] == ln["loss_student"] for ln in lines)  # not NaN
+    if variant == "supervised":
+        assert "teacher" not in summary["test_top1"]
+
+
+def test_an_fp16_overflow_in_one_ranks_shard_skips_the_step_on_every_rank(ranks):
+    """Under --fsdp each rank unscales only its gradient shards; GradScaler's inf/nan flag on
+    DTensor gradients is nevertheless global (DTensor reduces it over the ranks: measured on
+    torch 2.14, pinned here), so both ranks skip the step and keep their states."""
+    _tmp, results = ranks
+    for r in range(WORLD):
+        got = results[r]["overflow"]
+        assert got["skipped"] == [0.0, 0.0, 1.0, 0.0], r
+        assert_state_unchanged(got["before"], got["after"])
 
 
 # ----------------------------------------------------------------------------- refusals
