@@ -305,3 +305,35 @@ def test_fsdp_without_torchrun_is_refused(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="--fsdp shards the networks over torchrun ranks"):
         run(_digits(tmp_path / "x"), progress=False, quiet=True)
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_dry_run_with_fsdp_plans_for_the_real_world_size(monkeypatch, capsys):
+    from mpl_fast.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--dry-run", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp           on 4 device(s)" in out and "on 8 device(s)" not in out
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def test_torchrun_two_processes_fsdp_digits(tmp_path):
+    """The command line as a user types it, under a real torchrun: both ranks exit cleanly."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "mpl_fast.train", "--fsdp", "--preset", "digits", "--steps", "6", "--log-every", "3",
+           "--eval-every", "3", "--finetune.steps", "2", "--threads", "1", "--output-dir", str(out)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "sharded over the 2 ranks (FSDP2)" in proc.stdout and proc.stdout.count("test top-1") == 1
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]
