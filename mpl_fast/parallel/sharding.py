@@ -72,14 +72,11 @@ def shard_units(model: nn.Module, min_fraction: float = 1 / 64) -> list[nn.Modul
     return [unit for unit in _candidate_units(model) if _numel(unit) >= smallest]
 
 
-def device_mesh(device: torch.device | str, group: dist.ProcessGroup | None = None):
-    """A 1-D device mesh over ``group`` (default: every rank) for ``device``'s type."""
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: PLC0415
+def device_mesh(device: torch.device | str):
+    """A 1-D device mesh over every rank of the default process group, for ``device``'s type."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
 
-    kind = torch.device(device).type
-    if group is None:
-        return init_device_mesh(kind, (dist.get_world_size(),))
-    return DeviceMesh.from_group(group, kind)
+    return init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
 
 
 def shard_model(model: nn.Module, mesh) -> nn.Module:
