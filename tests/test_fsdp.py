@@ -82,7 +82,23 @@ def _step_scenarios(rank: int) -> dict:
         assert local(p).data_ptr() == p.to_local().data_ptr()  # a view: in-place writes land
         results[feedback] = _run_steps(mpl, rank, full_state_dict)
         results[feedback]["local_numel"] = sum(local(p).numel() for p in mpl.student.parameters())
+    results["from_one_process"] = _continue_sharded(rank, mesh)
     return results
+
+
+def _continue_sharded(rank: int, mesh) -> dict:
+    """A one-process state (2 steps on the global batch, made here) loaded into sharded networks,
+    then 2 sharded steps: the final full state."""
+    from mpl_fast.parallel.sharding import full_state_dict
+
+    one = _toy_mpl("update-dot")
+    for step in range(2):
+        one.step(*_batches(step), clock=step)
+    sharded = _toy_mpl("update-dot", mesh)
+    sharded.load_state_dict(copy.deepcopy(one.state_dict()))
+    for step in range(2, 4):
+        sharded.step(*_batches(step, rank), clock=step)
+    return full_state_dict(sharded.state_dict())
 
 
 def _digits(out_dir, **kw):
@@ -201,6 +217,17 @@ def test_sharded_steps_equal_one_process_on_the_global_batch(ranks, feedback):
         _assert_close_states(single["final"], got["final"])
     h0, h1 = (torch.tensor(results[r]["steps"][feedback]["h"]) for r in range(WORLD))
     assert torch.equal(h0.nan_to_num(7.0), h1.nan_to_num(7.0))  # bit for bit (the skipped step's h is NaN)
+
+
+def test_a_one_process_state_continues_sharded_as_in_one_process(ranks):
+    """One-process state dicts load into sharded networks (each rank keeps its shards of the
+    weights, momentum and EMA): 2 + 2 sharded steps end where 4 one-process steps do."""
+    _tmp, results = ranks
+    one = _toy_mpl("update-dot")
+    for step in range(4):
+        one.step(*_batches(step), clock=step)
+    for r in range(WORLD):
+        _assert_close_states(one.state_dict(), results[r]["steps"]["from_one_process"])
 
 
 def test_each_rank_holds_half_of_the_student(ranks):
