@@ -1,8 +1,9 @@
 """Data parallel MPL without DDP: gradients averaged explicitly where the step needs them.
 
-DDP's reducer hooks ``loss.backward()``; the MPL step also takes g_l' with
-``torch.autograd.grad`` (which DDP never sees) and runs the student forward several times per
-step. So the step averages, itself, every gradient of a global-batch mean loss:
+DDP's reducer hooks ``loss.backward()`` and expects one forward per backward; the MPL step runs
+the student forward several times per step (one of them under no_grad for finite-diff), takes
+g_l' with a second backward after setting g_u aside, and needs each gradient averaged at a
+precise point. So the step averages, itself, every gradient of a global-batch mean loss:
 
   (1) the student's g_u after its backward, before the clip and the student's step;
   (2) g_l', before the dot product: every rank computes the same h;
