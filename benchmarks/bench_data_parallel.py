@@ -7,18 +7,23 @@ Two ranks (torch.multiprocessing, one thread each) build the trainer's MPL step
             by ``GradientAverager`` (three all_reduce calls per step);
   no sync   the same step in the same processes without averaging (each rank alone).
 
+  fsdp      (``--fsdp``) the same step with teacher, student and EMA sharded over the ranks
+            (FSDP2, ``ShardedSync``), against the data-parallel step, plus each rank's bytes of
+            parameters + gradients + momentum (+ EMA) in both layouts.
+
 Blocks of the two alternate, so that both see the same machine load; the ratio sync / no-sync
 is the price of the averaging. Then one process (with one, then two threads) runs the
 single-process step on the global batch (2 x B) and the throughput of the layouts (images/s of
 the global batch) is compared. On a shared 2-core VM only ratios measured in one run mean anything.
 
-    python benchmarks/bench_data_parallel.py [--preset digits] [--batch 16] [--steps 30] [--quick]
-                                             [--json PATH] [--profile DIR]
+    python benchmarks/bench_data_parallel.py [--preset digits] [--model NAME] [--batch 16] [--steps 30]
+                                             [--fsdp] [--quick] [--json PATH] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -37,11 +42,14 @@ from common import write_json  # noqa: E402 - benchmarks/ is on the path when ru
 WORLD = 2
 
 
-def _config(preset_name: str, batch: int):
+def _config(preset_name: str, batch: int, model: str | None = None, channels_last: bool = True):
     from mpl_fast.config import preset
 
     cfg = preset(preset_name)
     cfg.data.batch_size = batch
+    cfg.channels_last = channels_last
+    if model is not None:
+        cfg.model.name = model
     cfg.mpl.student_wait_steps = 0  # every timed step is a full MPL step (h included)
     if cfg.data.dataset not in ("digits", "two-moons"):
         raise SystemExit("bench_data_parallel uses the embedded data sets (digits, two-moons): no files needed")
@@ -59,6 +67,46 @@ def _time_steps(mpl, streams, steps: int, clock0: int) -> list[float]:
     return times
 
 
+def _state_bytes(mpl) -> int:
+    """This rank's bytes of parameters, gradients and momentum of teacher and student, and of the
+    EMA's parameters (its shards under --fsdp)."""
+    from mpl_fast.parallel.sharding import local
+
+    tensors = []
+    for net, opt in ((mpl.teacher, mpl.teacher_opt), (mpl.student, mpl.student_opt)):
+        for p in net.parameters():
+            tensors += [local(p), local(p.grad)] + [local(v) for v in opt.state.get(p, {}).values()
+                                                    if isinstance(v, torch.Tensor)]
+    if mpl.ema is not None:
+        tensors += [local(p) for p in mpl.ema.module.parameters()]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _time_fsdp(args, cfg, streams, dp_mpl, averager, clock: int) -> dict:
+    """Alternating blocks of the data-parallel step and the --fsdp step, in the same processes."""
+    from mpl_fast.parallel.data_parallel import ShardedSync
+    from mpl_fast.train import build_mpl
+
+    cfg = copy.deepcopy(cfg)
+    cfg.fsdp = True
+    torch.manual_seed(cfg.seed)
+    fsdp_mpl = build_mpl(cfg, streams, grad_sync=ShardedSync())
+    _time_steps(fsdp_mpl, streams, 3, 0)
+    dp_mpl.grad_sync = averager
+    dp, sharded = [], []
+    block = max(1, args.steps // 5)
+    while len(sharded) < args.steps:
+        dist.barrier()
+        dp += _time_steps(dp_mpl, streams, block, clock)
+        dist.barrier()
+        sharded += _time_steps(fsdp_mpl, streams, block, clock)
+        clock += block
+    out = {"dp_s": statistics.median(dp), "fsdp_s": statistics.median(sharded),
+           "dp_bytes": _state_bytes(dp_mpl), "fsdp_bytes": _state_bytes(fsdp_mpl)}
+    del fsdp_mpl
+    return out
+
+
 def _rank(rank: int, args, init_file: str, results):
     from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
     from mpl_fast.parallel.distributed import DistContext
@@ -66,7 +114,7 @@ def _rank(rank: int, args, init_file: str, results):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    cfg = _config(args.preset, args.batch)
+    cfg = _config(args.preset, args.batch, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
     streams = _build_streams(cfg, DistContext(rank=rank, world_size=WORLD))
     averager = GradientAverager()
@@ -99,8 +147,12 @@ def _rank(rank: int, args, init_file: str, results):
         polls.append(time.perf_counter() - t0)
     agreement.drain()
     results[rank] = {"sync_s": statistics.median(sync), "alone_s": statistics.median(alone),
-                     "stop_poll_s": statistics.median(polls)}
+                     "stop_poll_s": statistics.median(polls),
+                     **(_time_fsdp(args, cfg, streams, mpl, averager, clock) if args.fsdp else {})}
     del mpl, streams
+    import gc
+
+    gc.collect()  # sharded modules go before the process group
     dist.destroy_process_group()
 
 
@@ -109,7 +161,7 @@ def _single_process(args, threads: int) -> float:
     from mpl_fast.train import _build_streams, build_mpl
 
     torch.set_num_threads(threads)
-    cfg = _config(args.preset, args.batch * WORLD)
+    cfg = _config(args.preset, args.batch * WORLD, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
     streams = _build_streams(cfg)
     mpl = build_mpl(cfg, streams)
@@ -120,7 +172,11 @@ def _single_process(args, threads: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="digits", choices=("digits", "two-moons"))
+    parser.add_argument("--model", default=None, help="override the preset's model (e.g. wrn28-2)")
     parser.add_argument("--batch", type=int, default=16, help="labeled batch per rank (unlabeled: mu x that)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC conv layout for the unsharded runs (the trainer's default; --fsdp is always NCHW)")
+    parser.add_argument("--fsdp", action="store_true", help="also time the --fsdp (FSDP2-sharded) step against DP")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="10 steps")
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_data_parallel.json"))
@@ -133,7 +189,7 @@ def main() -> None:
         mp.spawn(_rank, args=(args, os.path.join(tmp, "rendezvous"), results), nprocs=WORLD, join=True)
         per_rank = dict(results)
     single = {threads: _single_process(args, threads) for threads in (1, WORLD)}
-    cfg = _config(args.preset, args.batch)
+    cfg = _config(args.preset, args.batch, args.model, args.channels_last)
     images = WORLD * args.batch * (1 + 2 * cfg.data.mu)  # labeled + weak + strong, global batch
     sync_s = max(r["sync_s"] for r in per_rank.values())  # a DP step lasts as long as its slowest rank
     alone_s = max(r["alone_s"] for r in per_rank.values())
@@ -145,8 +201,15 @@ def main() -> None:
         rows.append({"case": f"global batch {WORLD * args.batch}: 1 process ({threads} thread(s)) vs 2 ranks "
                              f"(1 thread each)", "baseline_s": single_s, "ours_s": sync_s, "ratio": sync_s / single_s,
                      "images_per_s_single": images / single_s, "images_per_s_dp": images / sync_s})
+    if args.fsdp:
+        dp_s = max(r["dp_s"] for r in per_rank.values())
+        fsdp_s = max(r["fsdp_s"] for r in per_rank.values())
+        rows.append({"case": f"2 ranks x B={args.batch}: data parallel vs --fsdp (sharded) step", "baseline_s": dp_s,
+                     "ours_s": fsdp_s, "ratio": fsdp_s / dp_s,
+                     "bytes_per_rank_dp": [r["dp_bytes"] for r in per_rank.values()],
+                     "bytes_per_rank_fsdp": [r["fsdp_bytes"] for r in per_rank.values()]})
     poll_s = max(r["stop_poll_s"] for r in per_rank.values())
-    print(f"\n{args.preset}, per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
+    print(f"\n{args.preset} ({cfg.model.name}, {'channels_last' if args.channels_last else 'NCHW'}), per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
           f"median step time; 2-core CPU, gloo")
     print(f"{'case':<72} {'baseline':>10} {'ours':>10} {'ratio':>7}")
     for row in rows:
@@ -154,9 +217,17 @@ def main() -> None:
     print("images/s of the global batch (labeled + weak + strong): data parallel "
           f"{rows[1]['images_per_s_dp']:.0f}; single process " +
           ", ".join(f"{r['images_per_s_single']:.0f} ({t} thread(s))" for t, r in zip(single, rows[1:])))
+    if args.fsdp:
+        row = rows[-1]
+        print("parameters + gradients + momentum (teacher, student) + EMA parameters, bytes per rank: data parallel "
+              + ", ".join(f"{b / 2**20:.2f} MiB" for b in row["bytes_per_rank_dp"]) + "; --fsdp "
+              + ", ".join(f"{b / 2**20:.2f} MiB" for b in row["bytes_per_rank_fsdp"])
+              + " (--fsdp runs NCHW: FSDP2 shards contiguous parameters only)")
     print(f"trainer's per-step stop flag (StopAgreement.poll, async gloo all_reduce): {poll_s * 1e6:.0f} us "
           f"({100 * poll_s / sync_s:.2f}% of a data-parallel step)")
-    write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "batch_per_rank": args.batch,
+    write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "model": cfg.model.name,
+                           "channels_last": args.channels_last,
+                           "batch_per_rank": args.batch,
                            "steps": args.steps,
                            "world_size": WORLD, "per_rank": per_rank, "rows": rows})
 

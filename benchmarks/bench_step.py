@@ -185,8 +185,8 @@ class PhaseRanges:
     """Puts torch.profiler ranges around the step's phases from the outside (hooks and method
     wrappers on the instances; nothing in mpl_fast is edited). Backward passes are named by the
     forward that preceded them: a backward right after the student's train-mode forward is the
-    student's, any other ``.backward()`` in the step is the teacher's, ``autograd.grad`` is the
-    feedback's."""
+    student's, one right after the feedback's forward (the fast step takes g_l' by backward) and
+    ``autograd.grad`` (the plain step's) are the feedback's, any other is the teacher's."""
 
     def __init__(self, stepper, sync=None):
         self.stepper = stepper
@@ -256,11 +256,14 @@ class PhaseRanges:
         phases = self
 
         def backward(tensor, *args, **kwargs):
-            name = "student bwd" if phases.last_forward == "student fwd" else "teacher bwd"
+            name = {"student fwd": "student bwd", "feedback fwd": "feedback bwd"}.get(phases.last_forward,
+                                                                                 "teacher bwd")
+            phases.last_forward = None  # the next backward without a forward in between is the teacher's
             with phases._range(name):
                 return original_backward(tensor, *args, **kwargs)
 
         def grad(*args, **kwargs):
+            phases.last_forward = None
             with phases._range("feedback bwd"):
                 return original_grad(*args, **kwargs)
 

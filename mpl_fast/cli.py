@@ -30,6 +30,10 @@ HELP_NOTES = {
                       "two torchrun ranks (rank 0 teacher, rank 1 student)",
     "teacher_device": "with --model-parallel in one process, e.g. cuda:0",
     "student_device": "with --model-parallel in one process, e.g. cuda:1 or cpu",
+    "fsdp": "under torchrun (2+ ranks): shard teacher, student and EMA over all ranks with FSDP2 "
+            "(fully_shard), so each rank holds 1/N of the weights, gradients and momentum; data parallel "
+            "otherwise; evaluation gathers one full copy of each network on rank 0. Not with --model-parallel "
+            "or --compile",
     "compile": "torch.compile the teacher's and student's forwards (slow first steps)",
     "channels_last": "NHWC memory format for conv models on CPU/CUDA",
     "activation_checkpointing": "teacher and student keep only each residual block's input and recompute "

@@ -86,6 +86,7 @@ class TrainConfig:
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
     teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
     student_device: str | None = None
+    fsdp: bool = False              # torchrun: shard teacher and student over all ranks (FSDP2)
     compile: bool = False           # torch.compile of the teacher's and student's forwards
     channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (both networks)
@@ -229,6 +230,10 @@ def validate(cfg: TrainConfig) -> None:
          "compile and activation_checkpointing cannot be combined yet: torch.compile accepts a checkpoint's "
          "recompute context only as a TorchDispatchMode, and the one that keeps BatchNorm's running statistics "
          "from being updated twice is not (mpl_fast/models/checkpointing.py); choose one")
+    need(not (cfg.fsdp and cfg.model_parallel),
+         "--fsdp shards both networks over all torchrun ranks (data parallel) and cannot be combined with "
+         "--model-parallel: sharding the teacher's and the student's rank groups separately is not implemented")
+    need(not (cfg.fsdp and cfg.compile), "--fsdp with --compile is not supported: leave one of them off")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
         need(opt.schedule in ("cosine", "constant"), f"{name}.schedule must be 'cosine' or 'constant'")

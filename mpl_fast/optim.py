@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from mpl_fast.ops.fused_sgd import fused_sgd_
+from mpl_fast.parallel.sharding import local
 
 
 class FusedSGD(torch.optim.Optimizer):
@@ -130,15 +131,17 @@ class FusedSGD(torch.optim.Optimizer):
             if momentum != 0 and state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 first = True
+            # FSDP2 (--fsdp): parameters, gradients and buffers are DTensors; the fused pass
+            # updates this rank's shards in place (local() is a view; a plain tensor as is).
             params, grads, bufs, updates = batches[(p.device, first)]
-            params.append(p)
-            grads.append(p.grad)
+            params.append(local(p))
+            grads.append(local(p.grad))
             if momentum != 0:
-                bufs.append(state["momentum_buffer"])
+                bufs.append(local(state["momentum_buffer"]))
             if self.keep_update:
                 if "last_update" not in state:
                     state["last_update"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                updates.append(state["last_update"])
+                updates.append(local(state["last_update"]))
         for (device, first), (params, grads, bufs, updates) in batches.items():
             flag = found_inf
             if flag is not None and flag.device != device:

@@ -15,6 +15,8 @@ and summary.json.
 ``torchrun --nproc_per_node=N -m mpl_fast.train ...`` trains data parallel: every rank runs
 ``run``; batch sizes are per rank; rank 0 alone writes, prints and evaluates (README,
 "Multi-process / multi-node"; mpl_fast.parallel.data_parallel for the gradient averaging).
+``--fsdp`` (under torchrun) shards teacher, student and EMA over all ranks with FSDP2
+(mpl_fast.parallel.sharding); evaluation gathers full copies on rank 0.
 ``--model-parallel`` puts the teacher and the student on different devices of one process, or
 under ``torchrun --nproc_per_node=2`` on two ranks (rank 0 the teacher, rank 1 the student;
 mpl_fast.parallel.model_parallel).
@@ -43,7 +45,9 @@ from mpl_fast.models.checkpointing import enable_activation_checkpointing
 from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel
-from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
+from mpl_fast.parallel import sharding
+from mpl_fast.parallel.data_parallel import (GradientAverager, NoGradientSync, ShardedSync, StopAgreement,
+                                             broadcast_from_rank0)
 from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
 from mpl_fast.parallel.plan import dry_run_report
 from mpl_fast.parallel.precision import PrecisionPolicy, resolve_precision
@@ -88,7 +92,8 @@ def _make_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
     model = create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
                          in_channels=in_channels).to(device)
     # The layout is set before the optimizers, the step guard and the EMA see the tensors.
-    if use_channels_last(model, device, cfg.channels_last):
+    # FSDP2 shards contiguous parameters only: --fsdp keeps NCHW.
+    if use_channels_last(model, device, cfg.channels_last and not cfg.fsdp):
         model = to_channels_last(model)
     if cfg.activation_checkpointing:  # on the final layout; before torch.compile (refused) and fully_shard
         try:
@@ -120,6 +125,9 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
         and cfg.method != "supervised" else None
     if placement.student_device is None:
         student = None
+    ema_module = None
+    if cfg.fsdp:
+        ema_module = _shard_networks(cfg, teacher, student, placement.data_device)
     m = cfg.mpl
     precision = _precision(cfg, placement.data_device)
     schedules = Schedules(
@@ -138,10 +146,24 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
               autocast=precision.autocast, grad_sync=grad_sync,
               grad_scaler=precision.grad_scaler() if teacher is not None else None,
-              link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes))
+              link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes),
+              ema_module=ema_module)
     if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
         compile_modules(mpl.teacher, mpl.student)
     return mpl
+
+
+def _shard_networks(cfg: TrainConfig, teacher, student, device) -> torch.nn.Module | None:
+    """--fsdp: every rank starts from rank 0's weights, the EMA's copy of the student is taken
+    (a sharded module cannot be deep-copied), then teacher, student and EMA are sharded in place
+    over all ranks. Returns the EMA's copy (None without an EMA)."""
+    networks = [net for net in (teacher, student) if net is not None]
+    broadcast_from_rank0(networks)
+    ema = copy.deepcopy(student) if cfg.mpl.ema_decay > 0 else None
+    mesh = sharding.device_mesh(device)
+    for net in networks + ([ema] if ema is not None else []):
+        sharding.shard_model(net, mesh)
+    return ema
 
 
 def _placement(cfg: TrainConfig, device: str | None = None) -> model_parallel.Placement:
@@ -246,6 +268,10 @@ class _Session:
     elapsed_before: float = 0.0
     metrics: typing.Any = None  # the open metrics.jsonl on rank 0; None on the other ranks
     stop_agreement: StopAgreement | None = None  # torchrun: when to act on a signal
+    # --fsdp: rank 0's unsharded copies of the networks, for evaluation (built on first use).
+    make_replica: typing.Callable | None = None
+    replicas: dict = dataclasses.field(default_factory=dict)
+    evaluated_models: dict = dataclasses.field(default_factory=dict)  # what the last evaluation measured
     # Model-parallel ranks (layout (b)) meet at evaluations and checkpoints; identity otherwise.
     sync: model_parallel.RankSync = dataclasses.field(
         default_factory=lambda: model_parallel.RankSync(model_parallel.Placement("single", "both", None, None)))
@@ -254,6 +280,11 @@ class _Session:
     def evaluates(self) -> bool:
         """Rank 0 evaluates for data parallel; both model-parallel ranks measure what they hold."""
         return self.ctx.is_main or self.sync.distributed
+
+    @property
+    def joins_evaluation(self) -> bool:
+        """Under --fsdp every rank takes part (the networks' weights are gathered from all ranks)."""
+        return self.evaluates or self.cfg.fsdp
 
     @property
     def data_parallel(self) -> bool:
@@ -331,8 +362,19 @@ def _check_config(cfg: TrainConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
+    if cfg.fsdp and _env_world_size() < 2 and not (dist.is_initialized() and dist.get_world_size() > 1):
+        raise SystemExit("error: --fsdp shards the networks over torchrun ranks: launch it with "
+                         "torchrun --nproc_per_node=N -m mpl_fast.train --fsdp ... with N >= 2 "
+                         "(one process holds the whole networks anyway: drop --fsdp)")
     placement = _placement(cfg)  # a model-parallel layout that cannot work is refused before joining any group
     _precision(cfg, placement.data_device)  # e.g. fp16 on a CPU
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1").strip() or 1)
+    except ValueError:
+        return 1  # init_from_env reports a malformed value
 
 
 def _join_process_group(cfg: TrainConfig, timeout_s: float) -> tuple[DistContext, bool]:
@@ -370,18 +412,23 @@ def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, 
     data_parallel = ctx.distributed and not sync.distributed
     # Model-parallel ranks read the same batches (only y_hat and h travel): no sharding.
     streams = _build_streams(cfg, ctx if data_parallel else None, device=str(placement.data_device))
-    mpl = build_mpl(cfg, streams, placement, grad_sync=GradientAverager() if data_parallel else None)
+    grad_sync = (ShardedSync() if cfg.fsdp else GradientAverager()) if data_parallel else None
+    mpl = build_mpl(cfg, streams, placement, grad_sync=grad_sync)
     if data_parallel:
-        broadcast_from_rank0(mpl.models().values())
+        if not cfg.fsdp:  # (sharded networks were made equal before sharding, in build_mpl)
+            broadcast_from_rank0(mpl.models().values())
         if ctx.rank > 0:  # dropout and sampled pseudo labels: a different random stream per rank
             torch.manual_seed(_rank_seed(cfg, ctx))
         say(f"data parallel: {ctx.world_size} ranks ({dist.get_backend()}), {cfg.data.batch_size} labeled + "
-            f"{cfg.data.mu * cfg.data.batch_size} unlabeled per rank per step")
+            f"{cfg.data.mu * cfg.data.batch_size} unlabeled per rank per step"
+            + (f"; teacher, student and EMA sharded over the {ctx.world_size} ranks (FSDP2)" if cfg.fsdp else ""))
     elif placement.layout != "single":
         say(f"model parallel: teacher on {'rank 0' if sync.distributed else placement.teacher_device}, "
             f"student on {'rank 1' if sync.distributed else placement.student_device}")
     sess = _Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl, sync=sync,
                     stop_agreement=StopAgreement(dist_timeout) if ctx.distributed else None)
+    if cfg.fsdp and ctx.is_main:
+        sess.make_replica = lambda: _make_model(cfg, streams, str(placement.data_device))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if state is not None:
         _restore(sess, state)
@@ -459,6 +506,10 @@ def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
     if sess.sync.distributed:  # model-parallel ranks: rank 0 gathers the student's half
         state = sess.sync.gather_checkpoint(_checkpoint_state(sess, step, elapsed, rng, streams),
                                             student_extra={"best": sess.best, "rng": rng})
+    elif sess.cfg.fsdp:  # every rank all-gathers its shards; rank 0 writes a one-process checkpoint
+        mpl_state = sharding.full_state_dict(sess.mpl.state_dict())
+        if sess.ctx.is_main:
+            state = _checkpoint_state(sess, step, elapsed, rng, streams, mpl_state)
     elif sess.ctx.is_main:
         state = _checkpoint_state(sess, step, elapsed, rng, streams)
     if state is not None:
@@ -494,9 +545,11 @@ def _gather_per_rank(sess: _Session, rng: dict, streams: dict | None) -> list | 
     return gathered
 
 
-def _checkpoint_state(sess: _Session, step: int, elapsed: float, rng: dict, streams: dict | None) -> dict:
+def _checkpoint_state(sess: _Session, step: int, elapsed: float, rng: dict, streams: dict | None,
+                      mpl_state: dict | None = None) -> dict:
     return {
-        "config": to_dict(sess.cfg), "step": step, "clock_offset": sess.clock_offset, "mpl": sess.mpl.state_dict(),
+        "config": to_dict(sess.cfg), "step": step, "clock_offset": sess.clock_offset,
+        "mpl": sess.mpl.state_dict() if mpl_state is None else mpl_state,
         "streams": streams, "rng": rng, "best": sess.best, "elapsed": elapsed,
     }
 
@@ -523,7 +576,7 @@ def _train_loop(sess: _Session, progress: bool, stop_after: int | None) -> tuple
                     _log_interval(sess, step, clock, bar)
                 if bar is not None:
                     bar.update(1)
-                if step % cfg.eval_every == 0 and step < cfg.steps and sess.evaluates:
+                if step % cfg.eval_every == 0 and step < cfg.steps and sess.joins_evaluation:
                     _evaluate(sess, step, sess.elapsed_before + time.perf_counter() - t0)
                 # One process acts on a signal after the step it came in; data-parallel ranks
                 # must agree on the step, so they act on it one step later (StopAgreement).
@@ -582,7 +635,7 @@ def _end(sess: _Session, step: int, interrupted: int | None, seconds: float) -> 
         sess.say(f"stopped by signal {interrupted} at step {step}; checkpoint saved. "
                  f"Continue with: python -m mpl_fast.train --resume {sess.out_dir}")
         return {"interrupted": True, "step": step, "output_dir": sess.out_dir}
-    final = _evaluate(sess, step, seconds) if sess.evaluates else None
+    final = _evaluate(sess, step, seconds) if sess.joins_evaluation else None
     _checkpoint(sess, step, seconds)
     summary = _finish(sess, step, seconds, final) if sess.evaluates else None
     if not sess.ctx.is_main:  # the student's rank of a model-parallel run has the summary too
@@ -593,12 +646,38 @@ def _end(sess: _Session, step: int, interrupted: int | None, seconds: float) -> 
     return summary
 
 
-def _evaluate(sess: _Session, step: int, seconds: float) -> dict:
+def _models_to_evaluate(sess: _Session) -> dict:
+    """The networks as evaluation sees them: the live ones; under --fsdp, every rank all-gathers
+    each network's weights and rank 0 loads them into its unsharded replicas (the other ranks get
+    nothing). Every forward of a sharded network is collective, so rank 0 alone cannot run one."""
+    models = sess.mpl.models()
+    if not sess.cfg.fsdp:
+        return models
+    replicas = {}
+    for name, model in models.items():
+        state = sharding.full_state_dict(model.state_dict())  # collective: every rank
+        if sess.make_replica is None:
+            continue
+        if name not in sess.replicas:  # built once; its random init must not move the run's RNG
+            with torch.random.fork_rng(devices=[]):
+                sess.replicas[name] = sess.make_replica()
+        sess.replicas[name].load_state_dict(state)
+        replicas[name] = sess.replicas[name]
+    return replicas
+
+
+def _evaluate(sess: _Session, step: int, seconds: float) -> dict | None:
     """Validation (selection) and test (report only) accuracy of every model; keeps the best-val weights.
-    Model-parallel ranks each measure the networks they hold; rank 0 writes the merged line."""
-    cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
+    Model-parallel ranks each measure the networks they hold; rank 0 writes the merged line.
+    Under --fsdp every rank calls this (to gather the weights) and only rank 0 measures (the
+    others get None)."""
+    models = _models_to_evaluate(sess)
+    if not sess.evaluates:
+        return None
+    sess.evaluated_models = models
+    cfg, streams, best = sess.cfg, sess.streams, sess.best
     line = {"step": step, "eval": True, "seconds": seconds}
-    for name, model in mpl.models().items():
+    for name, model in models.items():
         line[f"val_{name}"] = accuracy(model, streams.val)
         line[f"test_{name}"] = accuracy(model, streams.test)
     line = sess.sync.merge(line)
@@ -606,8 +685,8 @@ def _evaluate(sess: _Session, step: int, seconds: float) -> dict:
     val = line.get(f"val_{sel}")
     if val is not None and val > best["val"]:
         best.update(val=val, step=step,
-                    state={k: v.detach().cpu().clone() for k, v in mpl.models()[sel].state_dict().items()}
-                    if sel in mpl.models() else None)
+                    state={k: v.detach().cpu().clone() for k, v in models[sel].state_dict().items()}
+                    if sel in models else None)
     sess.write_metrics(line)
     return line
 
@@ -619,8 +698,9 @@ def _finish(sess: _Session, step: int, seconds: float, final: dict) -> dict:
     cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
     val = {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")}
     test = {k[len("test_"):]: v for k, v in final.items() if k.startswith("test_")}
-    if _selection_model(cfg) in mpl.models():  # model parallel: on the rank that holds it
-        _finish_selected(cfg, mpl, streams, best, val, test, quiet=not sess.ctx.is_main)
+    models = sess.evaluated_models  # what the final evaluation measured (--fsdp: rank 0's replicas)
+    if _selection_model(cfg) in models:  # model parallel: on the rank that holds it
+        _finish_selected(cfg, models, streams, best, val, test, quiet=not sess.ctx.is_main)
     val, test = sess.sync.merge(val), sess.sync.merge(test)
     headline = _headline_model(cfg)
     if headline == "ema" or headline == "student":
@@ -637,9 +717,11 @@ def _finish(sess: _Session, step: int, seconds: float, final: dict) -> dict:
     }
 
 
-def _finish_selected(cfg: TrainConfig, mpl: MPL, streams, best: dict, val: dict, test: dict, quiet: bool) -> None:
-    """The best-validation weights of the selection model, then finetuned; their accuracies into val/test."""
-    selected = copy.deepcopy(mpl.models()[_selection_model(cfg)])
+def _finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: dict, test: dict,
+                     quiet: bool) -> None:
+    """The best-validation weights of the selection model (one of ``models``, unsharded), then
+    finetuned; their accuracies into val/test."""
+    selected = copy.deepcopy(models[_selection_model(cfg)])
     if best["state"] is not None:  # best on validation (never on test)
         selected.load_state_dict(best["state"])
     val["selected"], test["selected"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
@@ -685,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if args.dry_run:
-        print(dry_run_report(cfg))
+        world_size = _env_world_size()
+        print(dry_run_report(cfg, fsdp_devices=world_size) if cfg.fsdp and world_size > 1 else dry_run_report(cfg))
         return 0
     try:
         run(cfg, resume=args.resume, dist_timeout=args.dist_timeout)

@@ -60,3 +60,25 @@ def tiny_dali_config(out_dir, data_dir, *, mu: int, uda_ramp_steps: int | None =
         cfg.mpl.uda_ramp_steps = uda_ramp_steps
     cfg.output_dir = str(out_dir)
     return set_fields(cfg, **overrides)
+
+
+def rank_slice(batches, rank: int, world_size: int):
+    """This rank's equal share of ``toy_batches``' global batch (the rows a data-parallel rank reads)."""
+    (x_l, y_l), (x_uw, x_us) = batches
+
+    def part(t):
+        n = t.shape[0] // world_size
+        return t[rank * n:(rank + 1) * n]
+
+    return (part(x_l), part(y_l)), (part(x_uw), part(x_us))
+
+
+def init_gloo_rank(rank: int, world_size: int, init_file: str) -> None:
+    """Joins a gloo group of ``world_size`` spawned processes through a file:// rendezvous, with
+    the torchrun environment variables set as the trainer expects them."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

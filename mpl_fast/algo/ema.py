@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mpl_fast.algo.guard import host_flag
+from mpl_fast.parallel.sharding import load_module_state, local
 
 
 class ModelEMA:
@@ -20,18 +21,23 @@ class ModelEMA:
     on the device. The update is a few multi-tensor ops over all tensors, not a loop of
     per-tensor ops: on the CPU (where reading n and ok is free) one ``_foreach_lerp_``; on an
     accelerator the weight 1 - d is a device tensor, 0 on a skipped step.
+
+    ``module``: the EMA's own copy, made by the caller, for a model that cannot be deep-copied:
+    a sharded student (--fsdp) gets an EMA copied BEFORE sharding and sharded the same way; the
+    update then runs on each rank's shards, pair by pair.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, module: nn.Module | None = None):
         self.decay = decay
-        self.module = copy.deepcopy(model).eval()
+        self.module = (copy.deepcopy(model) if module is None else module).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         device = next(iter(self.module.parameters())).device
         self.num_updates = torch.zeros((), dtype=torch.int64, device=device)
 
     def _pairs(self, model: nn.Module):
-        yield from zip(self.module.parameters(), model.parameters())
+        for e, m in zip(self.module.parameters(), model.parameters()):
+            yield local(e), local(m)
         yield from zip(self.module.buffers(), model.buffers())
 
     @torch.no_grad()
@@ -78,6 +84,6 @@ class ModelEMA:
         return {"module": self.module.state_dict(), "num_updates": self.num_updates.clone(), "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        load_module_state(self.module, state["module"])
         self.num_updates.fill_(state["num_updates"])  # a tensor, or an int from older checkpoints
         self.decay = float(state["decay"])

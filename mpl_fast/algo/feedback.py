@@ -22,7 +22,7 @@ feedback is exactly 0 in every mode, and the feedback forwards leave no trace in
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,16 +50,26 @@ def deterministic_forward(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = flag
 
 
-def grad_dot(lr: float, g_new_labeled: Sequence[torch.Tensor], g_unlabeled: Sequence[torch.Tensor]) -> torch.Tensor:
-    """h = lr_S * <g_l', g_u> (one fused pass over every tensor when the extension is built)."""
-    return multi_tensor_dot(g_new_labeled, g_unlabeled) * lr
+def _whole(partial: torch.Tensor) -> torch.Tensor:
+    return partial
+
+
+def grad_dot(lr: float, g_new_labeled: Sequence[torch.Tensor], g_unlabeled: Sequence[torch.Tensor], *,
+             sum_partial: Callable[[torch.Tensor], torch.Tensor] = _whole) -> torch.Tensor:
+    """h = lr_S * <g_l', g_u> (one fused pass over every tensor when the extension is built).
+
+    ``sum_partial``: when the tensors are this rank's shards (--fsdp), sums the rank's partial
+    dot product over the ranks (mpl_fast.parallel.data_parallel.ShardedSync.sum_partial_)."""
+    return sum_partial(multi_tensor_dot(g_new_labeled, g_unlabeled)) * lr
 
 
 def update_dot(g_new_labeled: Sequence[torch.Tensor], params_before: Sequence[torch.Tensor],
-               params_after: Sequence[torch.Tensor]) -> torch.Tensor:
-    """h = <g_l', -delta_theta> with delta_theta = theta_after - theta_before, the applied update."""
+               params_after: Sequence[torch.Tensor], *,
+               sum_partial: Callable[[torch.Tensor], torch.Tensor] = _whole) -> torch.Tensor:
+    """h = <g_l', -delta_theta> with delta_theta = theta_after - theta_before, the applied update
+    (``sum_partial`` as for grad_dot)."""
     minus_delta = [b - a for b, a in zip(params_before, params_after)]
-    return multi_tensor_dot(g_new_labeled, minus_delta)
+    return sum_partial(multi_tensor_dot(g_new_labeled, minus_delta))
 
 
 def finite_diff(old_loss: torch.Tensor, new_loss: torch.Tensor) -> torch.Tensor:

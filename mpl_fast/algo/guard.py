@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mpl_fast.parallel.sharding import local
+
 
 def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
     """Creates SGD's momentum buffers as zeros now (SGD's first step gives the same result:
@@ -43,13 +45,14 @@ class StepGuard:
     def __init__(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
         for opt in optimizers:
             init_momentum_buffers(opt)
+        # Sharded (--fsdp) parameters and momentum buffers: this rank's shards (views), saved locally.
         live: list[torch.Tensor] = []
         for m in modules:
-            live.extend(p.data for p in m.parameters())
+            live.extend(local(p.data) for p in m.parameters())
             live.extend(m.buffers())
         for opt in optimizers:
             for state in opt.state.values():
-                live.extend(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+                live.extend(local(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         self.live = live
         self.saved = [torch.empty_like(t) for t in live]
 

@@ -43,6 +43,7 @@ from mpl_fast.config import FEEDBACK_MODES, METHODS
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.data_parallel import NoGradientSync
 from mpl_fast.parallel.model_parallel import InProcessLink
+from mpl_fast.parallel.sharding import load_module_state, load_optimizer_state, local
 
 LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
 
@@ -96,7 +97,7 @@ class MPL:
                  grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                  grad_scaler: torch.amp.GradScaler | None = None,
-                 grad_sync: NoGradientSync | None = None, link=None):
+                 grad_sync: NoGradientSync | None = None, link=None, ema_module: nn.Module | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if feedback not in FEEDBACK_MODES:
@@ -134,7 +135,8 @@ class MPL:
         # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel.data_parallel).
         self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
-        self.ema = ModelEMA(student, ema_decay) if ema_decay > 0 and student is not None else None
+        # ema_module: the EMA's copy made by the caller (a sharded student cannot be deep-copied)
+        self.ema = ModelEMA(student, ema_decay, ema_module) if ema_decay > 0 and student is not None else None
         # Counters and log totals live with the teacher when this process has it: it receives h.
         device = _device_of(teacher if link.holds_teacher and teacher is not None else student)
         self._device = device
@@ -160,6 +162,8 @@ class MPL:
         params = list(self.student.parameters())
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         self._student_params = [params[i] for i in trainable]
+        # The feedback's dot products read this rank's shards under --fsdp (else the tensors).
+        self._student_locals = [local(p) for p in self._student_params]
         # The guard saves parameters first, in order: these copies are theta_S before the step.
         self._student_params_before = [self.student_guard.saved[i] for i in trainable]
 
@@ -181,12 +185,14 @@ class MPL:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads ``state_dict()``'s output; sharded (--fsdp) networks also take whole tensors
+        (a one-process checkpoint, or mpl_fast.parallel.sharding.full_state_dict's)."""
         if self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
-            self.teacher_opt.load_state_dict(state["teacher_opt"])
+            load_module_state(self.teacher, state["teacher"])
+            load_optimizer_state(self.teacher_opt, state["teacher_opt"])
         if self.student is not None:
-            self.student.load_state_dict(state["student"])
-            self.student_opt.load_state_dict(state["student_opt"])
+            load_module_state(self.student, state["student"])
+            load_optimizer_state(self.student_opt, state["student_opt"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.baseline.copy_(state["baseline"])
@@ -371,7 +377,7 @@ class MPL:
         loss_student = cross_entropy(student(x_us), y_hat)
         self.student_opt.zero_grad(set_to_none=True)
         loss_student.backward()
-        self.grad_sync.average_([p.grad for p in self._student_params])  # (1) g_u
+        self.grad_sync.average_grads_([p.grad for p in self._student_params])  # (1) g_u
         _clip(student, self.grad_clip_student)
         g_u = [p.grad for p in self._student_params]  # SGD and FusedSGD leave .grad as it was: this is g_u
         self.student_opt.step()
@@ -386,16 +392,30 @@ class MPL:
                 h = fb.finite_diff(old_loss, new_loss)
             else:
                 new_loss = cross_entropy(student(x_l), y_l)
-                g_l_new = torch.autograd.grad(new_loss, self._student_params)
-                self.grad_sync.average_(g_l_new)  # (2): the same h on every rank
+                g_l_new = self._labeled_gradient(new_loss, g_u)
+                self.grad_sync.average_grads_(g_l_new)  # (2): the same h on every rank
+        sum_partial = self.grad_sync.sum_partial_  # --fsdp: each rank dots its shards; else whole tensors
         if self.feedback == "grad-dot":
-            h = fb.grad_dot(lr_s, g_l_new, g_u)
+            h = fb.grad_dot(lr_s, [local(g) for g in g_l_new], [local(g) for g in g_u], sum_partial=sum_partial)
         elif self.feedback == "update-dot":  # delta theta from the guard's copy of theta_S before the step
-            h = fb.update_dot(g_l_new, self._student_params_before, self._student_params)
+            h = fb.update_dot([local(g) for g in g_l_new], self._student_params_before, self._student_locals,
+                              sum_partial=sum_partial)
         if self.use_baseline:
             h, self._new_baseline = fb.subtract_baseline(h, self.baseline, self.baseline_decay)
         return h, loss_student
 
+    def _labeled_gradient(self, new_loss: torch.Tensor, g_u: list[torch.Tensor]) -> list[torch.Tensor]:
+        """g_l' by backward() into cleared .grad (g_u is kept aside and put back after): under
+        FSDP2 only backward() reduce-scatters and averages gradients (torch.autograd.grad would
+        return each rank's whole, unaveraged gradient), and one code path serves every layout."""
+        params = self._student_params
+        for p in params:
+            p.grad = None
+        new_loss.backward()
+        g_l_new = [p.grad for p in params]
+        for p, g in zip(params, g_u):
+            p.grad = g
+        return g_l_new
 
     def _teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits under the mixed-precision policy, as fp32 for the losses.

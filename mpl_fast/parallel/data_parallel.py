@@ -1,8 +1,9 @@
 """Data parallel MPL without DDP: gradients averaged explicitly where the step needs them.
 
-DDP's reducer hooks ``loss.backward()``; the MPL step also takes g_l' with
-``torch.autograd.grad`` (which DDP never sees) and runs the student forward several times per
-step. So the step averages, itself, every gradient of a global-batch mean loss:
+DDP's reducer hooks ``loss.backward()`` and expects one forward per backward; the MPL step runs
+the student forward several times per step (one of them under no_grad for finite-diff), takes
+g_l' with a second backward after setting g_u aside, and needs each gradient averaged at a
+precise point. So the step averages, itself, every gradient of a global-batch mean loss:
 
   (1) the student's g_u after its backward, before the clip and the student's step;
   (2) g_l', before the dot product: every rank computes the same h;
@@ -16,6 +17,10 @@ global batch: with equal shards, the step is the single-process step on the glob
 round-off. BatchNorm is the exception: each rank normalises with its own batch's statistics and
 keeps its own running statistics (as DDP without SyncBatchNorm; rank 0's are the ones evaluated
 and checkpointed).
+
+Under ``--fsdp`` (mpl_fast.parallel.sharding) FSDP2 does (1)-(3)'s gradient averaging itself
+in backward() (reduce-scatter), and each rank holds only its shards: ``ShardedSync`` averages
+the losses alone and sums the feedback's partial dot products over the ranks instead.
 
 No host sync: all_reduce on device tensors is enqueued on the stream (NCCL) or runs in the
 calling CPU thread (gloo).
@@ -39,9 +44,18 @@ class NoGradientSync:
     def average_(self, tensors: Iterable[torch.Tensor | None]) -> None:
         """Nothing to average with one process."""
 
+    def average_grads_(self, grads: Iterable[torch.Tensor | None]) -> None:
+        """Gradients, averaged like ``average_`` (nothing to do with one process)."""
+        self.average_(grads)
+
     def average_grads_and_values(self, module: nn.Module, values: Sequence[torch.Tensor]) -> tuple:
         """``values`` as given (the single-process step is unchanged)."""
         return tuple(values)
+
+    def sum_partial_(self, t: torch.Tensor) -> torch.Tensor:
+        """A dot product over this rank's part of the tensors, summed over ranks: ``t`` itself
+        when every rank holds whole tensors (here, and under GradientAverager)."""
+        return t
 
 
 class GradientAverager(NoGradientSync):
@@ -89,6 +103,29 @@ class GradientAverager(NoGradientSync):
         stacked = torch.stack([v.detach().float() for v in values])  # a fresh tensor: no aliasing
         self.average_([p.grad for p in module.parameters()] + [stacked])
         return tuple(stacked.unbind())
+
+
+class ShardedSync(GradientAverager):
+    """``--fsdp``: FSDP2 has already reduce-scattered and averaged every gradient in backward(),
+    so gradients are left alone; the logged losses are still averaged (one all_reduce, so that
+    every rank takes the same skip decision), and a dot product over this rank's shards of the
+    student's tensors (the feedback h) is summed over the ranks."""
+
+    def average_grads_(self, grads: Iterable[torch.Tensor | None]) -> None:
+        """Nothing: FSDP averaged them in backward()."""
+
+    def average_grads_and_values(self, module: nn.Module, values: Sequence[torch.Tensor]) -> tuple:
+        """``values`` (0-dim tensors) averaged over the ranks as fp32, detached; ``module``'s
+        gradients untouched (FSDP averaged them)."""
+        stacked = torch.stack([v.detach().float() for v in values])
+        self.average_([stacked])
+        return tuple(stacked.unbind())
+
+    @torch.no_grad()
+    def sum_partial_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums ``t`` over the ranks in place and returns it."""
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
 
 
 @torch.no_grad()

@@ -170,5 +170,7 @@ def dry_run_report(cfg, fsdp_devices: int = 8) -> str:
             lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device}")
     lines.append("model-parallel: the same on two devices of one process (--model-parallel --teacher-device ... "
                  "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
+    lines.append("fsdp (--fsdp under torchrun): the training step's share per rank; for evaluation rank 0 also "
+                 "holds one whole fp32 copy each of student, EMA and teacher, and one network's forward")
     lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
     return "\n".join(lines)

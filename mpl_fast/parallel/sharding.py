@@ -1,0 +1,142 @@
+"""``--fsdp``: teacher and student sharded over all ranks with FSDP2 (``fully_shard``).
+
+Each rank keeps 1/N of every parameter, gradient and momentum buffer (fp32 always: FSDP2's
+bf16 MixedPrecisionPolicy fails on the CPU for models with BatchNorm; ``--amp`` autocasts the
+teacher's forward instead). Forward and backward all-gather each block's parameters and
+reduce-scatter (and average) its gradients, so the MPL step works on LOCAL shards:
+``local(t)`` is the rank's shard of a DTensor (a view: in-place writes land in the sharded
+parameter) and a plain tensor itself, so the one-process code path is unchanged.
+
+Whole-network state (checkpoints, evaluation on rank 0) goes through ``full_state_dict``
+(every rank must call it: it all-gathers) and ``load_full_state_dict`` (every rank holds the
+same full tensors and keeps its own shard; no communication).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _is_dtensor(t: Any) -> bool:
+    # No DTensor exists until torch.distributed.tensor is imported: the one-process step
+    # (which calls this for every tensor) does not pay for that import (~0.5 s).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a DTensor (a detached view of its storage: in-place writes land in
+    the DTensor); any other tensor (or None) as is."""
+    if _is_dtensor(t):
+        return t.detach().to_local()
+    return t
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """True when ``model``'s parameters are DTensors (e.g. after ``shard_model``)."""
+    return model is not None and any(_is_dtensor(p) for p in model.parameters())
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _candidate_units(module: nn.Module) -> list[nn.Module]:
+    units = []
+    for child in module.children():
+        if isinstance(child, _CONTAINERS):
+            units.extend(_candidate_units(child))
+        elif _numel(child) > 0:
+            units.append(child)
+    return units
+
+
+def shard_units(model: nn.Module, min_fraction: float = 1 / 64) -> list[nn.Module]:
+    """The blocks FSDP2 shards one by one (each all-gathered just before it runs, freed after):
+    the modules a model lists in ``fsdp_units()``; else each direct child, containers (Sequential,
+    ModuleList, ModuleDict) opened into their children recursively, that holds at least
+    ``min_fraction`` of the parameters. So WRN's residual blocks, timm EfficientNet's blocks and
+    ResNet's bottlenecks are units; small leftovers (a stem, a norm, a classifier) go with the
+    root, which saves one collective each per forward and backward."""
+    if hasattr(model, "fsdp_units"):
+        return list(model.fsdp_units())
+    smallest = min_fraction * _numel(model)
+    return [unit for unit in _candidate_units(model) if _numel(unit) >= smallest]
+
+
+def device_mesh(device: torch.device | str):
+    """A 1-D device mesh over every rank of the default process group, for ``device``'s type."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+    return init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+
+
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    """Applies ``fully_shard`` to each unit of ``shard_units(model)``, then to the root (which
+    holds what is left, e.g. a classifier), in place; returns ``model``. Parameters stay fp32.
+    Apply activation-checkpoint wrappers before this, never after."""
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(value: Any) -> Any:
+    """``value`` with every DTensor replaced by the whole tensor on the CPU (collective)."""
+    if _is_dtensor(value):
+        return value.full_tensor().cpu()
+    if isinstance(value, dict):
+        return {k: _full(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_full(v) for v in value)
+    return value
+
+
+def full_state_dict(state: Any) -> Any:
+    """A state dict (of a module, an optimizer or a nest of them) whose DTensors are all-gathered
+    into whole CPU tensors: the format of an unsharded one-process state dict. Every rank must
+    call it, with the same structure (it walks the dicts in their order)."""
+    return _full(state)
+
+
+def _shard_like(full: torch.Tensor, like):
+    """``full`` (the same whole tensor on every rank) as a DTensor laid out like the DTensor
+    ``like``; no communication (each rank cuts its own shard)."""
+    from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
+
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_module_state(module: nn.Module, state: dict) -> None:
+    """``module.load_state_dict(state)``; for a sharded ``module`` and whole tensors (a
+    ``full_state_dict`` or a one-process state dict, the same on every rank), each rank keeps
+    its shard of every parameter."""
+    live = module.state_dict()
+    if any(_is_dtensor(v) for v in live.values()) and not any(_is_dtensor(v) for v in state.values()):
+        state = {k: _shard_like(v, live[k]) if _is_dtensor(live.get(k)) else v for k, v in state.items()}
+    module.load_state_dict(state)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``; for sharded parameters and a one-process state dict,
+    every per-parameter tensor shaped like its parameter (a momentum buffer) becomes its shard."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(_is_dtensor(p) for p in params):
+        ids = [i for group in state["param_groups"] for i in group["params"]]
+        by_id = dict(zip(ids, params))
+        state = {"state": {key: {name: _shard_like(v, by_id[key]) if _is_dtensor(by_id[key]) and isinstance(
+                     v, torch.Tensor) and not _is_dtensor(v) and v.shape == by_id[key].shape else v
+                     for name, v in param_state.items()} for key, param_state in state["state"].items()},
+                 "param_groups": state["param_groups"]}
+    optimizer.load_state_dict(state)
