@@ -310,9 +310,10 @@ def test_default_gpu_placement_needs_two_gpus():
         resolve_placement(True, "cuda", world_size=1, rank=0, local_rank=0)
 
 
-@pytest.mark.parametrize("world_size", [3, 4])
-def test_torchrun_world_size_must_be_two(world_size):
-    with pytest.raises(ValueError, match=f"exactly 2 processes, got WORLD_SIZE={world_size}"):
+@pytest.mark.parametrize("world_size", [3, 5])
+def test_torchrun_world_size_must_be_even(world_size):
+    """2k ranks run layout (c) (tests/test_model_parallel_groups.py); an odd number has no pairs."""
+    with pytest.raises(ValueError, match=f"even number of processes, got WORLD_SIZE={world_size}"):
         resolve_placement(True, "cpu", world_size=world_size, rank=0, local_rank=0)
 
 

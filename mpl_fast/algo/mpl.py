@@ -111,8 +111,13 @@ class MPL:
         if link.holds_student and (student is None or student_opt is None):
             raise ValueError("the student half needs the student and its optimizer")
         if grad_sync is not None and grad_sync.active and not (link.holds_teacher and link.holds_student):
-            raise ValueError("data-parallel gradient averaging needs both halves in each process; "
-                             "model-parallel ranks (one half each) cannot also be data parallel")
+            # Layout (c): a half is data parallel within its own group only (its peers in the
+            # other half hold another network: averaging with them would mix the two).
+            half_group = getattr(link, "half_group", None)
+            if half_group is None or grad_sync.group is not half_group:
+                raise ValueError("a process holding one half of the step can be data parallel only within its "
+                                 "half's process group: pass a gradient sync over link.half_group "
+                                 "(mpl_fast.parallel.model_parallel.HalfGroups)")
         self.link = link
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt

@@ -19,6 +19,12 @@ Every layout runs the same step code; only the link differs:
                       1 the student; both read the same data streams (same seed), so batches never
                       travel, only the three values above, by torch.distributed send/recv (gloo
                       on CPU, NCCL on GPU; the process group's timeout bounds every wait).
+                      Layout (c) "groups", 2k processes: ranks 0..k-1 hold the teacher, k..2k-1
+                      the student; teacher rank i and student rank k+i are peers that read the same
+                      shard i of the global batch and exchange the three values as in (b). Each
+                      half is data parallel within its own process group (``HalfGroups``): every
+                      student rank computes the same h from the averaged g_u and g_l', every
+                      teacher rank the same verdict from the averaged losses. k = 1 is layout (b).
 
 A link method takes the value where this process computes it (None where it does not) and
 returns it on the side that needs it (None on a process that does not).
@@ -66,25 +72,30 @@ def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class DistributedLink:
-    """One half per process (layout (b)): rank 0 the teacher, rank 1 the student, send/recv.
+    """One half per process, send/recv with the peer rank: layout (b) (rank 0 the teacher, rank 1
+    the student), or a pair of layout (c) (teacher rank i, student rank k+i: pass ``peer``).
 
     No host sync beyond what send/recv imply: the received values stay device tensors.
     ``pseudo_label_kind`` and ``num_classes`` fix what the student receives: class indices (int64,
     one per row) for "hard"/"sample", distributions (fp32, rows x num_classes) for "soft".
+    ``peer`` is the other half's global rank (default: layout (b)'s). ``half_group`` is the
+    process group of this process's half in layout (c) (None in (b)): the only group a data-
+    parallel gradient averager of this half may use (mpl_fast.algo.MPL checks it).
     """
 
     def __init__(self, role: str, device: torch.device | str, pseudo_label_kind: str = "hard",
-                 num_classes: int = 0, group: dist.ProcessGroup | None = None):
+                 num_classes: int = 0, peer: int | None = None, half_group: dist.ProcessGroup | None = None):
         if role not in ("teacher", "student"):
             raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-        self.role, self.device, self.group = role, torch.device(device), group
+        self.role, self.device, self.group = role, torch.device(device), None  # send/recv: global ranks
         self.soft = pseudo_label_kind == "soft"
         if self.soft and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 for soft pseudo labels, got {num_classes}")
         self.num_classes = num_classes
         self.holds_teacher = role == "teacher"
         self.holds_student = role == "student"
-        self.peer = STUDENT_RANK if self.holds_teacher else TEACHER_RANK
+        self.peer = peer if peer is not None else (STUDENT_RANK if self.holds_teacher else TEACHER_RANK)
+        self.half_group = half_group
 
     def student_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors  # each rank reads the same batches itself
@@ -115,6 +126,75 @@ class DistributedLink:
         return flag[0].bool()
 
 
+# ----------------------------------------------------------------------------- layout (c): groups
+
+
+class HalfGroups:
+    """Who is who among 2k model-parallel ranks (layout (c); k = 1 is layout (b)).
+
+    Ranks 0..k-1 hold the teacher, k..2k-1 the student; teacher rank i and student rank k+i are
+    peers and read shard ``index`` = i of the global batch. ``create`` makes the process groups
+    (every rank must call it, in the same order: dist.new_group is collective): the teacher's
+    ranks, the student's ranks, and the two leaders (rank 0 and rank k, which evaluate and meet
+    at checkpoints). With k = 1 it makes none: a half of one rank averages nothing, and the
+    leaders are the whole world (None: the default group).
+    """
+
+    def __init__(self, world_size: int, rank: int, teacher_group=None, student_group=None, leaders_group=None):
+        if world_size < 2 or world_size % 2:
+            raise ValueError(f"model-parallel ranks come in teacher/student pairs: the world size must be an "
+                             f"even number >= 2, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.world_size, self.rank, self.per_half = world_size, rank, world_size // 2
+        self.teacher_group, self.student_group, self.leaders_group = teacher_group, student_group, leaders_group
+
+    @classmethod
+    def create(cls, world_size: int, rank: int, backend: str | None = None) -> "HalfGroups":
+        """The groups for this rank (collective: every rank calls it with the same world size)."""
+        k = world_size // 2
+        groups = cls(world_size, rank)  # validates before any collective
+        if k > 1:
+            groups.teacher_group = dist.new_group(list(range(k)), backend=backend)
+            groups.student_group = dist.new_group(list(range(k, 2 * k)), backend=backend)
+            groups.leaders_group = dist.new_group([0, k], backend=backend)
+        return groups
+
+    @property
+    def role(self) -> str:
+        return "teacher" if self.rank < self.per_half else "student"
+
+    @property
+    def index(self) -> int:
+        """This rank's place in its half: the shard of the global batch it reads."""
+        return self.rank % self.per_half
+
+    @property
+    def peer(self) -> int:
+        """The other half's rank that reads the same shard."""
+        return self.rank + self.per_half if self.role == "teacher" else self.rank - self.per_half
+
+    @property
+    def leader(self) -> int:
+        """The first rank of this rank's half (0 or k)."""
+        return 0 if self.role == "teacher" else self.per_half
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    @property
+    def half_group(self):
+        """This rank's half's process group (None when k = 1)."""
+        return self.teacher_group if self.role == "teacher" else self.student_group
+
+    def link(self, device: torch.device | str, pseudo_label_kind: str = "hard",
+             num_classes: int = 0) -> "DistributedLink":
+        """This rank's DistributedLink to its peer."""
+        return DistributedLink(self.role, device, pseudo_label_kind, num_classes, peer=self.peer,
+                               half_group=self.half_group)
+
+
 # ----------------------------------------------------------------------------- layouts
 
 
@@ -122,10 +202,12 @@ class DistributedLink:
 class Placement:
     """Where this process puts what. ``role`` is "both" in one process, else "teacher"/"student"."""
 
-    layout: str                 # "single", "devices" (layout a) or "ranks" (layout b)
+    layout: str                 # "single", "devices" (layout a) or "ranks" (layouts b and c)
     role: str
     teacher_device: torch.device | None
     student_device: torch.device | None
+    per_half: int = 1           # "ranks": k, the ranks holding each network (1: layout b)
+    shard: int = 0              # "ranks": this rank's shard of the global batch (its place in its half)
 
     @property
     def data_device(self) -> torch.device:
@@ -160,8 +242,9 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
     ``world_size``/``rank``/``local_rank`` default to torchrun's environment variables (absent: 1
     process). Without --model-parallel: both networks on ``device``. With it, in one process:
     ``--teacher-device`` and ``--student-device`` (default: cuda:0 and cuda:1 when ``device`` is
-    cuda and two GPUs are visible, else both ``device``). Under torchrun: exactly 2 processes,
-    rank 0 the teacher, rank 1 the student, each on ``device`` (cuda: its cuda:LOCAL_RANK).
+    cuda and two GPUs are visible, else both ``device``). Under torchrun: 2k processes, ranks
+    0..k-1 the teacher, k..2k-1 the student (k = 1: layout (b)), each on ``device`` (cuda: its
+    cuda:LOCAL_RANK); an odd number is refused.
     """
     from mpl_fast.parallel.distributed import _env_int  # noqa: PLC0415 - names a bad variable in its error
 
@@ -174,19 +257,21 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
                              "add --model-parallel, or use --device for both")
         return Placement("single", "both", torch.device(device), torch.device(device))
     if world_size > 1:
-        if world_size != 2:
-            raise ValueError(f"--model-parallel under torchrun runs the teacher on rank 0 and the student on rank 1: "
-                             f"it needs exactly 2 processes, got WORLD_SIZE={world_size} "
-                             f"(use torchrun --nproc_per_node=2, or drop torchrun for one-process placement)")
+        if world_size % 2:
+            raise ValueError(f"--model-parallel under torchrun runs the teacher on the first half of the ranks and "
+                             f"the student on the second (rank i and rank k+i are peers): it needs an even number "
+                             f"of processes, got WORLD_SIZE={world_size} (use torchrun --nproc_per_node=2k, or "
+                             f"drop torchrun for one-process placement)")
         if teacher_device is not None or student_device is not None:
             raise ValueError("--teacher-device/--student-device are for a one-process --model-parallel run; under "
                              "torchrun each rank uses --device (cuda: its cuda:LOCAL_RANK)")
         kind = torch.device(device).type
         mine = check_device(f"cuda:{local_rank}" if kind == "cuda" else device,
                             "--device" if kind != "cuda" else f"--device cuda (LOCAL_RANK {local_rank})")
-        if rank == TEACHER_RANK:
-            return Placement("ranks", "teacher", mine, None)
-        return Placement("ranks", "student", None, mine)
+        who = HalfGroups(world_size, rank)
+        if who.role == "teacher":
+            return Placement("ranks", "teacher", mine, None, who.per_half, who.index)
+        return Placement("ranks", "student", None, mine, who.per_half, who.index)
     if teacher_device is None and student_device is None and torch.device(device).type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count < 2:

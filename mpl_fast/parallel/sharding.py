@@ -72,11 +72,19 @@ def shard_units(model: nn.Module, min_fraction: float = 1 / 64) -> list[nn.Modul
     return [unit for unit in _candidate_units(model) if _numel(unit) >= smallest]
 
 
-def device_mesh(device: torch.device | str):
-    """A 1-D device mesh over every rank of the default process group, for ``device``'s type."""
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+def device_mesh(device: torch.device | str, group: dist.ProcessGroup | None = None):
+    """A 1-D device mesh for ``device``'s type over every rank of the default process group, or
+    over the ranks of ``group`` (a model-parallel half, mpl_fast.parallel.model_parallel.HalfGroups).
 
-    return init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    A group's mesh wraps that very group (DeviceMesh.from_group): the FSDP2 collectives and the
+    ShardedSync of the half then run on the same ranks, and no extra groups are created (a 2-D
+    init_device_mesh would make its own row and column groups on every rank, on top of the
+    half groups the step already uses)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: PLC0415
+
+    if group is None:
+        return init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    return DeviceMesh.from_group(group, torch.device(device).type)
 
 
 def shard_model(model: nn.Module, mesh) -> nn.Module:

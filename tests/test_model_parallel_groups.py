@@ -1,0 +1,209 @@
+"""Layout (c), model parallel x data parallel: 4 gloo ranks, ranks 0-1 the teacher, ranks 2-3 the
+student; teacher rank i and student rank 2+i read shard i of the global batch and exchange
+y_hat, (h, loss) and ok; each half averages its gradients within its own group (or, with
+FSDP2, shards its network over its group). The step must equal one process on the global batch.
+
+One module-scoped fixture starts the 4 ranks once (spawn, file:// rendezvous) and runs every
+scenario; the tests compare against one-process runs made here.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mpl_fast.algo import MPL, Schedules
+from mpl_fast.optim import FusedSGD
+from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
+from mpl_testing import init_gloo_rank, rank_slice, toy_batches
+
+WORLD, K = 4, 2
+FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
+STEPS = 4          # then one step non-finite on student rank 3 only (skipped everywhere), then one more
+VARIANTS = ("averaged", "fsdp")
+
+
+def _toy_mpl(feedback: str, groups: HalfGroups | None = None, fsdp: bool = False) -> MPL:
+    """BN-free MLPs (as tests/test_fsdp.py) with UDA, label smoothing, clipping, Nesterov, weight
+    decay and EMA on. ``groups``: this rank's half only, data parallel within its group."""
+    from mpl_fast.parallel.data_parallel import GradientAverager, ShardedSync
+    from mpl_fast.parallel.sharding import device_mesh, shard_model
+
+    torch.manual_seed(0)
+    teacher, student = (nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)) for _ in range(2))
+    link = grad_sync = ema_module = None
+    if groups is not None:
+        if groups.role == "teacher":
+            student = None
+        else:
+            teacher = None
+        link = groups.link("cpu")
+        grad_sync = (ShardedSync if fsdp else GradientAverager)(groups.half_group)
+        if fsdp:
+            mesh = device_mesh("cpu", groups.half_group)
+            if student is not None:
+                ema_module = copy.deepcopy(student)
+            for m in (teacher, student, ema_module):
+                if m is not None:
+                    shard_model(m, mesh)
+    opt = lambda m: None if m is None else FusedSGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,  # noqa: E731
+                                                    weight_decay=5e-4)
+    schedules = Schedules(total_steps=10, teacher_lr=0.3, student_lr=0.5, teacher_warmup=1, uda_weight=1.0)
+    return MPL(teacher, student, opt(teacher), opt(student), schedules, method="mpl", feedback=feedback,
+               uda_threshold=0.3, label_smoothing=0.1, ema_decay=0.9, grad_clip_teacher=0.5,
+               grad_clip_student=0.5, grad_sync=grad_sync, link=link, ema_module=ema_module)
+
+
+def _batches(step: int, index: int | None = None, student: bool = True):
+    """The global batch (``index`` None) or shard ``index``; at step STEPS one strong unlabeled
+    row of shard 1 is inf, in the one process and on student rank 3 (its teacher peer reads a
+    clean copy: the verdict must come from the student's side)."""
+    batches = toy_batches(200 + step, b=8, u=24)
+    if step == STEPS and student:
+        batches[1][1][24 // K, 0] = float("inf")  # the first row of shard 1
+    return batches if index is None else rank_slice(batches, index, K)
+
+
+def _run_steps(mpl: MPL, index: int | None, student: bool, full_state) -> dict:
+    out = {"h": [], "skipped": []}
+    for step in range(STEPS + 2):
+        if step == STEPS:
+            out["before_inf"] = full_state(mpl.state_dict())
+        values = mpl.step(*_batches(step, index, student), clock=step)
+        out["h"].append(float(values["h"]))
+        out["skipped"].append(float(values["skipped"]))
+    out["final"] = full_state(mpl.state_dict())
+    out["baseline"] = float(mpl.baseline)
+    return out
+
+
+def _rank_main(rank: int, init_file: str, tmp: str):
+    from mpl_fast.parallel.sharding import full_state_dict
+
+    torch.set_num_threads(1)
+    init_gloo_rank(rank, WORLD, init_file)
+    groups = HalfGroups.create(WORLD, rank)
+    returned = {"steps": {}}
+    for variant in VARIANTS:
+        for feedback in FEEDBACKS:
+            mpl = _toy_mpl(feedback, groups, fsdp=variant == "fsdp")
+            returned["steps"][variant, feedback] = _run_steps(mpl, groups.index, groups.role == "student",
+                                                              lambda s: copy.deepcopy(full_state_dict(s)))
+            if variant == "fsdp":
+                from mpl_fast.parallel.sharding import local
+
+                returned["steps"][variant, feedback]["local_numel"] = sum(
+                    local(p).numel() for m in mpl.models().values() for p in m.parameters())
+            del mpl
+    torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
+    import gc
+
+    gc.collect()  # sharded modules go before the process group
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("groups")
+    mp.spawn(_rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
+    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _close(got: dict, want: dict, what: str, tol: float = 1e-5) -> None:
+    assert got.keys() == want.keys(), what
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=tol, atol=tol, msg=lambda m: f"{what}.{k}: {m}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+def test_four_ranks_equal_one_process_on_the_global_batch(ranks, feedback, variant):
+    """2 teacher + 2 student ranks at 4 labeled (+12 unlabeled) each give the one-process step on
+    8 (+24): teacher, student, EMA, momentum and h agree to ~1e-5 over 6 steps, one skipped."""
+    _, results = ranks
+    one = _toy_mpl(feedback)
+    want = _run_steps(one, None, True, lambda s: copy.deepcopy(s))
+    assert want["skipped"] == [0.0] * STEPS + [1.0, 0.0]  # teeth: the inf step is skipped in one process too
+    assert all(h != 0.0 for h in want["h"][:STEPS])
+    for rank, got in enumerate(results):
+        got = got["steps"][variant, feedback]
+        # h: computed on each student rank from averaged gradients, received by each teacher rank.
+        torch.testing.assert_close(torch.tensor(got["h"][:STEPS]), torch.tensor(want["h"][:STEPS]),
+                                   rtol=1e-5, atol=1e-7)
+        assert got["skipped"] == want["skipped"], rank
+        halves = ("teacher", "teacher_opt") if rank < K else ("student", "student_opt", "ema")
+        for when in ("before_inf", "final"):
+            for half in halves:
+                if half.endswith("_opt"):
+                    for i, st in want[when][half]["state"].items():
+                        torch.testing.assert_close(got[when][half]["state"][i]["momentum_buffer"],
+                                                   st["momentum_buffer"], rtol=1e-5, atol=1e-5)
+                elif half == "ema":
+                    _close(got[when]["ema"]["module"], want[when]["ema"]["module"], f"{rank} {when} ema")
+                else:
+                    _close(got[when][half], want[when][half], f"{rank} {when} {half}")
+            other = "student" if rank < K else "teacher"
+            assert got[when][other] is None  # this rank never held the other network
+        if rank >= K:
+            assert got["baseline"] == pytest.approx(want["baseline"], rel=1e-5, abs=1e-7)
+
+
+def test_the_skipped_step_left_every_rank_as_it_was(ranks):
+    """The step that was non-finite on student rank 3 alone was skipped on all 4 ranks: the state
+    after it (seen through the last step, which equals one process) and the counters agree."""
+    _, results = ranks
+    for rank, got in enumerate(results):
+        for key, run in got["steps"].items():
+            assert run["skipped"][STEPS] == 1.0, (rank, key)
+            assert sum(run["skipped"]) == 1.0, (rank, key)
+
+
+def test_fsdp_each_rank_holds_half_of_its_network(ranks):
+    _, results = ranks
+    whole = sum(p.numel() for p in nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).parameters())
+    numel = [got["steps"]["fsdp", "grad-dot"]["local_numel"] for got in results]
+    # Each half's shards add up to its networks (teacher; student and EMA), none on one rank.
+    assert sum(numel[:K]) == whole and sum(numel[K:]) == 2 * whole, numel
+    assert max(numel[:K]) < whole and max(numel[K:]) < 2 * whole, numel
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_six_ranks_take_their_roles_peers_and_shards():
+    roles = [HalfGroups(6, r) for r in range(6)]
+    assert [g.role for g in roles] == ["teacher"] * 3 + ["student"] * 3
+    assert [g.peer for g in roles] == [3, 4, 5, 0, 1, 2]
+    assert [g.index for g in roles] == [0, 1, 2, 0, 1, 2]
+    assert [g.is_leader for g in roles] == [True, False, False, True, False, False]
+    placements = [resolve_placement(True, "cpu", world_size=6, rank=r, local_rank=r) for r in range(6)]
+    assert [p.role for p in placements] == ["teacher"] * 3 + ["student"] * 3
+    assert all(p.per_half == 3 for p in placements)
+    assert [p.shard for p in placements] == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_half_may_average_only_within_its_own_group():
+    """MPL refuses a one-half process whose gradient sync spans another group (e.g. the world,
+    which would average the teacher's gradients with the student's)."""
+    from mpl_fast.parallel.model_parallel import DistributedLink
+
+    class Sync:
+        active, group = True, object()
+
+    torch.manual_seed(0)
+    teacher = nn.Linear(5, 3)
+    opt = FusedSGD(teacher.parameters(), lr=0.1)
+    schedules = Schedules(total_steps=2, teacher_lr=0.1, student_lr=0.1)
+    for half_group in (None, object()):
+        link = DistributedLink("teacher", "cpu", peer=2, half_group=half_group)
+        with pytest.raises(ValueError, match="only within its half's process group"):
+            MPL(teacher, None, opt, None, schedules, grad_sync=Sync(), link=link)
+    link = DistributedLink("teacher", "cpu", peer=2, half_group=Sync.group)
+    assert MPL(teacher, None, opt, None, schedules, grad_sync=Sync(), link=link).link.peer == 2
