@@ -27,13 +27,14 @@ HELP_NOTES = {
     "amp_dtype": "with --amp: bf16 or fp16 (+ GradScaler); None picks bf16 where the device supports it; "
                  "fp16 is refused on the CPU",
     "model_parallel": "teacher and student on different devices (--teacher-device/--student-device), or on "
-                      "two torchrun ranks (rank 0 teacher, rank 1 student)",
+                      "torchrun ranks: with 2k ranks, ranks 0..k-1 hold the teacher and k..2k-1 the student, "
+                      "each half data parallel over its k ranks (k = 1: rank 0 teacher, rank 1 student)",
     "teacher_device": "with --model-parallel in one process, e.g. cuda:0",
     "student_device": "with --model-parallel in one process, e.g. cuda:1 or cpu",
     "fsdp": "under torchrun (2+ ranks): shard teacher, student and EMA over all ranks with FSDP2 "
             "(fully_shard), so each rank holds 1/N of the weights, gradients and momentum; data parallel "
-            "otherwise; evaluation gathers one full copy of each network on rank 0. Not with --model-parallel "
-            "or --compile",
+            "otherwise; evaluation gathers one full copy of each network on rank 0. With --model-parallel "
+            "(4+ ranks) each network is sharded over its own half of the ranks. Not with --compile",
     "compile": "torch.compile the teacher's and student's forwards (slow first steps)",
     "channels_last": "NHWC memory format for conv models on CPU/CUDA",
     "activation_checkpointing": "teacher and student keep only each residual block's input and recompute "

@@ -230,9 +230,6 @@ def validate(cfg: TrainConfig) -> None:
          "compile and activation_checkpointing cannot be combined yet: torch.compile accepts a checkpoint's "
          "recompute context only as a TorchDispatchMode, and the one that keeps BatchNorm's running statistics "
          "from being updated twice is not (mpl_fast/models/checkpointing.py); choose one")
-    need(not (cfg.fsdp and cfg.model_parallel),
-         "--fsdp shards both networks over all torchrun ranks (data parallel) and cannot be combined with "
-         "--model-parallel: sharding the teacher's and the student's rank groups separately is not implemented")
     need(not (cfg.fsdp and cfg.compile), "--fsdp with --compile is not supported: leave one of them off")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)

@@ -19,7 +19,9 @@ and summary.json.
 (mpl_fast.parallel.sharding); evaluation gathers full copies on rank 0.
 ``--model-parallel`` puts the teacher and the student on different devices of one process, or
 under ``torchrun --nproc_per_node=2`` on two ranks (rank 0 the teacher, rank 1 the student;
-mpl_fast.parallel.model_parallel).
+mpl_fast.parallel.model_parallel), or under ``--nproc_per_node=2k`` on two groups of k ranks
+(ranks 0..k-1 the teacher, k..2k-1 the student, each group data parallel over its k shards of
+the global batch; with ``--fsdp`` each network sharded over its group).
 """
 
 from __future__ import annotations
@@ -111,12 +113,13 @@ def _sgd(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
 
 
 def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | None = None, *,
-              grad_sync: NoGradientSync | None = None) -> MPL:
+              grad_sync: NoGradientSync | None = None, groups: model_parallel.HalfGroups | None = None) -> MPL:
     """Teacher, student (distinct random inits), optimizers and the MPL step object for ``cfg``.
 
     ``placement`` (default: both on ``cfg.device``) puts each network on its device; a process
     that holds one half of a model-parallel run builds only that network. ``grad_sync``
-    averages gradients under data parallel."""
+    averages gradients under data parallel. ``groups``: this rank's place among model-parallel
+    ranks (its peer; with --fsdp, its half's group shards the network)."""
     placement = placement or _placement(cfg)
     # The teacher's process of layout (b) builds the student too (on the CPU, then drops it), so
     # that the teacher starts from the same random weights as in one process.
@@ -127,7 +130,8 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
         student = None
     ema_module = None
     if cfg.fsdp:
-        ema_module = _shard_networks(cfg, teacher, student, placement.data_device)
+        ema_module = _shard_networks(cfg, teacher, student, placement.data_device,
+                                     groups.half_group if groups is not None else None)
     m = cfg.mpl
     precision = _precision(cfg, placement.data_device)
     schedules = Schedules(
@@ -146,21 +150,22 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
               autocast=precision.autocast, grad_sync=grad_sync,
               grad_scaler=precision.grad_scaler() if teacher is not None else None,
-              link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes),
+              link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes, groups),
               ema_module=ema_module)
     if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
         compile_modules(mpl.teacher, mpl.student)
     return mpl
 
 
-def _shard_networks(cfg: TrainConfig, teacher, student, device) -> torch.nn.Module | None:
-    """--fsdp: every rank starts from rank 0's weights, the EMA's copy of the student is taken
-    (a sharded module cannot be deep-copied), then teacher, student and EMA are sharded in place
-    over all ranks. Returns the EMA's copy (None without an EMA)."""
+def _shard_networks(cfg: TrainConfig, teacher, student, device, group=None) -> torch.nn.Module | None:
+    """--fsdp: every rank starts from its group's first rank's weights, the EMA's copy of the
+    student is taken (a sharded module cannot be deep-copied), then teacher, student and EMA are
+    sharded in place over the ranks of ``group`` (default: all ranks; a model-parallel half's
+    group under --model-parallel). Returns the EMA's copy (None without an EMA or a student)."""
     networks = [net for net in (teacher, student) if net is not None]
-    broadcast_from_rank0(networks)
-    ema = copy.deepcopy(student) if cfg.mpl.ema_decay > 0 else None
-    mesh = sharding.device_mesh(device)
+    broadcast_from_rank0(networks, group)
+    ema = copy.deepcopy(student) if cfg.mpl.ema_decay > 0 and student is not None else None
+    mesh = sharding.device_mesh(device, group)
     for net in networks + ([ema] if ema is not None else []):
         sharding.shard_model(net, mesh)
     return ema
@@ -278,8 +283,9 @@ class _Session:
 
     @property
     def evaluates(self) -> bool:
-        """Rank 0 evaluates for data parallel; both model-parallel ranks measure what they hold."""
-        return self.ctx.is_main or self.sync.distributed
+        """Rank 0 evaluates for data parallel; each model-parallel half's leader (rank 0, rank k)
+        measures the networks its half holds."""
+        return self.ctx.is_main or (self.sync.distributed and self.sync.is_leader)
 
     @property
     def joins_evaluation(self) -> bool:
@@ -290,6 +296,12 @@ class _Session:
     def data_parallel(self) -> bool:
         """torchrun ranks that each read their own shard (not model-parallel halves of one step)."""
         return self.ctx.distributed and not self.sync.distributed
+
+    @property
+    def shards_data(self) -> bool:
+        """Ranks that read their own shard of each global batch: data parallel, and model-parallel
+        halves of more than one rank (peers i and k+i read shard i)."""
+        return self.data_parallel or (self.sync.distributed and self.sync.groups.per_half > 1)
 
     @property
     def resumable(self) -> bool:
@@ -367,6 +379,9 @@ def _check_config(cfg: TrainConfig) -> None:
                          "torchrun --nproc_per_node=N -m mpl_fast.train --fsdp ... with N >= 2 "
                          "(one process holds the whole networks anyway: drop --fsdp)")
     placement = _placement(cfg)  # a model-parallel layout that cannot work is refused before joining any group
+    if cfg.fsdp and placement.layout == "ranks" and placement.per_half < 2:
+        raise SystemExit("error: --fsdp --model-parallel shards each network over its half of the torchrun ranks: "
+                         "it needs 2k >= 4 processes (with 2, each rank holds its whole network anyway: drop --fsdp)")
     _precision(cfg, placement.data_device)  # e.g. fp16 on a CPU
 
 
@@ -408,13 +423,33 @@ def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, 
 
     torch.manual_seed(cfg.seed)
     placement = _placement(cfg, _device_name(cfg, ctx))
-    sync = model_parallel.RankSync(placement)
+    # Model-parallel ranks: every rank creates the halves' process groups, in the same order.
+    groups = (model_parallel.HalfGroups.create(ctx.world_size, ctx.rank) if placement.layout == "ranks"
+              else None)
+    sync = model_parallel.RankSync(placement, groups)
     data_parallel = ctx.distributed and not sync.distributed
-    # Model-parallel ranks read the same batches (only y_hat and h travel): no sharding.
-    streams = _build_streams(cfg, ctx if data_parallel else None, device=str(placement.data_device))
+    # Model-parallel peers read the same batches (only y_hat and h travel); with k ranks per half,
+    # peers i and k+i read shard i of k, as data-parallel rank i of k would.
+    shard_ctx = ctx if data_parallel else None
+    if groups is not None and groups.per_half > 1:
+        shard_ctx = DistContext(rank=groups.index, world_size=groups.per_half, local_rank=ctx.local_rank,
+                                device=ctx.device)
+    streams = _build_streams(cfg, shard_ctx, device=str(placement.data_device))
     grad_sync = (ShardedSync() if cfg.fsdp else GradientAverager()) if data_parallel else None
-    mpl = build_mpl(cfg, streams, placement, grad_sync=grad_sync)
-    if data_parallel:
+    if groups is not None and groups.per_half > 1:  # each half data parallel over its own group
+        grad_sync = (ShardedSync if cfg.fsdp else GradientAverager)(groups.half_group)
+    mpl = build_mpl(cfg, streams, placement, grad_sync=grad_sync, groups=groups)
+    if groups is not None and groups.per_half > 1:
+        if not cfg.fsdp:  # (sharded networks were made equal before sharding, in build_mpl)
+            broadcast_from_rank0(mpl.models().values(), groups.half_group)
+        if groups.index > 0:  # dropout and sampled pseudo labels: a different random stream per shard
+            torch.manual_seed(_rank_seed(cfg, ctx))
+        say(f"model parallel x data parallel: teacher on ranks 0..{groups.per_half - 1}, student on ranks "
+            f"{groups.per_half}..{ctx.world_size - 1} ({dist.get_backend()}); each half data parallel over "
+            f"{groups.per_half} shards of {cfg.data.batch_size} labeled + {cfg.data.mu * cfg.data.batch_size} "
+            f"unlabeled per rank per step"
+            + (f"; each network sharded over its half's {groups.per_half} ranks (FSDP2)" if cfg.fsdp else ""))
+    elif data_parallel:
         if not cfg.fsdp:  # (sharded networks were made equal before sharding, in build_mpl)
             broadcast_from_rank0(mpl.models().values())
         if ctx.rank > 0:  # dropout and sampled pseudo labels: a different random stream per rank
@@ -427,7 +462,7 @@ def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, 
             f"student on {'rank 1' if sync.distributed else placement.student_device}")
     sess = _Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl, sync=sync,
                     stop_agreement=StopAgreement(dist_timeout) if ctx.distributed else None)
-    if cfg.fsdp and ctx.is_main:
+    if cfg.fsdp and sess.evaluates:
         sess.make_replica = lambda: _make_model(cfg, streams, str(placement.data_device))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if state is not None:
@@ -481,7 +516,7 @@ def _own_stream_state(sess: _Session, state: dict) -> dict:
     one per rank for this many ranks; else rank 0's (a DALI stream of another shard then skips
     ahead, exact but decoding the consumed batches again)."""
     per_rank = state.get("streams_per_rank") or []
-    if not sess.data_parallel or not per_rank:
+    if not sess.shards_data or not per_rank:
         return state["streams"]
     if len(per_rank) == sess.ctx.world_size:
         return per_rank[sess.ctx.rank]
@@ -503,8 +538,10 @@ def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
     rng, streams = _rng_state(), _stream_states(sess)
     per_rank = _gather_per_rank(sess, rng, streams)
     state = None
-    if sess.sync.distributed:  # model-parallel ranks: rank 0 gathers the student's half
-        state = sess.sync.gather_checkpoint(_checkpoint_state(sess, step, elapsed, rng, streams),
+    if sess.sync.distributed:  # model-parallel ranks: rank 0 gathers the student's half from rank k
+        # --fsdp: each half all-gathers its network's shards first (collective within the half)
+        mpl_state = sharding.full_state_dict(sess.mpl.state_dict()) if sess.cfg.fsdp else None
+        state = sess.sync.gather_checkpoint(_checkpoint_state(sess, step, elapsed, rng, streams, mpl_state),
                                             student_extra={"best": sess.best, "rng": rng})
     elif sess.cfg.fsdp:  # every rank all-gathers its shards; rank 0 writes a one-process checkpoint
         mpl_state = sharding.full_state_dict(sess.mpl.state_dict())
@@ -515,7 +552,7 @@ def _checkpoint(sess: _Session, step: int, elapsed: float) -> None:
     if state is not None:
         if per_rank is not None:
             state["rng_per_rank"] = [mine["rng"] for mine in per_rank]
-            if sess.data_parallel and streams is not None:
+            if sess.shards_data and streams is not None:
                 state["streams_per_rank"] = [mine["streams"] for mine in per_rank]
         sd = state["mpl"]
         if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
@@ -535,11 +572,12 @@ def _stream_states(sess: _Session) -> dict | None:
 
 def _gather_per_rank(sess: _Session, rng: dict, streams: dict | None) -> list | None:
     """Under torchrun, on rank 0: every rank's {"rng", "streams"} in one gather (stream states
-    only under data parallel, where each rank reads its own shard; model-parallel ranks read the
-    same streams, so rank 0's state is right for both). None in one process and on other ranks."""
+    only where each rank reads its own shard: data parallel, model-parallel halves of k > 1
+    ranks; the 2 ranks of layout (b) read the same streams, so rank 0's state is right for both).
+    None in one process and on other ranks."""
     if not sess.ctx.distributed:
         return None
-    mine = {"rng": rng, "streams": streams if sess.data_parallel else None}
+    mine = {"rng": rng, "streams": streams if sess.shards_data else None}
     gathered = [None] * sess.ctx.world_size if sess.ctx.is_main else None
     dist.gather_object(mine, gathered, dst=0)
     return gathered

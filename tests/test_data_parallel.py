@@ -352,6 +352,7 @@ def test_a_checkpoint_of_another_world_size_falls_back_to_rank_zeros_stream_stat
     class Sess:
         def __init__(self, rank, world_size, data_parallel=True):
             self.ctx, self.data_parallel, self.notes = Ctx(rank, world_size), data_parallel, []
+            self.shards_data = data_parallel  # (model-parallel halves of k > 1 ranks also shard)
             self.say = self.notes.append
 
     state = {"streams": "rank0", "streams_per_rank": ["rank0", "rank1"]}

@@ -329,16 +329,14 @@ def test_an_fp16_overflow_in_one_ranks_shard_skips_the_step_on_every_rank(ranks)
 
 # ----------------------------------------------------------------------------- refusals
 
-def test_fsdp_with_model_parallel_or_compile_is_refused(capsys):
+def test_fsdp_with_compile_is_refused(capsys):
+    """(--fsdp with --model-parallel shards each half over its group: tests/test_model_parallel_groups.py)"""
     from mpl_fast.train import main
 
-    for extra in (["--model-parallel"], ["--compile"]):
-        with pytest.raises(SystemExit) as exc:
-            main(["--fsdp", *extra, "--steps", "1"])
-        assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "--fsdp shards both networks over all torchrun ranks" in err and "--model-parallel" in err
-    assert "--fsdp with --compile is not supported" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--fsdp", "--compile", "--steps", "1"])
+    assert exc.value.code == 2
+    assert "--fsdp with --compile is not supported" in capsys.readouterr().err
 
 
 def test_fsdp_without_torchrun_is_refused(monkeypatch, tmp_path):

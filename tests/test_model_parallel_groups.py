@@ -8,6 +8,7 @@ scenario; the tests compare against one-process runs made here.
 """
 
 import copy
+import json
 import os
 
 import pytest
@@ -16,10 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
+from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
-from mpl_testing import init_gloo_rank, rank_slice, toy_batches
+from mpl_testing import init_gloo_rank, rank_slice, set_fields, toy_batches
 
 WORLD, K = 4, 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -81,6 +84,47 @@ def _run_steps(mpl: MPL, index: int | None, student: bool, full_state) -> dict:
     return out
 
 
+def _digits(out_dir: str, **overrides):
+    """The digits preset (a CNN with BatchNorm and dropout), a few steps, 4 labeled per rank."""
+    cfg = preset("digits")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 8, 4, 4, 0
+    cfg.mpl.student_wait_steps, cfg.mpl.uda_ramp_steps = 2, 6
+    cfg.finetune.steps, cfg.threads, cfg.model_parallel, cfg.output_dir = 2, 1, True, out_dir
+    cfg.data.batch_size = 4
+    return set_fields(cfg, **overrides)
+
+
+def _trainer_scenarios(tmp: str) -> dict:
+    """The trainer on 4 ranks: a whole run, the same run stopped after 3 steps and resumed, and
+    a short --fsdp run (each network sharded over its half)."""
+    from mpl_fast.parallel.sharding import is_sharded
+    from mpl_fast.train import run
+
+    seen, original, _current = {}, MPL.step, [""]
+
+    def step(self, labeled, unlabeled, clock):  # records what each run's first step read
+        name = _current[0]
+        if name not in seen:
+            net = self.teacher if self.teacher is not None else self.student
+            seen[name] = {"x_l": labeled[0].clone(), "y_l": labeled[1].clone(), "sharded": is_sharded(net)}
+        return original(self, labeled, unlabeled, clock)
+
+    MPL.step = step
+
+    def go(name, **kw):
+        _current[0] = name
+        return run(_digits(os.path.join(tmp, name), **kw), progress=False, quiet=True)
+
+    returned = {"full": go("full")}
+    _current[0] = "part"
+    returned["part"] = run(_digits(os.path.join(tmp, "part")), progress=False, quiet=True, stop_after=3)
+    returned["resumed"] = run(None, resume=os.path.join(tmp, "part"), progress=False, quiet=True)
+    returned["fsdp"] = go("fsdp", fsdp=True, steps=6, eval_every=3, log_every=3)
+    MPL.step = original
+    returned["first_batch"] = seen
+    return returned
+
+
 def _rank_main(rank: int, init_file: str, tmp: str):
     from mpl_fast.parallel.sharding import full_state_dict
 
@@ -99,6 +143,7 @@ def _rank_main(rank: int, init_file: str, tmp: str):
                 returned["steps"][variant, feedback]["local_numel"] = sum(
                     local(p).numel() for m in mpl.models().values() for p in m.parameters())
             del mpl
+    returned["trainer"] = _trainer_scenarios(tmp)
     torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
     import gc
 
@@ -207,3 +252,93 @@ def test_a_half_may_average_only_within_its_own_group():
             MPL(teacher, None, opt, None, schedules, grad_sync=Sync(), link=link)
     link = DistributedLink("teacher", "cpu", peer=2, half_group=Sync.group)
     assert MPL(teacher, None, opt, None, schedules, grad_sync=Sync(), link=link).link.peer == 2
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _load_weights(path) -> dict:
+    state = ckpt.load(str(path / "checkpoint.pt"))
+    return {"teacher": state["mpl"]["teacher"], "student": state["mpl"]["student"],
+            "ema": state["mpl"]["ema"]["module"]}
+
+
+def test_trainer_on_four_ranks_writes_one_checkpoint_and_resumes_exactly(ranks):
+    tmp, results = ranks
+    full = results[0]["trainer"]["full"]
+    assert full["steps"] == 8 and full["skipped_steps"] == 0
+    # Rank 0 reports the student's and the EMA's accuracies, measured by rank 2 (the student's leader).
+    assert set(full["test_top1"]) == {"student", "ema", "teacher", "selected", "finetuned"}
+    assert results[K]["trainer"]["full"]["test_top1"] == full["test_top1"]
+    for rank in (1, 3):  # not a leader: nothing to report
+        assert results[rank]["trainer"]["full"] == {"rank": rank, "step": 8, "output_dir": str(tmp / "full")}
+    assert sorted(os.listdir(tmp / "full")) == ["checkpoint.pt", "config.json", "metrics.jsonl", "split.json",
+                                                "summary.json"]
+    lines = [json.loads(ln) for ln in open(tmp / "full" / "metrics.jsonl")]
+    assert any(ln.get("h", 0.0) != 0.0 for ln in lines) and any("val_ema" in ln for ln in lines)
+    assert all(ln["world_size"] == WORLD for ln in lines if "h" in ln)
+    state = ckpt.load(str(tmp / "full" / "checkpoint.pt"))
+    assert len(state["rng_per_rank"]) == WORLD and len(state["streams_per_rank"]) == WORLD
+    # Every rank stopped after step 3; resumed from there, each rank with its own RNG and stream
+    # position, the run ends with the uninterrupted run's weights, bit for bit.
+    assert {r["trainer"]["part"]["step"] for r in results} == {3}
+    want, got = _load_weights(tmp / "full"), _load_weights(tmp / "part")
+    for half in want:
+        for key in want[half]:
+            assert torch.equal(got[half][key], want[half][key]), (half, key)
+    assert results[0]["trainer"]["resumed"]["test_top1"] == full["test_top1"]
+
+
+def test_a_four_rank_checkpoint_reopens_in_one_process(ranks):
+    from mpl_fast.train import run
+
+    tmp, results = ranks
+    full = results[0]["trainer"]["full"]
+    reopened = run(None, resume=str(tmp / "full"), progress=False, quiet=True)
+    assert reopened["steps"] == 8
+    assert all(reopened["test_top1"][k] == full["test_top1"][k] for k in ("student", "ema", "teacher"))
+
+
+def test_trainer_with_fsdp_shards_each_half(ranks):
+    tmp, results = ranks
+    summary = results[0]["trainer"]["fsdp"]
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    assert set(summary["test_top1"]) == {"student", "ema", "teacher", "selected", "finetuned"}
+    assert results[K]["trainer"]["fsdp"]["test_top1"] == summary["test_top1"]
+    # The checkpoint holds whole (gathered) networks, loadable in one process.
+    weights = _load_weights(tmp / "fsdp")
+    model = preset("digits")
+    from mpl_fast.models import create_model
+
+    net = create_model(model.model.name, 10, dropout=model.model.dropout, in_channels=1)
+    for half in ("teacher", "student", "ema"):
+        net.load_state_dict(weights[half])  # whole tensors of the right shapes
+        assert all(torch.isfinite(v).all() for v in weights[half].values() if v.is_floating_point())
+
+
+def test_fsdp_with_two_model_parallel_ranks_is_refused(monkeypatch, tmp_path):
+    from mpl_fast.train import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="needs 2k >= 4 processes"):
+        run(_digits(str(tmp_path / "run"), fsdp=True), progress=False, quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_peers_read_the_same_shard_and_the_shards_make_the_global_batch(ranks):
+    """Teacher rank i and student rank 2+i read shard i; shards 0 and 1 together are the batch one
+    process reads at twice the per-rank batch size (as data-parallel ranks slice it)."""
+    from mpl_fast.data import build_streams
+
+    _, results = ranks
+    first = [r["trainer"]["first_batch"]["full"] for r in results]
+    for i in range(K):
+        assert torch.equal(first[i]["x_l"], first[K + i]["x_l"]) and torch.equal(first[i]["y_l"], first[K + i]["y_l"])
+    cfg = _digits("unused")
+    cfg.data.batch_size = 4 * K
+    x_l, y_l = next(build_streams(cfg.data, seed=cfg.seed).labeled)
+    assert torch.equal(torch.cat([first[i]["x_l"] for i in range(K)]), x_l)
+    assert torch.equal(torch.cat([first[i]["y_l"] for i in range(K)]), y_l)
+    assert not any(f["sharded"] for f in first)
+    assert all(r["trainer"]["first_batch"]["fsdp"]["sharded"] for r in results)

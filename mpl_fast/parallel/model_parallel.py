@@ -284,11 +284,15 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
     return Placement("devices", "both", teacher, student)
 
 
-def make_link(placement: Placement, pseudo_label_kind: str = "hard", num_classes: int = 0):
-    """The link between the halves for ``placement`` (the process group must exist for "ranks")."""
+def make_link(placement: Placement, pseudo_label_kind: str = "hard", num_classes: int = 0,
+              groups: HalfGroups | None = None):
+    """The link between the halves for ``placement`` (the process group must exist for "ranks";
+    ``groups``, this rank's HalfGroups, names its peer: default layout (b)'s)."""
     if placement.role == "both":
         return InProcessLink(placement.teacher_device, placement.student_device)
     device = placement.teacher_device if placement.role == "teacher" else placement.student_device
+    if groups is not None:
+        return groups.link(device, pseudo_label_kind, num_classes)
     return DistributedLink(placement.role, device, pseudo_label_kind, num_classes)
 
 
@@ -311,44 +315,54 @@ STUDENT_STATE_KEYS = ("student", "student_opt", "ema", "baseline")
 
 
 class RankSync:
-    """The trainer's few meeting points between the teacher's and the student's process in layout
-    (b); in one process every method is the identity and ``is_main`` is True.
+    """The trainer's few meeting points between the teacher's and the student's ranks in layouts
+    (b) and (c); in one process every method is the identity and ``is_main`` is True.
 
-    Rank 0 (the teacher's) is the main process: it logs, writes the metrics, the checkpoint
-    (it gathers the student's half: one atomic file) and the summary. Both processes run the
-    trainer's loop in lockstep and meet only at evaluations, checkpoints and the per-step stop flag.
+    Rank 0 (the teacher's leader) is the main process: it logs, writes the metrics, the
+    checkpoint (it gathers the student's half from rank k, the student's leader: one atomic file)
+    and the summary. The leaders (rank 0 and rank k; k = 1 in layout (b)) evaluate the networks
+    they hold and merge their lines. Every rank runs the trainer's loop in lockstep; they meet
+    only at evaluations (the leaders; with --fsdp each half gathers its network's weights),
+    checkpoints and the per-step stop flag.
     """
 
-    def __init__(self, placement: Placement):
+    def __init__(self, placement: Placement, groups: HalfGroups | None = None):
         self.distributed = placement.layout == "ranks"
-        self.is_main = placement.role != "student"
+        if self.distributed and groups is None:  # layout (b)
+            groups = HalfGroups(2, STUDENT_RANK if placement.role == "student" else TEACHER_RANK)
+        self.groups = groups
+        self.is_main = not self.distributed or groups.rank == TEACHER_RANK
+        self.is_leader = not self.distributed or groups.is_leader
+        self.student_leader = groups.per_half if self.distributed else None
 
     def merge(self, values: dict) -> dict:
-        """The union of the dicts both processes pass (evaluation lines: each process measures the
-        networks it holds); where both have a key, the teacher's process wins."""
+        """The union of the dicts the two leaders pass (evaluation lines: each measures the
+        networks its half holds); where both have a key, the teacher's wins. Leaders only."""
         if not self.distributed:
             return values
-        gathered = [None, None]
-        dist.all_gather_object(gathered, _to_cpu(values))
-        return {**gathered[STUDENT_RANK], **gathered[TEACHER_RANK]}
+        gathered = [None, None]  # the leaders' group: [rank 0, rank k]
+        dist.all_gather_object(gathered, _to_cpu(values), group=self.groups.leaders_group)
+        return {**gathered[1], **gathered[0]}
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
     def gather_checkpoint(self, state: dict, student_extra: dict) -> dict | None:
-        """The teacher's process gets the whole run's state: its own ``state`` with the student's
-        half of ``state["mpl"]`` and the student's ``student_extra`` (its best weights, its RNG)
-        merged in; the student's process gets None. In one process: ``state`` as it is."""
+        """Rank 0 gets the whole run's state: its own ``state`` with the student leader's half of
+        ``state["mpl"]`` (whole tensors: under --fsdp the caller gathers them first) and its
+        ``student_extra`` (its best weights, its RNG) merged in; every other rank gets None (every
+        rank calls this). In one process: ``state`` as it is."""
         if not self.distributed:
             return state
+        is_student_leader = self.groups.rank == self.student_leader
         mine = ({"mpl": {k: state["mpl"][k] for k in STUDENT_STATE_KEYS}, **student_extra}
-                if not self.is_main else None)
-        gathered = [None, None] if self.is_main else None
+                if is_student_leader else None)
+        gathered = [None] * self.groups.world_size if self.is_main else None
         dist.gather_object(_to_cpu(mine), gathered, dst=TEACHER_RANK)
         if not self.is_main:
             return None
-        theirs = gathered[STUDENT_RANK]
+        theirs = gathered[self.student_leader]
         merged = dict(state, mpl={**state["mpl"], **theirs["mpl"]})
         if theirs["best"]["state"] is not None:
             merged["best"] = theirs["best"]
