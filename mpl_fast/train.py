@@ -806,7 +806,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.dry_run:
         world_size = _env_world_size()
-        print(dry_run_report(cfg, fsdp_devices=world_size) if cfg.fsdp and world_size > 1 else dry_run_report(cfg))
+        plan_for = {}
+        if cfg.fsdp and world_size > 1:
+            plan_for["fsdp_devices"] = world_size
+        if cfg.model_parallel and world_size > 2 and world_size % 2 == 0:  # layout (c): 2k ranks
+            plan_for.update(model_parallel_ranks=world_size, sharded_halves=cfg.fsdp)
+        print(dry_run_report(cfg, **plan_for))
         return 0
     try:
         run(cfg, resume=args.resume, dist_timeout=args.dist_timeout)

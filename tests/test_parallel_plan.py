@@ -37,6 +37,28 @@ def test_plan_arithmetic_per_layout():
     assert "GiB" in single.describe()
 
 
+def test_plan_of_model_parallel_groups():
+    """2k ranks: k teacher devices, then k student devices, each at the per-device batch; --fsdp
+    divides each network's state over its k ranks, not its activations."""
+    teacher = NetworkFootprint(parameters=1000, activation_elements_per_image=10)
+    student = NetworkFootprint(parameters=500, activation_elements_per_image=20)
+    teacher_acts, student_acts = 10 * 2 * 7 * 4, 20 * 2 * 3 * 4
+    whole = plan_mpl_memory(teacher, student, batch_size=2, mu=3, layout="model-parallel", devices=6)
+    assert whole.per_device_bytes == [1000 * 12 + teacher_acts] * 3 + [500 * 16 + student_acts] * 3
+    sharded = plan_mpl_memory(teacher, student, batch_size=2, mu=3, layout="model-parallel", devices=6, sharded=True)
+    assert sharded.per_device_bytes == [1000 * 12 // 3 + teacher_acts] * 3 + [500 * 16 // 3 + student_acts] * 3
+
+
+def test_dry_run_under_torchrun_plans_the_model_parallel_groups(monkeypatch, capsys):
+    from mpl_fast.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--dry-run", "--model-parallel", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "model-parallel on 4 device(s)" in out and "each of 2 ranks per network" in out
+    assert "ranks 0..1 the teacher, 2..3 the student" in out and "1/2 of its state per rank" in out
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(precision="fp8"), "precision must be one of"),
     (dict(layout="pipeline"), "layout must be one of"),

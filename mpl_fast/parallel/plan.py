@@ -95,11 +95,15 @@ def measure_footprint(model: nn.Module, input_shape: tuple[int, ...],
 
 
 def plan_mpl_memory(teacher: NetworkFootprint, student: NetworkFootprint, *, batch_size: int, mu: int,
-                    precision: str = "fp32", layout: str = "single", devices: int = 1) -> MemoryPlan:
-    """Per-device peak memory of one MPL step for a layout.
+                    precision: str = "fp32", layout: str = "single", devices: int = 1,
+                    sharded: bool = False) -> MemoryPlan:
+    """Per-device peak memory of one MPL step for a layout; ``batch_size`` is per device.
 
     single:         both networks on each device (data parallel replicates this).
-    model-parallel: the teacher on one device, the student on another (devices must be 2).
+    model-parallel: the teacher on one device, the student on another (devices = 2); or on 2k
+                    torchrun ranks, the teacher on the first k, the student on the last k, each
+                    half data parallel (every device at ``batch_size``), and with ``sharded``
+                    (--fsdp) each network's state divided over its k ranks.
     fsdp:           both networks sharded over ``devices`` (states divided; activations not).
     """
     if precision not in BYTES_PER_ELEMENT:
@@ -116,9 +120,13 @@ def plan_mpl_memory(teacher: NetworkFootprint, student: NetworkFootprint, *, bat
     if layout == "single":
         per_device = [teacher_state + student_state + teacher_acts + student_acts] * devices
     elif layout == "model-parallel":
-        if devices != 2:
-            raise ValueError(f"layout 'model-parallel' places teacher and student on 2 devices, got devices={devices}")
-        per_device = [teacher_state + teacher_acts, student_state + student_acts]
+        if devices < 2 or devices % 2:
+            raise ValueError(f"layout 'model-parallel' places teacher and student on 2 devices, or on 2k ranks "
+                             f"(k per network): devices must be even, got devices={devices}")
+        k = devices // 2
+        per_network = k if sharded else 1
+        per_device = ([teacher_state // per_network + teacher_acts] * k
+                      + [student_state // per_network + student_acts] * k)
     else:
         shard = (teacher_state + student_state) // devices
         per_device = [shard + teacher_acts + student_acts] * devices
@@ -133,9 +141,10 @@ _DRY_RUN_SHAPES = {"digits": (10, (1, 8, 8)), "two-moons": (2, (2,)), "cifar10":
                    "cifar100": (100, (3, 32, 32)), "svhn": (10, (3, 32, 32)), "imagefolder": (1000, (3, 224, 224))}
 
 
-def dry_run_report(cfg, fsdp_devices: int = 8) -> str:
+def dry_run_report(cfg, fsdp_devices: int = 8, model_parallel_ranks: int = 2, sharded_halves: bool = False) -> str:
     """``--dry-run``: parameter counts and per-device memory of one MPL step for ``cfg`` (a
-    TrainConfig), from meta-device models."""
+    TrainConfig), from meta-device models. ``model_parallel_ranks`` (2k, under torchrun with
+    --model-parallel) plans layout (c); ``sharded_halves`` with --fsdp."""
     from mpl_fast.models import create_model  # noqa: PLC0415 - models import timm: only when asked
     from mpl_fast.models.checkpointing import find_checkpoint_units  # noqa: PLC0415
 
@@ -158,18 +167,31 @@ def dry_run_report(cfg, fsdp_devices: int = 8) -> str:
                         f"inputs: {footprint.activation_elements_per_image:,} activation values per image instead "
                         f"of {plain.activation_elements_per_image:,}")
     for precision in ("fp32", "bf16"):
-        for layout, devices in (("single", 1), ("model-parallel", 2), ("fsdp", fsdp_devices)):
+        for layout, devices in (("single", 1), ("model-parallel", model_parallel_ranks), ("fsdp", fsdp_devices)):
             plan = plan_mpl_memory(footprint, footprint, batch_size=cfg.data.batch_size, mu=cfg.data.mu,
-                                   precision=precision, layout=layout, devices=devices)
-            if layout == "model-parallel":  # the two devices differ: say which is which
-                teacher_b, student_b = plan.per_device_bytes
+                                   precision=precision, layout=layout, devices=devices,
+                                   sharded=sharded_halves and layout == "model-parallel")
+            if layout == "model-parallel":  # the teacher's and the student's devices differ: say which is which
+                teacher_b, student_b = plan.per_device_bytes[0], plan.per_device_bytes[-1]
                 per_device = f"{teacher_b / 2**30:.1f}, {student_b / 2**30:.1f} GiB (teacher, student)"
+                if devices > 2:
+                    per_device = per_device[:-1] + f"; each of {devices // 2} ranks per network)"
             else:
                 per_device = ", ".join(f"{b / 2**30:.1f}" for b in sorted(set(plan.per_device_bytes), reverse=True))
                 per_device += " GiB"
             lines.append(f"  {precision:4s} activations, {layout:14s} on {devices} device(s): {per_device}")
-    lines.append("model-parallel: the same on two devices of one process (--model-parallel --teacher-device ... "
-                 "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
+    if model_parallel_ranks > 2:
+        k = model_parallel_ranks // 2
+        lines.append(f"model-parallel on {model_parallel_ranks} torchrun ranks: ranks 0..{k - 1} the teacher, "
+                     f"{k}..{model_parallel_ranks - 1} the student, each rank at batch {cfg.data.batch_size} (the "
+                     f"global batch is {k}x that); each network "
+                     + (f"sharded over its {k} ranks (--fsdp): 1/{k} of its state per rank (for evaluation "
+                        f"rank 0 also gathers a whole teacher, rank {k} a whole student and EMA)"
+                        if sharded_halves else "whole on every rank of its half (--fsdp would divide it by "
+                        f"{k})"))
+    else:
+        lines.append("model-parallel: the same on two devices of one process (--model-parallel --teacher-device ... "
+                     "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
     lines.append("fsdp (--fsdp under torchrun): the training step's share per rank; for evaluation rank 0 also "
                  "holds one whole fp32 copy each of student, EMA and teacher, and one network's forward")
     lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
