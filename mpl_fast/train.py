@@ -66,7 +66,8 @@ class TrainingStopped(RuntimeError):
 
 def _build_streams(cfg: TrainConfig, ctx: DistContext | None = None, device: str | None = None):
     """The data streams for ``cfg`` (batches on ``device``, default this rank's); under data
-    parallel, this rank's shard of them (model-parallel ranks pass no ``ctx``: same batches)."""
+    parallel, ``ctx``'s shard of them (layout (b)'s model-parallel ranks pass no ``ctx``: the same
+    batches; layout (c)'s pass their shard index and k)."""
     from mpl_fast.data import build_streams  # noqa: PLC0415
 
     ctx = ctx or DistContext(device=torch.device(cfg.device))
@@ -428,18 +429,19 @@ def _setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, 
               else None)
     sync = model_parallel.RankSync(placement, groups)
     data_parallel = ctx.distributed and not sync.distributed
+    grouped = groups is not None and groups.per_half > 1  # layout (c): each half data parallel
     # Model-parallel peers read the same batches (only y_hat and h travel); with k ranks per half,
     # peers i and k+i read shard i of k, as data-parallel rank i of k would.
     shard_ctx = ctx if data_parallel else None
-    if groups is not None and groups.per_half > 1:
+    if grouped:
         shard_ctx = DistContext(rank=groups.index, world_size=groups.per_half, local_rank=ctx.local_rank,
                                 device=ctx.device)
     streams = _build_streams(cfg, shard_ctx, device=str(placement.data_device))
     grad_sync = (ShardedSync() if cfg.fsdp else GradientAverager()) if data_parallel else None
-    if groups is not None and groups.per_half > 1:  # each half data parallel over its own group
+    if grouped:  # over its own half's group only
         grad_sync = (ShardedSync if cfg.fsdp else GradientAverager)(groups.half_group)
     mpl = build_mpl(cfg, streams, placement, grad_sync=grad_sync, groups=groups)
-    if groups is not None and groups.per_half > 1:
+    if grouped:
         if not cfg.fsdp:  # (sharded networks were made equal before sharding, in build_mpl)
             broadcast_from_rank0(mpl.models().values(), groups.half_group)
         if groups.index > 0:  # dropout and sampled pseudo labels: a different random stream per shard
