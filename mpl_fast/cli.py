@@ -22,7 +22,8 @@ CHOICES = {
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 # Extra help for flags whose meaning depends on how the run is launched.
 HELP_NOTES = {
-    "data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this",
+    "data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this (WORLD_SIZE/2 "
+                       "with --model-parallel, whose two halves read the same shards)",
     "amp": "autocast the teacher's forward: bf16 where supported, else fp16 with loss scaling",
     "amp_dtype": "with --amp: bf16 or fp16 (+ GradScaler); None picks bf16 where the device supports it; "
                  "fp16 is refused on the CPU",

@@ -10,6 +10,10 @@ scenario; the tests compare against one-process runs made here.
 import copy
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,7 +111,10 @@ def _trainer_scenarios(tmp: str) -> dict:
         if name not in seen:
             net = self.teacher if self.teacher is not None else self.student
             seen[name] = {"x_l": labeled[0].clone(), "y_l": labeled[1].clone(), "sharded": is_sharded(net)}
-        return original(self, labeled, unlabeled, clock)
+        values = original(self, labeled, unlabeled, clock)
+        if name == "signal" and clock == 2 and dist.get_rank() == WORLD - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # one student rank alone, after its 3rd step
+        return values
 
     MPL.step = step
 
@@ -120,6 +127,7 @@ def _trainer_scenarios(tmp: str) -> dict:
     returned["part"] = run(_digits(os.path.join(tmp, "part")), progress=False, quiet=True, stop_after=3)
     returned["resumed"] = run(None, resume=os.path.join(tmp, "part"), progress=False, quiet=True)
     returned["fsdp"] = go("fsdp", fsdp=True, steps=6, eval_every=3, log_every=3)
+    returned["signal"] = go("signal")
     MPL.step = original
     returned["first_batch"] = seen
     return returned
@@ -342,3 +350,34 @@ def test_peers_read_the_same_shard_and_the_shards_make_the_global_batch(ranks):
     assert torch.equal(torch.cat([first[i]["y_l"] for i in range(K)]), y_l)
     assert not any(f["sharded"] for f in first)
     assert all(r["trainer"]["first_batch"]["fsdp"]["sharded"] for r in results)
+
+
+def test_a_signal_on_one_student_rank_stops_all_four_one_step_later(ranks):
+    tmp, results = ranks
+    for rank, got in enumerate(results):  # rank 3's signal after step 3 is agreed on by all after step 4
+        returned = got["trainer"]["signal"]
+        assert returned["interrupted"] and returned["step"] == 4, rank
+    assert ckpt.load(str(tmp / "signal" / "checkpoint.pt"))["step"] == 4
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_torchrun_four_processes_model_parallel_fsdp_digits(tmp_path):
+    """The real launcher: torchrun sets the environment, the trainer creates and destroys the
+    process groups (sharded modules alive until the end must not abort the exit)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={port}",
+           "-m", "mpl_fast.train", "--preset", "digits", "--model-parallel", "--fsdp", "--steps", "6",
+           "--log-every", "3", "--eval-every", "3", "--data.batch-size", "4", "--mpl.student-wait-steps", "2",
+           "--finetune.steps", "2", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("test top-1") == 1  # rank 0 alone prints the summary
+    assert "teacher on ranks 0..1, student on ranks 2..3" in proc.stdout and "(FSDP2)" in proc.stdout
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]
