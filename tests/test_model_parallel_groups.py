@@ -381,3 +381,24 @@ def test_torchrun_four_processes_model_parallel_fsdp_digits(tmp_path):
     assert "teacher on ranks 0..1, student on ranks 2..3" in proc.stdout and "(FSDP2)" in proc.stdout
     summary = json.load(open(out / "summary.json"))
     assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_torchrun_four_gpus_model_parallel(tmp_path, fsdp):
+    """Layout (c) on 4 GPUs with NCCL (written for a lent multi-GPU machine; not run on the CPU VM)."""
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={port}",
+           "-m", "mpl_fast.train", "--preset", "digits", "--device", "cuda", "--model-parallel", "--steps", "6",
+           "--log-every", "3", "--eval-every", "3", "--data.batch-size", "4", "--mpl.student-wait-steps", "2",
+           "--finetune.steps", "2", "--output-dir", str(out)] + (["--fsdp"] if fsdp else [])
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "(nccl)" in proc.stdout
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]
