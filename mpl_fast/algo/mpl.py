@@ -20,8 +20,9 @@ counted; the schedule clock the trainer passes in is the number of applied steps
 
 The teacher half (1., 4.) and the student half (2., 3.) meet through a *link*
 (mpl_fast.parallel.model_parallel): y_hat goes to the student, h and the student's loss come
-back, the verdict ``ok`` goes to the student. One device, two devices in one process, or two
-processes: the same step code, only the link differs.
+back, the verdict ``ok`` goes to the student. One device, two devices in one process, two
+processes, or 2k processes (each half data parallel over its k ranks, with a gradient sync over
+its own group): the same step code, only the link and the sync differ.
 """
 
 from __future__ import annotations
