@@ -69,7 +69,13 @@ class FusedSGD(torch.optim.Optimizer):
         self.keep_update = keep_update
         self.register_state_dict_post_hook(_drop_last_update)
 
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles only defaults, state and param_groups: keep our flag too
+        # (copy.deepcopy and pickle of a FusedSGD would otherwise lose it).
+        return {**super().__getstate__(), "keep_update": self.keep_update}
+
     def __setstate__(self, state):
+        state.setdefault("keep_update", False)
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("nesterov", False)

@@ -438,3 +438,29 @@ def test_cuda_found_inf_in_and_out_and_many_tensors():
     ops.fused_sgd_(params, grads, None, lr=0.1, found_inf_out=flag_out)
     assert float(flag_out) == 1.0
     torch.testing.assert_close(params[5], old[5] - 0.1 * grads[5])
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_keep_update_and_steps_the_same(copy_kind):
+    """torch's Optimizer pickles only defaults, state and param_groups; FusedSGD's own flag
+    (keep_update) must survive copy.deepcopy and pickle, and the copy must step like the original."""
+    import io
+
+    torch.manual_seed(0)
+    p = torch.randn(5, 3, requires_grad=True)
+    opt = FusedSGD([p], lr=0.1, momentum=0.9, keep_update=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    if copy_kind == "deepcopy":
+        p2, opt2 = copy.deepcopy((p, opt))
+    else:
+        buf = io.BytesIO()
+        torch.save((p, opt), buf)
+        buf.seek(0)
+        p2, opt2 = torch.load(buf, weights_only=False)
+    assert opt2.keep_update
+    for q, o in ((p, opt), (p2, opt2)):
+        q.grad = torch.ones_like(q)
+        o.step()
+    assert torch.equal(p, p2)
+    assert torch.equal(opt.last_updates()[0], opt2.last_updates()[0])
