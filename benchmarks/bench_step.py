@@ -14,6 +14,8 @@ Cases (WRN-28-2 at 32x32; ResNet-50 at 224 unless --quick):
   ...+bf16         the same step under torch.autocast(bfloat16) (not numerically the same: speed only;
                    h_step1 in the JSON shows how far its feedback moves)
   ...+bf16teacher  only the teacher's forward under bf16 autocast (student and feedback in fp32)
+  ...+bf16student  also the student's forward on the unlabeled batch (g_u) in bf16, the feedback's
+                   labeled forward in fp32: with +bf16teacher, what ``mpl_fast.train --amp`` runs
   ...+cl           models in channels_last (mpl_fast.models.speed; fast+fusedsgd+cl is what
                    mpl_fast.train runs by default; the inputs stay NCHW, the first conv converts them)
   ...+compile      teacher and student compiled in place (mpl_fast.models.speed.compile_modules, as
@@ -126,8 +128,11 @@ def build_cases(model: str, num_classes: int, dropout: float, device: torch.devi
                                schedules(), **STEP_KW)
         else:
             opt = FusedSGD if "fusedsgd" in parts else torch.optim.SGD
+            student_autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16student" in parts
+                                else contextlib.nullcontext)
             stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
-                          schedules(), method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
+                          schedules(), method="mpl", feedback="grad-dot", baseline="off",
+                          student_autocast=student_autocast, **STEP_KW)
         if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
             compile_modules(teacher, student)
         cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,

@@ -150,6 +150,7 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
               uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
               grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
               autocast=precision.autocast, grad_sync=grad_sync,
+              student_autocast=precision.student_autocast(placement.student_device or "cpu", cfg.amp_student),
               grad_scaler=precision.grad_scaler() if teacher is not None else None,
               link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes, groups),
               ema_module=ema_module)

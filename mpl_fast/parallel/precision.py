@@ -31,6 +31,15 @@ class PrecisionPolicy:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
+    def student_autocast(self, device: torch.device | str, enabled: bool = True):
+        """The context for the student's forward on the unlabeled batch on ``device``: this
+        policy's bf16 autocast, or nothing (fp32) when disabled, without --amp, or in fp16
+        (an fp16 student would need its own loss scaling; its update stays fp32 instead)."""
+        if not (enabled and self.enabled and self.dtype == torch.bfloat16):
+            return contextlib.nullcontext
+        device_type = torch.device(device).type
+        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is a no-op unless fp16 needs one."""
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_loss_scaling)
