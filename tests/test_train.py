@@ -53,7 +53,7 @@ def test_cli_bad_values_list_the_choices(argv, expect, capsys):
         assert "choose from" in err
 
 
-def test_amp_runs_the_teacher_in_bf16_and_the_student_in_fp32(tmp_path):
+def test_amp_runs_the_teacher_and_the_students_update_in_bf16_and_the_feedback_in_fp32(tmp_path):
     from mpl_fast.train import build_mpl, _build_streams
 
     cfg = _tiny(tmp_path, amp=True)
@@ -61,16 +61,19 @@ def test_amp_runs_the_teacher_in_bf16_and_the_student_in_fp32(tmp_path):
     seen = {}
 
     def record(name):
-        def hook(_module, _inputs, out):
-            seen.setdefault(name, out.dtype)  # a hook that returns something replaces the output
+        def hook(_module, inputs, out):  # a hook that returns something replaces the output
+            seen.setdefault(name, {}).setdefault(inputs[0].shape[0], set()).add(out.dtype)
         return hook
 
     for name, model in (("teacher", mpl.teacher), ("student", mpl.student)):
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(record(name))
     streams = _build_streams(cfg)
-    mpl.step(next(streams.labeled), next(streams.unlabeled), clock=cfg.mpl.student_wait_steps)
-    assert seen == {"teacher": torch.bfloat16, "student": torch.float32}
+    labeled, unlabeled = next(streams.labeled), next(streams.unlabeled)
+    mpl.step(labeled, unlabeled, clock=cfg.mpl.student_wait_steps)
+    b, u = labeled[0].shape[0], unlabeled[0].shape[0]
+    assert seen == {"teacher": {b + 2 * u: {torch.bfloat16}},
+                    "student": {u: {torch.bfloat16}, b: {torch.float32}}}  # g_u in bf16, g_l' in fp32
     assert mpl._teacher_forward(torch.randn(2, 1, 8, 8)).dtype == torch.float32  # losses in fp32
     cfg.steps = 200  # fp32 reaches teacher ~89%, student ~72% here
     summary = run(cfg, progress=False, quiet=True)
