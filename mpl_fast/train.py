@@ -152,6 +152,8 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
               autocast=precision.autocast, grad_sync=grad_sync,
               student_autocast=precision.student_autocast(placement.student_device or "cpu", cfg.amp_student),
               grad_scaler=precision.grad_scaler() if teacher is not None else None,
+              student_grad_scaler=(precision.student_grad_scaler(placement.student_device, cfg.amp_student)
+                                   if student is not None else None),
               link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes, groups),
               ema_module=ema_module)
     if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
@@ -664,7 +666,7 @@ def _log_interval(sess: _Session, step: int, clock: dict, bar) -> None:
     if values[-1] >= cfg.max_nonfinite:
         raise TrainingStopped(
             f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h"
-            f"{' or overflowing fp16 gradients' if mpl.grad_scaler is not None else ''} (all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
+            f"{' or overflowing fp16 gradients' if mpl.grad_scaler or mpl.student_grad_scaler else ''} (all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
             f"or check the data; the last checkpoint holds the last finite state.")
 
 

@@ -1,6 +1,7 @@
 """bf16 --amp on the student's update (issue #8/#9): the student's forward on the unlabeled batch
-(g_u) runs under bf16 autocast, the feedback's labeled forward (g_l') stays fp32; fp16 and
---no-amp-student keep the whole student in fp32."""
+(g_u) runs under bf16 autocast, the feedback's labeled forward (g_l') stays fp32;
+--no-amp-student keeps the whole student in fp32 (fp16 with the student's own loss scaler:
+tests/test_amp_fp16.py)."""
 
 import contextlib
 import copy
@@ -77,14 +78,18 @@ def test_bf16_student_update_keeps_the_sign_and_size_of_h(seed):
     assert abs(h[1] - h[0]) <= 0.1 * abs(h[0]), h
 
 
-def test_policy_gives_the_student_bf16_only_for_bf16_amp():
+def test_policy_gives_the_student_the_amp_dtype_unless_disabled():
     bf16 = resolve_precision(True, "bf16", "cpu")
-    with bf16.student_autocast("cpu")():
-        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-    for policy, enabled in ((bf16, False), (resolve_precision(False, None, "cpu"), True),
-                            (resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True), True)):
+    fp16 = resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True)
+    for policy, dtype in ((bf16, torch.bfloat16), (fp16, torch.float16)):
+        with policy.student_autocast("cpu")():
+            assert torch.get_autocast_dtype("cpu") == dtype and torch.is_autocast_enabled("cpu")
+    # the student's own loss scaler: fp16 only
+    assert fp16.student_grad_scaler("cpu").is_enabled() and bf16.student_grad_scaler("cpu") is None
+    for policy, enabled in ((bf16, False), (fp16, False), (resolve_precision(False, None, "cpu"), True)):
         with policy.student_autocast("cpu", enabled)():
             assert not torch.is_autocast_enabled("cpu")
+        assert policy.student_grad_scaler("cpu", enabled) is None
 
 
 def test_no_amp_student_flag_reaches_the_step():

@@ -34,3 +34,16 @@ def test_bad_precision_choices(amp, dtype, match):
 def test_fp16_on_cuda_scales_losses():
     policy = resolve_precision(True, "fp16", "cuda")
     assert policy.needs_loss_scaling and policy.grad_scaler().is_enabled()
+
+
+def test_fp16_student_only_on_the_policys_device_type():
+    """A CPU student beside an fp16 GPU teacher stays fp32 and has no loss scaler (no GPU needed
+    to build the policy)."""
+    from mpl_fast.parallel.precision import PrecisionPolicy
+
+    gpu_fp16 = PrecisionPolicy(enabled=True, dtype=torch.float16, device_type="cuda")
+    with gpu_fp16.student_autocast("cpu")():
+        assert not torch.is_autocast_enabled("cpu")
+    assert gpu_fp16.student_grad_scaler("cpu") is None
+    with pytest.warns(UserWarning):  # (GradScaler("cuda") disables itself without a GPU)
+        assert gpu_fp16.student_grad_scaler("cuda:1") is not None

@@ -99,6 +99,7 @@ class MPL:
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                  student_autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                  grad_scaler: torch.amp.GradScaler | None = None,
+                 student_grad_scaler: torch.amp.GradScaler | None = None,
                  grad_sync: NoGradientSync | None = None, link=None, ema_module: nn.Module | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -136,12 +137,14 @@ class MPL:
         self.sup_weight = sup_weight
         self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
         self.autocast = autocast  # e.g. bf16 torch.autocast, for the teacher's forward
-        # bf16 for the student's forward on the unlabeled batch (its update); never for the
+        # bf16/fp16 for the student's forward on the unlabeled batch (its update); never for the
         # feedback's labeled forward: see _teacher_forward and _student_step_and_feedback.
         self.student_autocast = student_autocast
-        # fp16 autocast: scales the teacher's loss (its forward is the only fp16 part); a disabled
-        # scaler is dropped so that the fp32/bf16 step has no scaler calls at all.
-        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        # fp16 autocast: each network's loss has its own scaler (the teacher's on its side, the
+        # student's on the student's); a disabled scaler is dropped so that the fp32/bf16 step
+        # has no scaler calls at all.
+        self.grad_scaler = _enabled(grad_scaler)
+        self.student_grad_scaler = _enabled(student_grad_scaler)
         # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel.data_parallel).
         self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
@@ -192,6 +195,7 @@ class MPL:
             "steps_in_totals": self.steps_in_totals,
             # (reads the scale on the host: fine for a checkpoint, never done inside a step)
             "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+            "student_grad_scaler": None if self.student_grad_scaler is None else self.student_grad_scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,6 +218,8 @@ class MPL:
         self.steps_in_totals = int(state["steps_in_totals"])
         if self.grad_scaler is not None and state.get("grad_scaler"):  # absent in fp32/bf16 checkpoints
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+        if self.student_grad_scaler is not None and state.get("student_grad_scaler"):  # absent in older checkpoints
+            self.student_grad_scaler.load_state_dict(state["student_grad_scaler"])
         self._build_guards()
 
     def models(self) -> dict[str, nn.Module]:
@@ -384,17 +390,14 @@ class MPL:
                 old_loss = cross_entropy(student(x_l), y_l)
 
         student.train()
-        with self.student_autocast():  # bf16 under --amp: g_u only; g_l' below stays fp32
+        with self.student_autocast():  # bf16/fp16 under --amp: g_u only; g_l' below stays fp32
             logits_us = student(x_us)
         loss_student = cross_entropy(logits_us.float(), y_hat)
-        self.student_opt.zero_grad(set_to_none=True)
-        loss_student.backward()
-        self.grad_sync.average_grads_([p.grad for p in self._student_params])  # (1) g_u
-        _clip(student, self.grad_clip_student)
+        found_inf = self._student_update(loss_student)
         g_u = [p.grad for p in self._student_params]  # SGD and FusedSGD leave .grad as it was: this is g_u
-        self.student_opt.step()
         if not need_h:
-            return torch.zeros((), device=loss_student.device), loss_student
+            h = torch.zeros((), device=loss_student.device)
+            return _flag_student_overflow(h, loss_student, found_inf)
 
         with fb.deterministic_forward(student):
             if self.feedback == "finite-diff":
@@ -414,7 +417,32 @@ class MPL:
                               sum_partial=sum_partial)
         if self.use_baseline:
             h, self._new_baseline = fb.subtract_baseline(h, self.baseline, self.baseline_decay)
-        return h, loss_student
+        return _flag_student_overflow(h, loss_student, found_inf)
+
+    def _student_update(self, loss_student: torch.Tensor) -> torch.Tensor | None:
+        """2. The student's step on its loss; leaves the UNSCALED g_u in .grad.
+
+        With a loss scaler (fp16): as the teacher's step: backward of the scaled loss, the
+        data-parallel average of the scaled gradients (every rank has the same scale, and an inf
+        anywhere reaches every rank through the average, so all ranks get the same flag), unscale,
+        clip, step, update the scale; returns the scaler's device-side inf/nan flag. Else None."""
+        scaler = self.student_grad_scaler
+        self.student_opt.zero_grad(set_to_none=True)
+        (loss_student if scaler is None else scaler.scale(loss_student)).backward()
+        self.grad_sync.average_grads_([p.grad for p in self._student_params])  # (1) g_u
+        if scaler is None:
+            _clip(self.student, self.grad_clip_student)
+            self.student_opt.step()
+            return None
+        scaler.unscale_(self.student_opt)  # in place: .grad is now the unscaled g_u
+        found_inf = sum(scaler._found_inf_per_device(self.student_opt).values())
+        _clip(self.student, self.grad_clip_student)
+        if isinstance(self.student_opt, FusedSGD):
+            self.student_opt.step(found_inf=found_inf)  # a no-op on the device when flagged
+        else:
+            self.student_opt.step()  # the student's guard undoes it when flagged
+        scaler.update()  # halves the student's scale after an overflow; the teacher's is its own
+        return found_inf
 
     def _labeled_gradient(self, new_loss: torch.Tensor, g_u: list[torch.Tensor]) -> list[torch.Tensor]:
         """g_l' by backward() into cleared .grad (g_u is kept aside and put back after): under
@@ -440,6 +468,27 @@ class MPL:
         """
         with self.autocast():
             return self.teacher(x).float()
+
+
+def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _flag_student_overflow(h: torch.Tensor, loss_student: torch.Tensor,
+                           found_inf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, loss_student) as sent to the teacher, carrying a student fp16 overflow with them.
+
+    The teacher's verdict ``ok`` already requires a finite loss_student, so a student overflow
+    travels as loss_student := NaN with h := 0 (on the device, no host sync): the step is skipped
+    and both guards restore teacher and student, while the teacher's loss and gradients stay
+    finite (h = 0 drops the MPL term), so the teacher's scale is not halved for the student's
+    overflow. The same pair crosses every link (in-process, and torchrun layouts (b) and (c))."""
+    if found_inf is None:
+        return h, loss_student
+    overflow = found_inf != 0
+    nan = torch.full_like(loss_student, float("nan"))
+    return (torch.where(overflow, torch.zeros_like(h), h),
+            torch.where(overflow, nan, loss_student.detach()))
 
 
 def _device_of(model: nn.Module) -> torch.device:

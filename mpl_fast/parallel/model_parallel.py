@@ -311,7 +311,7 @@ def _to_cpu(obj):
 
 
 # What the student's process owns in MPL.state_dict(); the rest comes from the teacher's.
-STUDENT_STATE_KEYS = ("student", "student_opt", "ema", "baseline")
+STUDENT_STATE_KEYS = ("student", "student_opt", "ema", "baseline", "student_grad_scaler")
 
 
 class RankSync:

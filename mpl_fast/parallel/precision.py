@@ -31,18 +31,34 @@ class PrecisionPolicy:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
+    def _student_dtype(self, device: torch.device | str, enabled: bool) -> torch.dtype | None:
+        # fp16 only on the policy's own device type: a CPU student beside a GPU teacher stays
+        # fp32 (fp16 is refused on CPUs for speed), as does every student when disabled.
+        if not (enabled and self.enabled):
+            return None
+        if self.dtype == torch.float16 and torch.device(device).type != self.device_type:
+            return None
+        return self.dtype
+
     def student_autocast(self, device: torch.device | str, enabled: bool = True):
         """The context for the student's forward on the unlabeled batch on ``device``: this
-        policy's bf16 autocast, or nothing (fp32) when disabled, without --amp, or in fp16
-        (an fp16 student would need its own loss scaling; its update stays fp32 instead)."""
-        if not (enabled and self.enabled and self.dtype == torch.bfloat16):
+        policy's autocast (bf16, or fp16 with the student's own loss scaler from
+        ``student_grad_scaler``), or nothing (fp32) when disabled or without --amp."""
+        dtype = self._student_dtype(device, enabled)
+        if dtype is None:
             return contextlib.nullcontext
         device_type = torch.device(device).type
-        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return lambda: torch.autocast(device_type=device_type, dtype=dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is a no-op unless fp16 needs one."""
         return torch.amp.GradScaler(self.device_type, enabled=self.needs_loss_scaling)
+
+    def student_grad_scaler(self, device: torch.device | str, enabled: bool = True) -> torch.amp.GradScaler | None:
+        """The student's own loss scaler where ``student_autocast(device, enabled)`` is fp16, else None."""
+        if self._student_dtype(device, enabled) != torch.float16:
+            return None
+        return self.grad_scaler()
 
 
 def resolve_precision(amp: bool, amp_dtype: str | None, device: torch.device | str, *,
