@@ -24,11 +24,12 @@ ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.lo
 HELP_NOTES = {
     "data.batch_size": "per rank under torchrun: the global batch is WORLD_SIZE times this (WORLD_SIZE/2 "
                        "with --model-parallel, whose two halves read the same shards)",
-    "amp": "autocast the teacher's forward (and, in bf16, the student's forward on the unlabeled batch): "
-           "bf16 where supported, else fp16 with loss scaling",
-    "amp_student": "with bf16 --amp: the student's forward on the unlabeled batch (its update, g_u) in bf16 too; "
-                   "the feedback's labeled forward (g_l'), h and the optimizers stay fp32 (--no-amp-student: "
-                   "the teacher's forward only)",
+    "amp": "autocast the teacher's forward (and the student's forward on the unlabeled batch): "
+           "bf16 where supported, else fp16 with loss scaling (each network's loss its own GradScaler)",
+    "amp_student": "with --amp: the student's forward on the unlabeled batch (its update, g_u) in bf16/fp16 too "
+                   "(fp16: with the student's own loss scaler; an overflow in its gradients skips the whole "
+                   "step and halves only the student's scale); the feedback's labeled forward (g_l'), h and "
+                   "the optimizers stay fp32 (--no-amp-student: the teacher's forward only)",
     "amp_dtype": "with --amp: bf16 or fp16 (+ GradScaler); None picks bf16 where the device supports it; "
                  "fp16 is refused on the CPU",
     "model_parallel": "teacher and student on different devices (--teacher-device/--student-device), or on "

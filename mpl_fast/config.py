@@ -83,7 +83,7 @@ class TrainConfig:
     threads: int = 0                # torch CPU threads (0 = torch's default)
     amp: bool = False               # autocast of the teacher's forward (bf16 where supported)
     amp_dtype: str | None = None    # with --amp: bf16 or fp16 (loss-scaled; GPU only); default bf16 if supported
-    amp_student: bool = True        # bf16 --amp: also the student's forward on the unlabeled batch (g_u)
+    amp_student: bool = True        # --amp: also the student's forward on the unlabeled batch (g_u; fp16: own scaler)
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
     teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
     student_device: str | None = None
