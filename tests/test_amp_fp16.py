@@ -399,3 +399,64 @@ def test_cpu_fp16_policy_only_with_the_test_switch():
     policy = resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True)
     assert policy.dtype == torch.float16 and policy.needs_loss_scaling and policy.grad_scaler().is_enabled()
     assert not resolve_precision(True, "bf16", "cpu", allow_cpu_fp16=True).grad_scaler().is_enabled()
+
+
+def _layout_b_rank(rank: int, init_file: str, tmp: str):
+    """Rank 0 the teacher (its scaler), rank 1 the student (its own scaler), joined by the
+    distributed link: a clean step, then one where only the student's gradients overflow."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from mpl_fast.parallel.model_parallel import DistributedLink, RankSync
+    from mpl_testing import init_gloo_rank
+
+    torch.set_num_threads(1)
+    init_gloo_rank(rank, 2, init_file)
+    role = "teacher" if rank == 0 else "student"
+    teacher, student = _mlp(0), _mlp(1)
+    sched = Schedules(total_steps=100, teacher_lr=0.1, student_lr=0.1, teacher_schedule="constant",
+                      student_schedule="constant", uda_weight=1.0)
+    opt = lambda m: FusedSGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    mpl = MPL(teacher if role == "teacher" else None, student if role == "student" else None,
+              opt(teacher) if role == "teacher" else None, opt(student) if role == "student" else None, sched,
+              uda_threshold=0.0, ema_decay=0.9, autocast=_fp16, student_autocast=_fp16,
+              grad_scaler=torch.amp.GradScaler("cpu") if role == "teacher" else None,
+              student_grad_scaler=torch.amp.GradScaler("cpu") if role == "student" else None,
+              link=DistributedLink(role, "cpu"))
+    clean = mpl.step(*toy_batches(0), clock=0)
+    if role == "student":
+        mpl.student_grad_scaler.update(new_scale=2.0 ** 40)
+    before = copy.deepcopy({k: v for k, v in mpl.state_dict().items() if k in ("teacher", "student", "ema")})
+    out = mpl.step(*toy_batches(1), clock=1)
+    after = mpl.state_dict()
+    same = []
+    for net in ("teacher", "student"):
+        if before[net] is not None:
+            same += [torch.equal(v, after[net][k]) for k, v in before[net].items()]
+    if before["ema"] is not None:
+        same += [torch.equal(v, after["ema"]["module"][k]) for k, v in before["ema"]["module"].items()]
+    sync = RankSync(SimpleNamespace(layout="ranks", role=role))
+    merged = sync.gather_checkpoint({"mpl": after, "rng": {}}, {"best": {"state": None}, "rng": {}})
+    torch.save({"clean_skipped": float(clean["skipped"]), "skipped": float(out["skipped"]),
+                "h": float(out["h"]), "loss_student": float(out["loss_student"]), "unchanged": all(same) and same != [],
+                "scale": (mpl.grad_scaler or mpl.student_grad_scaler).get_scale(),
+                "merged": None if merged is None else {k: merged["mpl"][k] for k in ("grad_scaler", "student_grad_scaler")}},
+               os.path.join(tmp, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_layout_b_student_overflow_skips_both_halves_and_the_checkpoint_holds_both_scalers(tmp_path):
+    """Two processes: the student's overflow reaches the teacher's process as (h=0, loss=NaN),
+    both skip the step and leave their halves as they were; only the student's scale halves;
+    rank 0's checkpoint holds the teacher's scaler and (from rank 1) the student's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_layout_b_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    t, s = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for r in (t, s):
+        assert r["clean_skipped"] == 0.0 and r["skipped"] == 1.0 and r["unchanged"]
+        assert r["h"] == 0.0 and r["loss_student"] != r["loss_student"]  # NaN
+    assert t["scale"] == INIT_SCALE and s["scale"] == 2.0 ** 39
+    assert s["merged"] is None
+    assert t["merged"]["grad_scaler"]["scale"] == INIT_SCALE and t["merged"]["student_grad_scaler"]["scale"] == 2.0 ** 39
