@@ -320,6 +320,7 @@ class MPL:
             terms["loss_student"] = loss_student  # averaged with the teacher's terms under data parallel
             found_inf = self._teacher_step(terms, t_us, y_hat, h)
             loss_student = terms.pop("loss_student")
+            # (a student fp16 overflow arrives as loss_student = NaN: see _flag_student_overflow)
             ok = torch.isfinite(terms["loss_teacher"]) & torch.isfinite(h) & torch.isfinite(loss_student)
             if found_inf is not None:  # fp16 overflow in the teacher's gradients: skip the whole step
                 ok &= found_inf == 0
@@ -461,9 +462,9 @@ class MPL:
         """The teacher's logits under the mixed-precision policy, as fp32 for the losses.
 
         The teacher's forward (its largest cost: labeled + weak + strong) runs in reduced
-        precision, and in bf16 also the student's forward on the unlabeled batch
-        (``student_autocast``: g_u, measured to move h by 0-8 % with its sign kept, 9 batches
-        on WRN-28-2). The feedback's labeled forward (g_l') stays fp32: with it in bf16 too
+        precision, and also the student's forward on the unlabeled batch (``student_autocast``:
+        g_u; in bf16 measured to move h by 0-8 % with its sign kept, 9 batches on WRN-28-2; in
+        fp16 with the student's own loss scaler). The feedback's labeled forward (g_l') stays fp32: with it in bf16 too
         (whole-step bf16) h at step 1 went from -0.062 to +0.056 (benchmarks/bench_step.py).
         """
         with self.autocast():
