@@ -444,6 +444,10 @@ def _layout_b_rank(rank: int, init_file: str, tmp: str):
                 "merged": None if merged is None else {k: merged["mpl"][k]
                                                        for k in ("grad_scaler", "student_grad_scaler")}},
                os.path.join(tmp, f"rank{rank}.pt"))
+    import gc
+
+    del mpl, teacher, student, sync
+    gc.collect()  # models before the process group (see mpl_fast.parallel.distributed.shutdown)
     dist.destroy_process_group()
 
 
