@@ -46,10 +46,8 @@ from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.checkpointing import enable_activation_checkpointing, saved_activation_bytes  # noqa: E402
 from mpl_fast.models.speed import to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+from common import RECIPE, STEP_KW, make_batches, sync, write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
-RECIPE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # CIFAR-10-4K, DESIGN.md
-STEP_KW = dict(uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15, ema_decay=0.995)
 CASES = ("plain", "ckpt")
 MODELS = {"wrn28-2": dict(size=32, dropout=0.2), "resnet50": dict(size=224, dropout=0.0)}
 NUM_CLASSES = 10
@@ -69,24 +67,6 @@ def build_step(model: str, checkpointing: bool, device: torch.device) -> MPL:
                           teacher_schedule="constant", student_schedule="constant", uda_weight=8.0)
     return MPL(teacher, student, FusedSGD(teacher.parameters(), **RECIPE), FusedSGD(student.parameters(), **RECIPE),
                schedules, method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
-
-
-def make_batches(n: int, batch: int, mu: int, size: int, device: torch.device):
-    """n (labeled, unlabeled) batches of random images (the step's cost does not depend on the pixels)."""
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        x_l = torch.randn(batch, 3, size, size, generator=g)
-        y_l = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-        x_uw = torch.randn(mu * batch, 3, size, size, generator=g)
-        x_us = x_uw + 0.5 * torch.randn(mu * batch, 3, size, size, generator=g)
-        out.append(((x_l.to(device), y_l.to(device)), (x_uw.to(device), x_us.to(device))))
-    return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_step(mpl: MPL, batch, i: int, device: torch.device) -> float:
@@ -127,7 +107,7 @@ def peak_child(model: str, case: str, batch: int, mu: int, device: str) -> dict:
     """In a fresh process: build, then 2 steps; the peak memory they add (see the docstring)."""
     dev = torch.device(device)
     mpl = build_step(model, case == "ckpt", dev)
-    batches = make_batches(2, batch, mu, MODELS[model]["size"], dev)
+    batches = make_batches(2, batch, mu, MODELS[model]["size"], NUM_CLASSES, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -156,7 +136,7 @@ def bench_model(model: str, batch: int, mu: int, steps: int, warmup: int, device
     print(f"\n== {model} at {size}x{size}: B={batch} labeled + 2 x {mu * batch} unlabeled ({images} teacher images, "
           f"{mu * batch} student images per step), {warmup} warm-up + {steps} timed steps per case", flush=True)
     steps_by_case = {case: build_step(model, case == "ckpt", device) for case in CASES}
-    batches = make_batches(min(warmup + steps, 3), batch, mu, size, device)
+    batches = make_batches(min(warmup + steps, 3), batch, mu, size, NUM_CLASSES, device)
     times = {case: [] for case in CASES}
     for i in range(warmup + steps):
         for case, mpl in steps_by_case.items():

@@ -60,15 +60,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import MPL  # noqa: E402
 from mpl_fast.algo import feedback as fb  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.speed import compile_modules, to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+from common import RECIPE, STEP_KW, make_batches, step_schedules, sync, write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
-RECIPE = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # CIFAR-10-4K, DESIGN.md
-STEP_KW = dict(uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15, ema_decay=0.995)
 
 
 # ------------------------------------------------------------------ building the cases
@@ -79,12 +77,6 @@ def make_models(name: str, num_classes: int, dropout: float, seed: int):
     teacher = create_model(name, num_classes, dropout=dropout)
     student = create_model(name, num_classes, dropout=dropout)
     return teacher, student
-
-
-def schedules() -> Schedules:
-    # Student active from step 0 (the feedback is the point), constant rates, full UDA weight.
-    return Schedules(total_steps=10_000, teacher_lr=RECIPE["lr"], student_lr=RECIPE["lr"],
-                     teacher_schedule="constant", student_schedule="constant", uda_weight=8.0, uda_ramp=0)
 
 
 class Case:
@@ -125,38 +117,19 @@ def build_cases(model: str, num_classes: int, dropout: float, device: torch.devi
             teacher = AutocastForward(teacher, device.type)
         if parts[0] == "plain":
             stepper = PlainMPL(teacher, student, plain_sgd(teacher, **RECIPE), plain_sgd(student, **RECIPE),
-                               schedules(), **STEP_KW)
+                               step_schedules(), **STEP_KW)
         else:
             opt = FusedSGD if "fusedsgd" in parts else torch.optim.SGD
             student_autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16student" in parts
                                 else contextlib.nullcontext)
             stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
-                          schedules(), method="mpl", feedback="grad-dot", baseline="off",
+                          step_schedules(), method="mpl", feedback="grad-dot", baseline="off",
                           student_autocast=student_autocast, **STEP_KW)
         if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
             compile_modules(teacher, student)
         cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,
                           exact=not any(p.startswith("bf16") for p in parts)))
     return cases
-
-
-def make_batches(n: int, batch: int, mu: int, size: int, num_classes: int, device: torch.device, seed: int = 1):
-    """n (labeled, unlabeled) batches of normalised random images (the step's cost does not
-    depend on the pixel values; the data pipeline is timed by the trainer benchmark)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x_l = torch.randn(batch, 3, size, size, generator=g)
-        y_l = torch.randint(0, num_classes, (batch,), generator=g)
-        x_uw = torch.randn(mu * batch, 3, size, size, generator=g)
-        x_us = x_uw + 0.5 * torch.randn(mu * batch, 3, size, size, generator=g)
-        out.append(((x_l.to(device), y_l.to(device)), (x_uw.to(device), x_us.to(device))))
-    return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_step(case: Case, batch, i: int, device: torch.device) -> float:
