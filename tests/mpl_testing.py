@@ -82,3 +82,27 @@ def init_gloo_rank(rank: int, world_size: int, init_file: str) -> None:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+
+def save_rank_result_and_leave(returned, tmp: str, rank: int) -> None:
+    """The end of a spawned rank: saves what it measured as rank{rank}.pt, frees its models
+    (garbage-collected before the process group: see mpl_fast.parallel.distributed.shutdown;
+    the caller drops its own references first) and leaves the process group."""
+    import gc
+    import os
+
+    import torch.distributed as dist
+
+    torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
+    del returned
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def spawn_ranks(rank_main, world_size: int, tmp) -> list:
+    """Runs ``rank_main(rank, rendezvous_file, tmp)`` in ``world_size`` spawned processes and
+    returns what each saved (save_rank_result_and_leave), by rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=world_size, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

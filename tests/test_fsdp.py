@@ -11,14 +11,14 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
 from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
-from mpl_testing import assert_state_unchanged, init_gloo_rank, rank_slice, set_fields, toy_batches
+from mpl_testing import (assert_state_unchanged, init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields,
+                          spawn_ranks, toy_batches)
 
 WORLD = 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -163,8 +163,6 @@ def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
 
 
 def _rank_main(rank: int, init_file: str, tmp: str):
-    import torch.distributed as dist
-
     init_gloo_rank(rank, WORLD, init_file)
     torch.set_num_threads(1)
     from mpl_fast.parallel.precision import resolve_precision
@@ -173,19 +171,14 @@ def _rank_main(rank: int, init_file: str, tmp: str):
     returned = {"steps": _step_scenarios(rank), "trainer": _trainer_scenarios(tmp)}
     policy = resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True)  # the GPU's fp16 path, on the CPU
     returned["overflow"] = _overflow_on_one_rank(rank, device_mesh("cpu"), policy.grad_scaler())
-    torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
-    import gc
-
-    gc.collect()  # sharded modules go before the process group (mpl_fast.parallel.distributed.shutdown)
-    dist.destroy_process_group()
+    save_rank_result_and_leave(returned, tmp, rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Runs every scenario once in 2 gloo ranks; returns (folder, per-rank results)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
-    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return tmp, spawn_ranks(_rank_main, WORLD, tmp)
 
 
 # ----------------------------------------------------------------------------- the step

@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
@@ -26,7 +25,7 @@ from mpl_fast.algo import MPL, Schedules
 from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
-from mpl_testing import init_gloo_rank, rank_slice, set_fields, toy_batches
+from mpl_testing import init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields, spawn_ranks, toy_batches
 
 WORLD, K = 4, 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -152,18 +151,13 @@ def _rank_main(rank: int, init_file: str, tmp: str):
                     local(p).numel() for m in mpl.models().values() for p in m.parameters())
             del mpl
     returned["trainer"] = _trainer_scenarios(tmp)
-    torch.save(returned, os.path.join(tmp, f"rank{rank}.pt"))
-    import gc
-
-    gc.collect()  # sharded modules go before the process group
-    dist.destroy_process_group()
+    save_rank_result_and_leave(returned, tmp, rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("groups")
-    mp.spawn(_rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
-    return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return tmp, spawn_ranks(_rank_main, WORLD, tmp)
 
 
 # ----------------------------------------------------------------------------- the step
