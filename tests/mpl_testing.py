@@ -106,3 +106,29 @@ def spawn_ranks(rank_main, world_size: int, tmp) -> list:
 
     mp.spawn(rank_main, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=world_size, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a tcp:// rendezvous or torchrun)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_trainer(nproc: int, args: list[str], *, timeout: float, env: dict | None = None):
+    """``torchrun --nproc_per_node=nproc -m mpl_fast.train *args`` from the repository root, as a
+    user types it; asserts a clean exit (showing the output's tail otherwise) and returns the
+    finished process (its stdout is rank 0's and the others' prints)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", "mpl_fast.train", *args]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else dict(os.environ, **env))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc

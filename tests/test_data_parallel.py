@@ -9,9 +9,6 @@ processes.
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,9 +20,8 @@ from mpl_fast import checkpoint as ckpt
 from mpl_fast.config import preset
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.train import run
-from mpl_testing import set_fields, tiny_dali_config
+from mpl_testing import free_port, set_fields, tiny_dali_config, torchrun_trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 
 
@@ -365,12 +361,6 @@ def test_a_checkpoint_of_another_world_size_falls_back_to_rank_zeros_stream_stat
 
 # ----------------------------------------------------------------------------- failures
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _failing_rank(rank: int, port: int, out_dir: str, how: str, result_file: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -407,7 +397,7 @@ def test_a_dead_or_stalled_rank_makes_rank_zero_exit_with_a_clear_error(tmp_path
     ctx = mp.get_context("spawn")
     procs, results = [], {}
     for how in ("raise", "stall"):
-        port = _free_port()
+        port = free_port()
         results[how] = str(tmp_path / f"{how}-rank0.json")
         for r in range(WORLD):
             result = results[how] if r == 0 else str(tmp_path / f"{how}-rank{r}.json")
@@ -437,11 +427,8 @@ def test_a_dead_or_stalled_rank_makes_rank_zero_exit_with_a_clear_error(tmp_path
 
 def test_torchrun_two_processes_digits(tmp_path):
     out = tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "mpl_fast.train", "--preset", "digits", "--steps", "12", "--log-every", "4",
-           "--finetune.steps", "2", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_trainer(2, ["--preset", "digits", "--steps", "12", "--log-every", "4", "--finetune.steps", "2",
+                                "--output-dir", str(out)], timeout=120)
     assert proc.stdout.count("test top-1") == 1  # rank 0 alone prints the summary
     assert "data parallel: 2 ranks (gloo)" in proc.stdout
     summary = json.load(open(out / "summary.json"))

@@ -18,7 +18,7 @@ from mpl_fast.algo import MPL, Schedules
 from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_testing import (assert_state_unchanged, init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields,
-                          spawn_ranks, toy_batches)
+                          spawn_ranks, torchrun_trainer, toy_batches)
 
 WORLD = 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -354,20 +354,10 @@ def test_dry_run_with_fsdp_plans_for_the_real_world_size(monkeypatch, capsys):
 
 def test_torchrun_two_processes_fsdp_digits(tmp_path):
     """The command line as a user types it, under a real torchrun: both ranks exit cleanly."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "mpl_fast.train", "--fsdp", "--preset", "digits", "--steps", "6", "--log-every", "3",
-           "--eval-every", "3", "--finetune.steps", "2", "--threads", "1", "--output-dir", str(out)]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_trainer(2, ["--fsdp", "--preset", "digits", "--steps", "6", "--log-every", "3",
+                                "--eval-every", "3", "--finetune.steps", "2", "--threads", "1", "--output-dir",
+                                str(out)], timeout=180)
     assert "sharded over the 2 ranks (FSDP2)" in proc.stdout and proc.stdout.count("test top-1") == 1
     summary = json.load(open(out / "summary.json"))
     assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]

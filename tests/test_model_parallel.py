@@ -5,7 +5,6 @@ must match the single-process step; bad placements are refused before any work."
 
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
 from mpl_fast.parallel.distributed import shutdown
 from mpl_fast.train import main, run
+from mpl_testing import free_port
 
 CLASSES, FEATURES, B, U = 3, 6, 4, 8
 HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -119,12 +119,6 @@ CASES = [("grad-dot", "hard"), ("update-dot", "soft"), ("finite-diff", "hard")]
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -156,7 +150,7 @@ def _rank_worker(rank: int, port: int, out_dir: str):
 
 def test_layout_b_two_ranks_match_the_single_process_step(tmp_path):
     torch.set_num_threads(1)
-    context = mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    context = mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
     teacher_process, student_process = context.processes
     teacher_process.join(timeout=120)  # not spawn's join: it would terminate the teacher when the student dies
     student_process.join(timeout=10)
@@ -230,7 +224,7 @@ def _trainer_rank_worker(rank: int, port: int, out_dir: str):
 
 
 def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
-    mp.spawn(_trainer_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_trainer_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     teacher_rank, student_rank = (torch.load(tmp_path / f"summary{r}.pt") for r in (0, 1))
     # Both processes stop after the same step (a signal is agreed on one step later, see
     # data_parallel.StopAgreement; stop_after is the same on both ranks).

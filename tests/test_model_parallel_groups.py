@@ -11,9 +11,6 @@ import copy
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +22,8 @@ from mpl_fast.algo import MPL, Schedules
 from mpl_fast.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
-from mpl_testing import init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields, spawn_ranks, toy_batches
+from mpl_testing import (init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields, spawn_ranks,
+                          torchrun_trainer, toy_batches)
 
 WORLD, K = 4, 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -354,23 +352,14 @@ def test_a_signal_on_one_student_rank_stops_all_four_one_step_later(ranks):
     assert ckpt.load(str(tmp / "signal" / "checkpoint.pt"))["step"] == 4
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def test_torchrun_four_processes_model_parallel_fsdp_digits(tmp_path):
     """The real launcher: torchrun sets the environment, the trainer creates and destroys the
     process groups (sharded modules alive until the end must not abort the exit)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={port}",
-           "-m", "mpl_fast.train", "--preset", "digits", "--model-parallel", "--fsdp", "--steps", "6",
-           "--log-every", "3", "--eval-every", "3", "--data.batch-size", "4", "--mpl.student-wait-steps", "2",
-           "--finetune.steps", "2", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_trainer(4, ["--preset", "digits", "--model-parallel", "--fsdp", "--steps", "6",
+                                "--log-every", "3", "--eval-every", "3", "--data.batch-size", "4",
+                                "--mpl.student-wait-steps", "2", "--finetune.steps", "2", "--output-dir", str(out)],
+                            timeout=180, env={"OMP_NUM_THREADS": "1"})
     assert proc.stdout.count("test top-1") == 1  # rank 0 alone prints the summary
     assert "teacher on ranks 0..1, student on ranks 2..3" in proc.stdout and "(FSDP2)" in proc.stdout
     summary = json.load(open(out / "summary.json"))
@@ -383,16 +372,11 @@ def test_torchrun_four_gpus_model_parallel(tmp_path, fsdp):
     """Layout (c) on 4 GPUs with NCCL (written for a lent multi-GPU machine; not run on the CPU VM)."""
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={port}",
-           "-m", "mpl_fast.train", "--preset", "digits", "--device", "cuda", "--model-parallel", "--steps", "6",
-           "--log-every", "3", "--eval-every", "3", "--data.batch-size", "4", "--mpl.student-wait-steps", "2",
-           "--finetune.steps", "2", "--output-dir", str(out)] + (["--fsdp"] if fsdp else [])
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun_trainer(4, ["--preset", "digits", "--device", "cuda", "--model-parallel", "--steps", "6",
+                                "--log-every", "3", "--eval-every", "3", "--data.batch-size", "4",
+                                "--mpl.student-wait-steps", "2", "--finetune.steps", "2", "--output-dir", str(out)]
+                            + (["--fsdp"] if fsdp else []), timeout=300)
     assert "(nccl)" in proc.stdout
     summary = json.load(open(out / "summary.json"))
     assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and "finetuned" in summary["test_top1"]

@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -7,12 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mpl_testing import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, results):
@@ -26,7 +20,7 @@ def _worker(rank: int, world_size: int, port: int, results):
 
 
 def test_two_gloo_ranks_all_reduce():
-    port = _free_port()
+    port = free_port()
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(2, port, results), nprocs=2, join=True)
