@@ -48,6 +48,14 @@ def _mpl(teacher, student, *, fp16: bool, optimizer=torch.optim.SGD, scaler=None
                student_grad_scaler=student_scaler)
 
 
+def _saved_and_loaded(state: dict) -> dict:
+    """``state`` through torch.save and torch.load, as a checkpoint file carries it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
 def _tensors(state: dict):
     """Every tensor of an MPL state dict that a step may change, by a readable key."""
     out = {}
@@ -171,11 +179,8 @@ def test_students_scaler_round_trips_through_state_dict():
         a.step(*toy_batches(i), clock=i)
     state = a.state_dict()
     assert state["student_grad_scaler"]["scale"] == INIT_SCALE * 2  # grew once: the state matters
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
     b = fresh(5, 6)
-    b.load_state_dict(torch.load(buf, weights_only=False))
+    b.load_state_dict(_saved_and_loaded(state))
     assert b.student_grad_scaler.state_dict() == state["student_grad_scaler"]
     for i in range(3, 6):
         out_a, out_b = a.step(*toy_batches(i), clock=i), b.step(*toy_batches(i), clock=i)
@@ -242,12 +247,10 @@ def test_resume_from_state_dict_is_bit_exact():
     a = fresh(0, 1)
     for i in range(3):
         a.step(*toy_batches(i), clock=i)
-    buf = io.BytesIO()
-    torch.save(a.state_dict(), buf)
+    saved = _saved_and_loaded(a.state_dict())
     assert a.state_dict()["grad_scaler"]["scale"] == INIT_SCALE * 2  # grew once: the state matters
     b = fresh(5, 6)  # other weights; everything must come from the state dict
-    buf.seek(0)
-    b.load_state_dict(torch.load(buf, weights_only=False))
+    b.load_state_dict(saved)
     for i in range(3, 6):
         out_a = a.step(*toy_batches(i), clock=i)
         out_b = b.step(*toy_batches(i), clock=i)
