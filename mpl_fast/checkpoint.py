@@ -31,6 +31,18 @@ def save_atomic(state: dict, path: str) -> None:
         os.close(dir_fd)
 
 
+def map_tensors(obj, fn):
+    """``obj`` (tensors in nested dicts, lists and tuples) with every tensor replaced by
+    ``fn(tensor)``, walked in order; any other value as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def load(path: str, map_location="cpu") -> dict:
     """Loads a checkpoint written by save_atomic (tensors, numbers, strings and containers only)."""
     return torch.load(path, map_location=map_location, weights_only=True)

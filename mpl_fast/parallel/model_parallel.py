@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mpl_fast.checkpoint import map_tensors
+
 TEACHER_RANK, STUDENT_RANK = 0, 1
 
 
@@ -299,15 +301,9 @@ def make_link(placement: Placement, pseudo_label_kind: str = "hard", num_classes
 # ----------------------------------------------------------------------------- the trainer's view
 
 
-def _to_cpu(obj):
-    """A copy of a nested state with every tensor on the CPU (what travels between ranks and to disk)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+def _detached_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as it travels between ranks and to disk: detached, on the CPU."""
+    return t.detach().cpu()
 
 
 # What the student's process owns in MPL.state_dict(); the rest comes from the teacher's.
@@ -341,7 +337,7 @@ class RankSync:
         if not self.distributed:
             return values
         gathered = [None, None]  # the leaders' group: [rank 0, rank k]
-        dist.all_gather_object(gathered, _to_cpu(values), group=self.groups.leaders_group)
+        dist.all_gather_object(gathered, map_tensors(values, _detached_cpu), group=self.groups.leaders_group)
         return {**gathered[1], **gathered[0]}
 
     def barrier(self) -> None:
@@ -359,7 +355,7 @@ class RankSync:
         mine = ({"mpl": {k: state["mpl"][k] for k in STUDENT_STATE_KEYS}, **student_extra}
                 if is_student_leader else None)
         gathered = [None] * self.groups.world_size if self.is_main else None
-        dist.gather_object(_to_cpu(mine), gathered, dst=TEACHER_RANK)
+        dist.gather_object(map_tensors(mine, _detached_cpu), gathered, dst=TEACHER_RANK)
         if not self.is_main:
             return None
         theirs = gathered[self.student_leader]

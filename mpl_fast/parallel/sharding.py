@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mpl_fast.checkpoint import map_tensors
+
 
 def _is_dtensor(t: Any) -> bool:
     # No DTensor exists until torch.distributed.tensor is imported: the one-process step
@@ -99,22 +101,11 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def _full(value: Any) -> Any:
-    """``value`` with every DTensor replaced by the whole tensor on the CPU (collective)."""
-    if _is_dtensor(value):
-        return value.full_tensor().cpu()
-    if isinstance(value, dict):
-        return {k: _full(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_full(v) for v in value)
-    return value
-
-
 def full_state_dict(state: Any) -> Any:
     """A state dict (of a module, an optimizer or a nest of them) whose DTensors are all-gathered
     into whole CPU tensors: the format of an unsharded one-process state dict. Every rank must
     call it, with the same structure (it walks the dicts in their order)."""
-    return _full(state)
+    return map_tensors(state, lambda t: t.full_tensor().cpu() if _is_dtensor(t) else t)
 
 
 def _shard_like(full: torch.Tensor, like):
