@@ -367,19 +367,7 @@ class MPL:
         # (3) data parallel: the teacher's gradients and every logged loss, averaged in one all_reduce.
         # (Scaled gradients average the same way: every rank has the same scale.)
         terms.update(zip(terms, self.grad_sync.average_grads_and_values(self.teacher, list(terms.values()))))
-        if scaler is None:
-            _clip(self.teacher, self.grad_clip_teacher)
-            self.teacher_opt.step()
-            return None
-        scaler.unscale_(self.teacher_opt)  # in place on the device, and fills the inf/nan flags
-        found_inf = sum(scaler._found_inf_per_device(self.teacher_opt).values())
-        _clip(self.teacher, self.grad_clip_teacher)
-        if isinstance(self.teacher_opt, FusedSGD):
-            self.teacher_opt.step(found_inf=found_inf)  # a no-op on the device when flagged
-        else:
-            self.teacher_opt.step()  # the guard undoes it when flagged
-        scaler.update()  # on the device from the same flags: halves the scale after an overflow
-        return found_inf
+        return _clip_and_step(self.teacher, self.teacher_opt, scaler, self.grad_clip_teacher)
 
     def _student_step_and_feedback(self, x_l, y_l, x_us, y_hat, lr_s: float):
         """2. and 3.: the student's step on y_hat, then the feedback h (0 unless method is mpl)."""
@@ -431,19 +419,8 @@ class MPL:
         self.student_opt.zero_grad(set_to_none=True)
         (loss_student if scaler is None else scaler.scale(loss_student)).backward()
         self.grad_sync.average_grads_([p.grad for p in self._student_params])  # (1) g_u
-        if scaler is None:
-            _clip(self.student, self.grad_clip_student)
-            self.student_opt.step()
-            return None
-        scaler.unscale_(self.student_opt)  # in place: .grad is now the unscaled g_u
-        found_inf = sum(scaler._found_inf_per_device(self.student_opt).values())
-        _clip(self.student, self.grad_clip_student)
-        if isinstance(self.student_opt, FusedSGD):
-            self.student_opt.step(found_inf=found_inf)  # a no-op on the device when flagged
-        else:
-            self.student_opt.step()  # the student's guard undoes it when flagged
-        scaler.update()  # halves the student's scale after an overflow; the teacher's is its own
-        return found_inf
+        # (unscaled in place: .grad is then g_u; the student's scale is its own, not the teacher's)
+        return _clip_and_step(self.student, self.student_opt, scaler, self.grad_clip_student)
 
     def _labeled_gradient(self, new_loss: torch.Tensor, g_u: list[torch.Tensor]) -> list[torch.Tensor]:
         """g_l' by backward() into cleared .grad (g_u is kept aside and put back after): under
@@ -469,6 +446,27 @@ class MPL:
         """
         with self.autocast():
             return self.teacher(x).float()
+
+
+def _clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   max_norm: float) -> torch.Tensor | None:
+    """One network's update after its (averaged) backward: clip and step; with an fp16 loss
+    scaler, first unscale the gradients in place (filling the scaler's inf/nan flags), step only
+    where they are finite and update the scale (halved after an overflow) -- all on the device.
+    Returns the scaler's inf/nan flag (nonzero: the caller skips the whole MPL step), or None."""
+    if scaler is None:
+        _clip(model, max_norm)
+        opt.step()
+        return None
+    scaler.unscale_(opt)
+    found_inf = sum(scaler._found_inf_per_device(opt).values())
+    _clip(model, max_norm)
+    if isinstance(opt, FusedSGD):
+        opt.step(found_inf=found_inf)  # a no-op on the device when flagged
+    else:
+        opt.step()  # the step guard undoes it when flagged
+    scaler.update()
+    return found_inf
 
 
 def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
