@@ -134,8 +134,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     if any(_is_dtensor(p) for p in params):
         ids = [i for group in state["param_groups"] for i in group["params"]]
         by_id = dict(zip(ids, params))
-        state = {"state": {key: {name: _shard_like(v, by_id[key]) if _is_dtensor(by_id[key]) and isinstance(
-                     v, torch.Tensor) and not _is_dtensor(v) and v.shape == by_id[key].shape else v
-                     for name, v in param_state.items()} for key, param_state in state["state"].items()},
+
+        def shard(key, v):
+            p = by_id[key]
+            whole = isinstance(v, torch.Tensor) and not _is_dtensor(v) and v.shape == p.shape
+            return _shard_like(v, p) if _is_dtensor(p) and whole else v
+
+        state = {"state": {key: {name: shard(key, v) for name, v in param_state.items()}
+                           for key, param_state in state["state"].items()},
                  "param_groups": state["param_groups"]}
     optimizer.load_state_dict(state)
