@@ -390,16 +390,18 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def _env_world_size() -> int:
+    """torchrun's WORLD_SIZE (1 when unset or empty; a malformed value counts as 1 here: the
+    placement check (resolve_placement) and init_from_env report it)."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1").strip() or 1)
     except ValueError:
-        return 1  # init_from_env reports a malformed value
+        return 1
 
 
 def _join_process_group(cfg: TrainConfig, timeout_s: float) -> tuple[DistContext, bool]:
     """This process's place in a torchrun job, and whether this call created the process group
     (then the run also destroys it). A single process touches no torch.distributed state."""
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1") and not dist.is_initialized():
+    if _env_world_size() == 1 and not dist.is_initialized():
         return DistContext(device=torch.device(cfg.device)), False
     owns = not dist.is_initialized()
     ctx = init_from_env(torch.device(cfg.device).type, timeout_s=timeout_s)
