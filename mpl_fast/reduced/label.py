@@ -103,7 +103,10 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, top_k: int | N
     k = images.num_classes if top_k is None or top_k == 0 else top_k
     if not 1 <= k <= images.num_classes:
         raise LabelError(f"--top-k {top_k} must be between 1 and the data set's {images.num_classes} classes")
-    model, what = build_teacher(run, images, network, device)
+    try:
+        model, what = build_teacher(run, images, network, device)
+    except RunFolderError as exc:
+        raise LabelError(str(exc)) from None
     precision = _amp_dtype(amp, device)
     expect = {
         "teacher": {"sha256": sha256_of_file(run.checkpoint_path), "path": os.path.abspath(run.checkpoint_path),

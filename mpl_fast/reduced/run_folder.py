@@ -127,7 +127,7 @@ def load_network(run: TrainedRun, model: nn.Module, network: str = "auto") -> st
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "")
+        detail = next((ln.strip().rstrip(".") for ln in str(exc).splitlines() if "size mismatch" in ln), "")
         raise RunFolderError(f"the {what} weights in {run.checkpoint_path} do not fit a {run.model_name} for this "
                              f"data set ({detail or str(exc).splitlines()[0][:200]}): the teacher was trained with "
                              "another class count or model") from None
