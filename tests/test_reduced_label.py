@@ -20,15 +20,16 @@ from mpl_fast.reduced.store import TeacherLabelStore
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_run(folder, *, seed=0, num_classes=10, method="uda", best=False):
+def make_run(folder, *, seed=0, num_classes=10, method="uda", best=False, data=None, in_channels=1):
     """A run folder in the trainer's checkpoint format, with a digits-cnn teacher of random
     weights (sharpened so that its distributions are peaked like a trained one's)."""
     torch.manual_seed(seed)
-    teacher = create_model("digits-cnn", num_classes, dropout=0.2, in_channels=1)
+    teacher = create_model("digits-cnn", num_classes, dropout=0.2, in_channels=in_channels)
     with torch.no_grad():
         for p in teacher.parameters():
             p.mul_(3.0)
-    config = {"method": method, "seed": seed, "data": dataclasses.asdict(DataConfig(dataset="digits")),
+    data = data or DataConfig(dataset="digits")
+    config = {"method": method, "seed": seed, "data": dataclasses.asdict(data),
               "model": {"name": "digits-cnn", "dropout": 0.2}}
     state = {"config": config, "step": 1,
              "mpl": {"teacher": teacher.state_dict(), "student": create_model("digits-cnn", num_classes).state_dict(),
@@ -151,6 +152,37 @@ def test_bad_input_one_sentence(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert main(["--teacher", str(tmp_path / "missing"), "--out", out, "--no-progress"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_image_folder_through_dataloader_workers(tmp_path, capsys):
+    """ImageFolder files: decoded by DataLoader workers in order (== no workers, bit for bit);
+    a file that does not decode gets a uniform distribution and a warning."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("val", 1)):
+        for c in ("cat", "dog"):
+            os.makedirs(tmp_path / "data" / split / c)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "dog" / "9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    data = DataConfig(dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=16)
+    run, _ = make_run(tmp_path / "run", num_classes=2, data=data, in_channels=3)
+    label(run, str(tmp_path / "w0"), top_k=2, batch_size=3, workers=0, progress=False)
+    manifest = label(run, str(tmp_path / "w2"), top_k=2, batch_size=3, workers=2, progress=False)
+    assert "1 images did not decode" in capsys.readouterr().err
+    assert manifest["num_images"] == 9 and manifest["preprocessing"]["image_size"] == 16
+    p0, c0, _ = _arrays(tmp_path / "w0")
+    p2, c2, s2 = _arrays(tmp_path / "w2")
+    assert np.array_equal(p0.view(np.uint16), p2.view(np.uint16)) and np.array_equal(c0, c2)
+    broken = 8  # sorted: dog/0..3.png, then dog/9_broken.png last
+    torch.testing.assert_close(s2.distributions([broken]), torch.full((1, 2), 0.5))
+    assert not torch.allclose(s2.distributions([0]), torch.full((1, 2), 0.5))
+    # the data set moved: --data-dir points the run at its new place, same identity
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    again = label(run, str(tmp_path / "w2"), top_k=2, batch_size=3, data_dir=str(tmp_path / "moved"), progress=False)
+    assert again["complete"]
 
 
 def test_reads_a_run_folder_the_trainer_wrote(tmp_path):

@@ -35,6 +35,7 @@ class ImagesToLabel:
     preprocessing: dict
     load: Callable[[int, int], tuple[torch.Tensor, list[int]]]
     skipped: dict = field(default_factory=dict)
+    decodes_files: bool = False  # loading decodes files: worth DataLoader workers
 
 
 def images_to_label(data: DataConfig, data_dir: str | None = None) -> ImagesToLabel:
@@ -120,7 +121,7 @@ def _files(source, data: DataConfig) -> ImagesToLabel:
         preprocessing={"view": "eval", "image_size": size, "crop_fraction": 0.875,
                        "description": "shorter side to size / 0.875, centre crop, (x / 255 - mean) / std",
                        "mean": list(source.mean), "std": list(source.std)},
-        load=load, skipped={k: len(v) for k, v in source.skipped.items()})
+        load=load, skipped={k: len(v) for k, v in source.skipped.items()}, decodes_files=True)
 
 
 def batch_grid(start: int, stop: int, batch_size: int) -> Iterator[tuple[int, int]]:

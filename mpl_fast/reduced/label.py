@@ -88,13 +88,15 @@ def teacher_topk(model: torch.nn.Module, x: torch.Tensor, k: int, autocast) -> t
 
 def label(teacher: str, out: str, *, data_dir: str | None = None, top_k: int | None = 8, batch_size: int = 256,
           amp: bool = False, device: str = "cpu", network: str = "auto", commit_every: int = 20,
-          progress: bool = True, rank: int = 0, world_size: int = 1,
+          workers: int = 4, progress: bool = True, rank: int = 0, world_size: int = 1,
           after_commit: Callable[[int], None] | None = None) -> dict:
     """Labels the training images of the run ``teacher`` into the store ``out`` (see the module
     docstring); returns the manifest. Under torchrun every rank calls this with its rank.
+    ``workers``: DataLoader worker processes decoding image files (in-memory sets load in place).
     ``after_commit(n)`` is called after each of this process's commits (tests stop runs there)."""
-    if batch_size < 1 or commit_every < 1:
-        raise LabelError(f"--batch-size and --commit-every must be >= 1, got {batch_size} and {commit_every}")
+    if batch_size < 1 or commit_every < 1 or workers < 0:
+        raise LabelError(f"--batch-size and --commit-every must be >= 1 and --workers >= 0, got {batch_size}, "
+                         f"{commit_every} and {workers}")
     try:
         run = read_run(teacher)
         images = images_to_label(run.data, data_dir)
@@ -121,17 +123,18 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, top_k: int | N
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=precision)) if precision else contextlib.nullcontext
     bar = _progress_bar(progress and rank == 0, images.num_images, store)
     corrupt: list[int] = []
+    loaded = _loaded_batches(images, [batch for group in todo for batch in group], workers)
     for n in range(rounds):
         done = None
         if n < len(todo):
             for a, b in todo[n]:
-                x, bad = images.load(a, b)
+                x, bad = next(loaded)
                 probs, classes = teacher_topk(model, x.to(device), k, autocast)
                 if not torch.isfinite(probs).all():
                     raise LabelError(f"the teacher's outputs for images {a}..{b - 1} are not finite: the "
                                      f"checkpoint {run.checkpoint_path} holds damaged weights")
                 if bad:  # no prediction for a file that does not decode: a uniform distribution
-                    probs[bad], corrupt = 0.0, corrupt + [a + i for i in bad]
+                    probs[bad], corrupt = 1.0 / images.num_classes, corrupt + [a + i for i in bad]
                     classes[bad] = torch.arange(k, device=classes.device)
                 store.write(a, probs, classes)
             done = [todo[n][0][0], todo[n][-1][1]]
@@ -152,6 +155,26 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, top_k: int | N
               f"(first: index {corrupt[0]})", file=sys.stderr)
     store.reload_manifest()
     return store.manifest
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item (a, b) = the loaded images a..b-1: one DataLoader item per batch."""
+
+    def __init__(self, load):
+        self.load = load
+
+    def __getitem__(self, item):
+        return self.load(*item)
+
+
+def _loaded_batches(images: ImagesToLabel, batches: list[tuple[int, int]], workers: int):
+    """(x, corrupt) of ``batches`` in order; image files decoded by ``workers`` DataLoader
+    processes (the order is kept: the DataLoader yields items in sampler order)."""
+    if not images.decodes_files or workers == 0 or not batches:
+        return (images.load(a, b) for a, b in batches)
+    loader = torch.utils.data.DataLoader(_Batches(images.load), batch_size=None, sampler=batches,
+                                         num_workers=workers, prefetch_factor=2)
+    return iter(loader)
 
 
 def _amp_dtype(amp: bool, device: str):
@@ -258,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", default="auto", choices=NETWORKS,
                    help="which weights of the run: auto = the best-validation weights when kept, else the "
                         "model the trainer selects (the teacher for --method uda, else the EMA or the student)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding image files")
     p.add_argument("--commit-every", type=int, default=20, help="batches between manifest updates")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -276,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = label(args.teacher, args.out, data_dir=args.data_dir, top_k=args.top_k,
                          batch_size=args.batch_size, amp=args.amp, device=str(ctx.device),
-                         network=args.network, commit_every=args.commit_every, progress=not args.no_progress,
+                         network=args.network, commit_every=args.commit_every, workers=args.workers, progress=not args.no_progress,
                          rank=ctx.rank, world_size=ctx.world_size)
     except LabelError as exc:
         print(f"error: {exc}", file=sys.stderr)
