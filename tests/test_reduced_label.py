@@ -143,6 +143,8 @@ def test_bad_input_one_sentence(tmp_path, capsys):
     seven, _ = make_run(tmp_path / "seven", num_classes=7)
     with pytest.raises(LabelError, match="do not fit a digits-cnn for this data set .*another class count"):
         label(seven, str(tmp_path / "seven_labels"), progress=False)
+    with pytest.raises(LabelError, match="is embedded arrays: leave --unlabeled-dir out"):
+        label(run, str(tmp_path / "u"), unlabeled_dir=str(tmp_path), progress=False)
     with pytest.raises(LabelError, match="holds no best-validation weights"):
         label(run, str(tmp_path / "b"), network="best", progress=False)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -183,6 +185,19 @@ def test_image_folder_through_dataloader_workers(tmp_path, capsys):
     os.rename(tmp_path / "data", tmp_path / "moved")
     again = label(run, str(tmp_path / "w2"), top_k=2, batch_size=3, data_dir=str(tmp_path / "moved"), progress=False)
     assert again["complete"]
+    # a separate unlabeled folder (no classes): every image file under it, sorted walk order
+    extra = tmp_path / "extra"
+    os.makedirs(extra / "b" / "c")
+    for rel in ("z.png", "b/c/a.jpg", "b/x.png"):
+        Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).save(extra / rel)
+    (extra / "notes.txt").write_text("not an image")
+    m = label(run, str(tmp_path / "extra_labels"), top_k=1, batch_size=2, data_dir=str(tmp_path / "moved"),
+              unlabeled_dir=str(extra), progress=False)
+    assert m["num_images"] == 3 and m["dataset"]["name"] == "unlabeled-folder" and m["complete"]
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(LabelError, match="holds no JPEG or PNG files"):
+        label(run, str(tmp_path / "e"), data_dir=str(tmp_path / "moved"), unlabeled_dir=str(tmp_path / "empty"),
+              progress=False)
 
 
 def test_reads_a_run_folder_the_trainer_wrote(tmp_path):

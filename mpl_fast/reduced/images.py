@@ -1,7 +1,8 @@
 """The images the offline labeller runs the teacher over, in a fixed order, with the eval
 preprocessing only (no augmentation), and an identity that tells one data set from another.
 
-Which images: every image of the run's *training* set, row i = training image i, the index the
+Which images: every image of the run's *training* set (or, with ``unlabeled_dir``, every
+JPEG/PNG under that folder in sorted walk order, row i = the i-th file), row i = training image i, the index the
 trainer's splits and unlabeled streams use (the unlabeled set is the training set minus the
 validation images: labelling all of them keeps one store valid for every seed's split).
 
@@ -14,6 +15,7 @@ Preprocessing (the trainer's evaluation view):
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -38,18 +40,45 @@ class ImagesToLabel:
     decodes_files: bool = False  # loading decodes files: worth DataLoader workers
 
 
-def images_to_label(data: DataConfig, data_dir: str | None = None) -> ImagesToLabel:
-    """The training images of ``data`` (``data_dir`` overrides the run's data folder)."""
+def images_to_label(data: DataConfig, data_dir: str | None = None, unlabeled_dir: str | None = None) -> ImagesToLabel:
+    """The training images of ``data`` (``data_dir`` overrides the run's data folder), or with
+    ``unlabeled_dir`` every image file under that folder (the paper's separate unlabeled set,
+    e.g. YFCC100M), preprocessed like the run's data set's image files."""
     if data_dir is not None:
         data = DataConfig(**{**data.__dict__, "data_dir": data_dir})
     if data.dataset in EMBEDDED_DATASETS:
+        if unlabeled_dir is not None:
+            raise ValueError(f"--unlabeled-dir labels image files, and the run's data set {data.dataset!r} is "
+                             "embedded arrays: leave --unlabeled-dir out")
         return _embedded(data.dataset)
     from mpl_fast.data.files import load_source  # noqa: PLC0415 - file readers only when needed
 
     source = load_source(data)
+    if unlabeled_dir is not None:
+        if not source.train.is_files:
+            raise ValueError(f"--unlabeled-dir labels image files with an image-file teacher, and the run's "
+                             f"data set {source.name!r} is arrays: leave --unlabeled-dir out")
+        paths, keys = list_image_files(unlabeled_dir)
+        return _files(source, paths, keys, name="unlabeled-folder")
     if source.train.is_files:
-        return _files(source, data)
+        return _files(source, source.train.images, source.train.keys, name=source.name)
     return _arrays(source)
+
+
+def list_image_files(folder: str) -> tuple[list[str], list[str]]:
+    """(absolute paths, paths relative to ``folder``) of every JPEG/PNG under ``folder``, in
+    sorted walk order: the order that gives each unlabeled image its index."""
+    from mpl_fast.data.imagefolder import IMAGE_EXTENSIONS  # noqa: PLC0415
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--unlabeled-dir {folder} is not a folder")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise FileNotFoundError(f"--unlabeled-dir {folder} holds no JPEG or PNG files")
+    return paths, [os.path.relpath(p, folder) for p in paths]
 
 
 def _sha256(*parts: bytes) -> str:
@@ -94,11 +123,10 @@ def _arrays(source) -> ImagesToLabel:
         load=load)
 
 
-def _files(source, data: DataConfig) -> ImagesToLabel:
+def _files(source, paths: list[str], keys: list[str], name: str) -> ImagesToLabel:
     from mpl_fast.data.torch_pipeline import decode_file  # noqa: PLC0415
     from mpl_fast.data.views import Normalize, resize_center_crop  # noqa: PLC0415
 
-    paths, keys = source.train.images, source.train.keys
     size = source.image_size
     normalize = Normalize(source.mean, source.std)
 
@@ -116,7 +144,7 @@ def _files(source, data: DataConfig) -> ImagesToLabel:
     n = len(paths)
     return ImagesToLabel(
         num_images=n, num_classes=source.num_classes, input_shape=(3, size, size),
-        identity={"name": source.name, "num_images": n,
+        identity={"name": name, "num_images": n,
                   "sha256": _sha256("\n".join(keys).encode())},  # the ordered relative paths
         preprocessing={"view": "eval", "image_size": size, "crop_fraction": 0.875,
                        "description": "shorter side to size / 0.875, centre crop, (x / 255 - mean) / std",

@@ -2,7 +2,7 @@
 top-k predictions written to a TeacherLabelStore (mpl_fast.reduced.store).
 
     python -m mpl_fast.label --teacher RUN_DIR_or_CKPT --out LABELS_DIR [--data-dir DIR]
-        [--top-k K] [--batch-size N] [--amp] [--device cpu|cuda] [--network auto]
+        [--unlabeled-dir DIR] [--top-k K] [--batch-size N] [--amp] [--device cpu|cuda] [--network auto]
     torchrun --nproc_per_node=N -m mpl_fast.label ...   (ranks split the images)
 
 Deterministic: the teacher in eval mode, the eval preprocessing only, batches cut at the
@@ -86,8 +86,8 @@ def teacher_topk(model: torch.nn.Module, x: torch.Tensor, k: int, autocast) -> t
     return probs.topk(k, dim=1, sorted=True)
 
 
-def label(teacher: str, out: str, *, data_dir: str | None = None, top_k: int | None = 8, batch_size: int = 256,
-          amp: bool = False, device: str = "cpu", network: str = "auto", commit_every: int = 20,
+def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir: str | None = None,
+          top_k: int | None = 8, batch_size: int = 256, amp: bool = False, device: str = "cpu", network: str = "auto", commit_every: int = 20,
           workers: int = 4, progress: bool = True, rank: int = 0, world_size: int = 1,
           after_commit: Callable[[int], None] | None = None) -> dict:
     """Labels the training images of the run ``teacher`` into the store ``out`` (see the module
@@ -99,7 +99,7 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, top_k: int | N
                          f"{commit_every} and {workers}")
     try:
         run = read_run(teacher)
-        images = images_to_label(run.data, data_dir)
+        images = images_to_label(run.data, data_dir, unlabeled_dir)
     except (RunFolderError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
         raise LabelError(str(exc)) from None
     k = images.num_classes if top_k is None or top_k == 0 else top_k
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the label store's folder (created; the same folder resumes)")
     p.add_argument("--data-dir", "--data", dest="data_dir", default=None,
                    help="the data set's folder, when it moved since training (default: the run's)")
+    p.add_argument("--unlabeled-dir", default=None,
+                   help="label every JPEG/PNG under this folder (sorted walk order) instead of the training set")
     p.add_argument("--top-k", type=int, default=8, help="probabilities kept per image (0: all classes)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--amp", action="store_true", help="the teacher's forward in bf16 (fp16 on GPUs without bf16)")
@@ -298,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        manifest = label(args.teacher, args.out, data_dir=args.data_dir, top_k=args.top_k,
+        manifest = label(args.teacher, args.out, data_dir=args.data_dir, unlabeled_dir=args.unlabeled_dir,
+                         top_k=args.top_k,
                          batch_size=args.batch_size, amp=args.amp, device=str(ctx.device),
                          network=args.network, commit_every=args.commit_every, workers=args.workers, progress=not args.no_progress,
                          rank=ctx.rank, world_size=ctx.world_size)
