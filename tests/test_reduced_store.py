@@ -51,7 +51,7 @@ def test_ranges():
 def test_round_trip_and_distributions(tmp_path):
     n, c, k = 10, 6, 3
     s = _create(tmp_path, n, c, k)
-    p, vals, idx = _topk_rows(n, c, k)
+    _, vals, idx = _topk_rows(n, c, k)
     s.write(0, vals, idx)
     s.commit([[0, n]])
     r = TeacherLabelStore.open(str(tmp_path))

@@ -31,8 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mpl_fast.reduced.images import ImagesToLabel, batch_grid, images_to_label
-from mpl_fast.reduced.run_folder import (NETWORKS, RunFolderError, TrainedRun, load_network, read_run,
-                                         sha256_of_file)
+from mpl_fast.reduced.run_folder import NETWORKS, RunFolderError, TrainedRun, load_network, read_run, sha256_of_file
 from mpl_fast.reduced.store import MANIFEST, StoreError, TeacherLabelStore
 
 
@@ -87,8 +86,9 @@ def teacher_topk(model: torch.nn.Module, x: torch.Tensor, k: int, autocast) -> t
 
 
 def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir: str | None = None,
-          top_k: int | None = 8, batch_size: int = 256, amp: bool = False, device: str = "cpu", network: str = "auto", commit_every: int = 20,
-          workers: int = 4, progress: bool = True, rank: int = 0, world_size: int = 1,
+          top_k: int | None = 8, batch_size: int = 256, amp: bool = False, device: str = "cpu",
+          network: str = "auto", commit_every: int = 20, workers: int = 4, progress: bool = True,
+          rank: int = 0, world_size: int = 1,
           after_commit: Callable[[int], None] | None = None) -> dict:
     """Labels the training images of the run ``teacher`` into the store ``out`` (see the module
     docstring); returns the manifest. Under torchrun every rank calls this with its rank.
@@ -120,7 +120,8 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir:
     start, stop = shard_batches(images.num_images, batch_size, rank, world_size)
     todo = chunks(store.missing(start, stop), batch_size, commit_every)
     rounds = _max_over_ranks(len(todo), world_size)
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=precision)) if precision else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast(torch.device(device).type, dtype=precision)) if precision
+                else contextlib.nullcontext)
     bar = _progress_bar(progress and rank == 0, images.num_images, store)
     corrupt: list[int] = []
     loaded = _loaded_batches(images, [batch for group in todo for batch in group], workers)
@@ -301,10 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         manifest = label(args.teacher, args.out, data_dir=args.data_dir, unlabeled_dir=args.unlabeled_dir,
-                         top_k=args.top_k,
-                         batch_size=args.batch_size, amp=args.amp, device=str(ctx.device),
-                         network=args.network, commit_every=args.commit_every, workers=args.workers, progress=not args.no_progress,
-                         rank=ctx.rank, world_size=ctx.world_size)
+                         top_k=args.top_k, batch_size=args.batch_size, amp=args.amp, device=str(ctx.device),
+                         network=args.network, commit_every=args.commit_every, workers=args.workers,
+                         progress=not args.no_progress, rank=ctx.rank, world_size=ctx.world_size)
     except LabelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -237,7 +237,8 @@ class TeacherLabelStore:
             raise StoreError(f"{self.folder} was opened read-only")
         probs, classes = _numpy(probs), _numpy(classes)
         stop = start + len(probs)
-        if probs.shape != (stop - start, self.k) or classes.shape != probs.shape or not 0 <= start <= stop <= self.num_images:
+        fits = probs.shape == (stop - start, self.k) and classes.shape == probs.shape
+        if not fits or not 0 <= start <= stop <= self.num_images:
             raise StoreError(f"rows {start}..{stop} of shape {probs.shape} do not fit a store of "
                              f"{self.num_images} images x k={self.k}")
         self.probs[start:stop] = probs.astype(np.float16)
