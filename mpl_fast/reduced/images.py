@@ -81,11 +81,17 @@ def list_image_files(folder: str) -> tuple[list[str], list[str]]:
     return paths, [os.path.relpath(p, folder) for p in paths]
 
 
-def _sha256(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
+def identity_of_arrays(name: str, images: np.ndarray) -> dict:
+    """The identity of an in-memory set: its name, size and a hash of its contents in order
+    (what the trainer compares with a store's before reading labels from it)."""
+    return {"name": name, "num_images": len(images),
+            "sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()}
+
+
+def identity_of_files(name: str, keys: list[str]) -> dict:
+    """The identity of a set of image files: its name, size and a hash of the ordered relative
+    paths (the files' contents are not read: hashing 100M images would cost a labelling pass)."""
+    return {"name": name, "num_images": len(keys), "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
 
 
 def _embedded(name: str) -> ImagesToLabel:
@@ -100,7 +106,7 @@ def _embedded(name: str) -> ImagesToLabel:
 
     return ImagesToLabel(
         num_images=len(x), num_classes=int(ytr.max()) + 1, input_shape=tuple(x.shape[1:]),
-        identity={"name": name, "num_images": len(x), "sha256": _sha256(xtr.tobytes())},
+        identity=identity_of_arrays(name, xtr),
         preprocessing={"view": "eval", "description": f"embedded {name}: the stored values as they are"},
         load=load)
 
@@ -117,7 +123,7 @@ def _arrays(source) -> ImagesToLabel:
     n = len(images)
     return ImagesToLabel(
         num_images=n, num_classes=source.num_classes, input_shape=(3, source.image_size, source.image_size),
-        identity={"name": source.name, "num_images": n, "sha256": _sha256(np.ascontiguousarray(images).tobytes())},
+        identity=identity_of_arrays(source.name, images),
         preprocessing={"view": "eval", "description": "uint8 -> (x / 255 - mean) / std, no crop",
                        "mean": list(source.mean), "std": list(source.std)},
         load=load)
@@ -144,8 +150,7 @@ def _files(source, paths: list[str], keys: list[str], name: str) -> ImagesToLabe
     n = len(paths)
     return ImagesToLabel(
         num_images=n, num_classes=source.num_classes, input_shape=(3, size, size),
-        identity={"name": name, "num_images": n,
-                  "sha256": _sha256("\n".join(keys).encode())},  # the ordered relative paths
+        identity=identity_of_files(name, keys),
         preprocessing={"view": "eval", "image_size": size, "crop_fraction": 0.875,
                        "description": "shorter side to size / 0.875, centre crop, (x / 255 - mean) / std",
                        "mean": list(source.mean), "std": list(source.std)},
