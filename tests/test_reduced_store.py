@@ -134,3 +134,39 @@ def test_damaged_store_is_refused(tmp_path):
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(StoreError, match="cannot be read as JSON"):
         TeacherLabelStore.open(str(tmp_path))
+
+
+def test_stored_teacher_inputs_fetch_by_index(tmp_path):
+    from mpl_fast.reduced.stream import StoredTeacherInputs
+
+    s = _create(tmp_path, n=10, c=6, k=6)
+    p, vals, idx = _topk_rows(10, 6, 6)
+    s.write(0, vals, idx)
+    s.commit([[0, 10]])
+
+    class Fake:
+        def __init__(self, with_index=True):
+            self.n, self.with_index = 0, with_index
+
+        def __next__(self):
+            self.n += 1
+            index = torch.tensor([self.n, 9 - self.n])
+            strong = torch.full((2, 1, 8, 8), float(self.n))
+            return (strong, strong, index) if self.with_index else (strong, strong)
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    stream = StoredTeacherInputs(Fake(), TeacherLabelStore.open(str(tmp_path)))
+    dist, strong = next(stream)
+    assert strong[0, 0, 0, 0] == 1 and dist.shape == (2, 6)
+    torch.testing.assert_close(dist, p[[1, 8]], rtol=2 ** -11, atol=1e-7)
+    state = stream.state_dict()
+    next(stream)
+    stream.load_state_dict(state)
+    torch.testing.assert_close(next(stream)[0], p[[2, 7]], rtol=2 ** -11, atol=1e-7)
+    with pytest.raises(ValueError, match="yields no image indices"):
+        next(StoredTeacherInputs(Fake(with_index=False), s))
