@@ -170,9 +170,11 @@ class _Batches(torch.utils.data.Dataset):
 
 def _loaded_batches(images: ImagesToLabel, batches: list[tuple[int, int]], workers: int):
     """(x, corrupt) of ``batches`` in order; image files decoded by ``workers`` DataLoader
-    processes (the order is kept: the DataLoader yields items in sampler order)."""
+    processes, at most one per CPU this process may use (the order is kept: the DataLoader
+    yields items in sampler order)."""
     if not images.decodes_files or workers == 0 or not batches:
         return (images.load(a, b) for a, b in batches)
+    workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(_Batches(images.load), batch_size=None, sampler=batches,
                                          num_workers=workers, prefetch_factor=2)
     return iter(loader)
