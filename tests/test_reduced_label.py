@@ -82,6 +82,24 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
     label(run, str(out), top_k=4, batch_size=100, progress=False, after_commit=lambda n: pytest.fail("relabelled"))
 
 
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    """A real SIGKILL (no cleanup runs) right after the third commit, then the command again."""
+    run, _ = make_run(tmp_path / "run", seed=4)
+    label(run, str(tmp_path / "whole"), top_k=2, batch_size=128, progress=False)
+    out = str(tmp_path / "killed")
+    code = ("import os, signal\nfrom mpl_fast.reduced.label import label\n"
+            "def kill(n):\n    if n == 3:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"label({run!r}, {out!r}, top_k=2, batch_size=128, commit_every=1, progress=False, after_commit=kill)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert TeacherLabelStore.open(out).done == [[0, 384]]
+    assert main(["--teacher", run, "--out", out, "--top-k", "2", "--batch-size", "128", "--no-progress"]) == 0
+    p_whole, c_whole, _ = _arrays(tmp_path / "whole")
+    p_res, c_res, s = _arrays(out)
+    assert s.complete and np.array_equal(p_whole.view(np.uint16), p_res.view(np.uint16))
+    assert np.array_equal(c_whole, c_res)
+
+
 def test_stored_distributions_equal_the_teachers_outputs(tmp_path):
     run, teacher = make_run(tmp_path / "run", seed=1)
     out = str(tmp_path / "labels")
