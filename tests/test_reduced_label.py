@@ -230,6 +230,6 @@ def test_reads_a_run_folder_the_trainer_wrote(tmp_path):
     cfg.method, cfg.steps, cfg.eval_every, cfg.log_every, cfg.checkpoint_every = "uda", 3, 2, 1, 0
     cfg.finetune.steps, cfg.output_dir = 0, str(tmp_path / "run")
     train(cfg, progress=False, quiet=True)
-    manifest = label(cfg.output_dir, str(tmp_path / "labels"), top_k=2, batch_size=512, progress=False)
-    assert manifest["complete"] and manifest["teacher"]["network"] == "best-validation teacher (step 2)"
+    manifest = label(cfg.output_dir, str(tmp_path / "labels"), batch_size=512, progress=False)
+    assert manifest["k"] == 8 and manifest["bytes_per_image"] == 32 and manifest["complete"] and manifest["teacher"]["network"] == "best-validation teacher (step 2)"
     assert manifest["dataset"]["name"] == "digits" and manifest["num_classes"] == 10

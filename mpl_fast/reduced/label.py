@@ -35,6 +35,9 @@ from mpl_fast.reduced.run_folder import NETWORKS, RunFolderError, TrainedRun, lo
 from mpl_fast.reduced.store import MANIFEST, StoreError, TeacherLabelStore
 
 
+DEFAULT_TOP_K = 8  # 32 bytes an image with int16 indices: 3.2 GB for 100M images
+
+
 class LabelError(ValueError):
     """Bad input to the labeller; the message is one sentence."""
 
@@ -86,7 +89,7 @@ def teacher_topk(model: torch.nn.Module, x: torch.Tensor, k: int, autocast) -> t
 
 
 def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir: str | None = None,
-          top_k: int | None = 8, batch_size: int = 256, amp: bool = False, device: str = "cpu",
+          top_k: int | None = None, batch_size: int = 256, amp: bool = False, device: str = "cpu",
           network: str = "auto", commit_every: int = 20, workers: int = 4, progress: bool = True,
           rank: int = 0, world_size: int = 1,
           after_commit: Callable[[int], None] | None = None) -> dict:
@@ -102,7 +105,7 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir:
         images = images_to_label(run.data, data_dir, unlabeled_dir)
     except (RunFolderError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
         raise LabelError(str(exc)) from None
-    k = images.num_classes if top_k is None or top_k == 0 else top_k
+    k = min(DEFAULT_TOP_K, images.num_classes) if top_k is None else images.num_classes if top_k == 0 else top_k
     if not 1 <= k <= images.num_classes:
         raise LabelError(f"--top-k {top_k} must be between 1 and the data set's {images.num_classes} classes")
     try:
@@ -127,17 +130,10 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir:
     loaded = _loaded_batches(images, [batch for group in todo for batch in group], workers)
     for n in range(rounds):
         done = None
-        if n < len(todo):
+        if n < len(todo):  # this rank's n-th group of batches (ranks with fewer just join the gather)
             for a, b in todo[n]:
                 x, bad = next(loaded)
-                probs, classes = teacher_topk(model, x.to(device), k, autocast)
-                if not torch.isfinite(probs).all():
-                    raise LabelError(f"the teacher's outputs for images {a}..{b - 1} are not finite: the "
-                                     f"checkpoint {run.checkpoint_path} holds damaged weights")
-                if bad:  # no prediction for a file that does not decode: a uniform distribution
-                    probs[bad], corrupt = 1.0 / images.num_classes, corrupt + [a + i for i in bad]
-                    classes[bad] = torch.arange(k, device=classes.device)
-                store.write(a, probs, classes)
+                corrupt += _label_batch(store, model, x.to(device), a, bad, k, autocast, run.checkpoint_path)
             done = [todo[n][0][0], todo[n][-1][1]]
             store.flush()
         finished = _gather(done, world_size)
@@ -156,6 +152,20 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir:
               f"(first: index {corrupt[0]})", file=sys.stderr)
     store.reload_manifest()
     return store.manifest
+
+
+def _label_batch(store: TeacherLabelStore, model, x: torch.Tensor, start: int, bad: list[int], k: int, autocast,
+                 checkpoint: str) -> list[int]:
+    """T's top k of images start..start+len(x) into the store's rows; returns the corrupt ones."""
+    probs, classes = teacher_topk(model, x, k, autocast)
+    if not torch.isfinite(probs).all():
+        raise LabelError(f"the teacher's outputs for images {start}..{start + len(x) - 1} are not finite: the "
+                         f"checkpoint {checkpoint} holds damaged weights")
+    if bad:  # no prediction for a file that does not decode: a uniform distribution
+        probs[bad] = 1.0 / store.num_classes
+        classes[bad] = torch.arange(k, device=classes.device)
+    store.write(start, probs, classes)
+    return [start + i for i in bad]
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -278,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data set's folder, when it moved since training (default: the run's)")
     p.add_argument("--unlabeled-dir", default=None,
                    help="label every JPEG/PNG under this folder (sorted walk order) instead of the training set")
-    p.add_argument("--top-k", type=int, default=8, help="probabilities kept per image (0: all classes)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"probabilities kept per image (default: {DEFAULT_TOP_K}, or all classes when fewer; 0: all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--amp", action="store_true", help="the teacher's forward in bf16 (fp16 on GPUs without bf16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible; under torchrun "
