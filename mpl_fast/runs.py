@@ -240,6 +240,8 @@ class Preprocess:
         self.crop_fraction = 0.875 if dataset == "imagefolder" else 1.0
 
     def as_dict(self) -> dict:
+        if self.size is None:
+            return {"dataset": self.dataset, "input": "float32 points (N, 2), used as they are"}
         return {"dataset": self.dataset, "image_size": self.size, "channels": self.channels,
                 "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
                 "resize": ("shorter side to image_size / 0.875, centre crop" if self.crop_fraction < 1
