@@ -68,7 +68,7 @@ def folder_batches(paths: list[str], labels: list[int], preprocess: runs.Preproc
         for path, y in zip(paths[start:start + batch_size], labels[start:start + batch_size]):
             try:
                 images.append(preprocess.from_uint8(runs.load_image(path).unsqueeze(0)))
-            except Exception as exc:  # a corrupt or unreadable file: counted, not fatal
+            except (RuntimeError, OSError, ValueError) as exc:  # a corrupt or unreadable file: counted, not fatal
                 unreadable.append((path, f"{type(exc).__name__}: {str(exc).strip()[:120]}"))
                 continue
             ys.append(y)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,7 +69,8 @@ def read_checkpoint(run_dir: str) -> dict:
                        f"--checkpoint-every steps and at its end)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file, or one holding objects weights_only refuses
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        # a truncated file, or one holding objects weights_only refuses
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise RunError(f"{path} cannot be read as a weights-only checkpoint (only tensors, numbers, "
                        f"strings and containers are loaded; nothing is executed): {first}") from None
@@ -212,7 +214,12 @@ def image_size(cfg) -> int:
 def normalisation(dataset: str) -> tuple[tuple, tuple] | None:
     """(mean, std) per channel in [0, 1] that the trainer normalises with; None: none (digits)."""
     if dataset in ("cifar10", "cifar100"):
-        from mpl_fast.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD  # noqa: PLC0415
+        from mpl_fast.data.cifar import (  # noqa: PLC0415
+            CIFAR10_MEAN,
+            CIFAR10_STD,
+            CIFAR100_MEAN,
+            CIFAR100_STD,
+        )
         return (CIFAR10_MEAN, CIFAR10_STD) if dataset == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     if dataset == "svhn":
         from mpl_fast.data.svhn import SVHN_MEAN, SVHN_STD  # noqa: PLC0415
