@@ -214,13 +214,9 @@ def image_size(cfg) -> int:
 def normalisation(dataset: str) -> tuple[tuple, tuple] | None:
     """(mean, std) per channel in [0, 1] that the trainer normalises with; None: none (digits)."""
     if dataset in ("cifar10", "cifar100"):
-        from mpl_fast.data.cifar import (  # noqa: PLC0415
-            CIFAR10_MEAN,
-            CIFAR10_STD,
-            CIFAR100_MEAN,
-            CIFAR100_STD,
-        )
-        return (CIFAR10_MEAN, CIFAR10_STD) if dataset == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+        from mpl_fast.data import cifar  # noqa: PLC0415
+        return (cifar.CIFAR10_MEAN, cifar.CIFAR10_STD) if dataset == "cifar10" else \
+            (cifar.CIFAR100_MEAN, cifar.CIFAR100_STD)
     if dataset == "svhn":
         from mpl_fast.data.svhn import SVHN_MEAN, SVHN_STD  # noqa: PLC0415
         return SVHN_MEAN, SVHN_STD
