@@ -152,6 +152,24 @@ def test_preprocess_turns_images_into_the_trainers_input():
     assert torch.allclose(photos(photo), expect, atol=1e-5)
 
 
+def test_preprocess_of_photo_files_equals_the_trainers_test_batches(tmp_path):
+    from mpl_fast.config import preset
+    from mpl_fast.data import build_streams
+    from mpl_fast.data.tiny import write_tiny_imagefolder
+
+    root = write_tiny_imagefolder(str(tmp_path / "photos"), num_classes=3, train_per_class=4, val_per_class=3,
+                                  bad_files=False)
+    cfg = preset("imagenet-10pct")
+    cfg.data.data_dir, cfg.data.image_size, cfg.data.num_workers, cfg.data.loader = root, 48, 0, "torch"
+    cfg.data.labeled_fraction, cfg.data.val_per_class = 0.5, 1
+    trainer_view = torch.cat([x for x, _ in build_streams(cfg.data, seed=0).test])
+    paths, labels, _ = evaluate_tool.folder_samples(os.path.join(root, "val"), 3)
+    preprocess = runs.preprocessing(cfg)
+    mine = torch.cat([preprocess(path) for path in paths])
+    assert mine.shape == trainer_view.shape == (9, 3, 48, 48)
+    assert torch.allclose(mine, trainer_view, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 def test_evaluate_on_the_runs_own_test_split_reproduces_the_summary(run_dir, summary):
