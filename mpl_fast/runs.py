@@ -339,6 +339,12 @@ class RunNetwork:
 
 def open_network(run_dir: str, model: str = DEFAULT_MODEL, device: str = "cpu") -> RunNetwork:
     """Reads ``run_dir`` and rebuilds its network ``model`` on ``device`` (eval mode)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise RunError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {device!r}: no CUDA GPU is visible to torch on this machine (use cpu)")
     checkpoint = read_checkpoint(run_dir)
     cfg = read_config(run_dir, checkpoint)
     state_dict = model_state(run_dir, model, checkpoint)

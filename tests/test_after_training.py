@@ -86,6 +86,11 @@ def test_load_refuses_what_it_cannot_serve_in_one_sentence(run_dir, tmp_path):
         mpl_fast.load(run_dir, model="best")
     with pytest.raises(runs.RunError, match="does not exist"):
         mpl_fast.load(str(tmp_path / "missing"))
+    with pytest.raises(runs.RunError, match="is not a torch device"):
+        mpl_fast.load(run_dir, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(runs.RunError, match="no CUDA GPU is visible"):
+            mpl_fast.load(run_dir, device="cuda")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(runs.RunError, match="has no checkpoint.pt"):
