@@ -38,7 +38,7 @@ class RunError(ValueError):
     """A run folder, or a request about it, that cannot be served; the message is one sentence."""
 
 
-def _config_module():
+def config_module():
     """The module with TrainConfig's from_dict: mpl_fast.config today; mpl_fast.train.config
     once the trainer is a package without the old module."""
     try:
@@ -81,7 +81,7 @@ def read_checkpoint(run_dir: str) -> dict:
 
 def read_config(run_dir: str, checkpoint: dict | None = None):
     """The run's TrainConfig: config.json, else the checkpoint's copy."""
-    module = _config_module()
+    module = config_module()
     path = run_path(check_run_dir(run_dir), "config.json")
     if os.path.isfile(path):
         try:

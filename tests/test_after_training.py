@@ -139,7 +139,7 @@ def test_checkpoints_load_weights_only_and_a_pickled_object_is_refused_without_r
 # ----------------------------------------------------------------------------- preprocessing
 
 def test_preprocess_turns_images_into_the_trainers_input():
-    from mpl_fast.config import preset
+    preset = runs.config_module().preset  # the config's module moves with the trainer's restructure
     from mpl_fast.data.views import Normalize, resize_center_crop
 
     digits = runs.preprocessing(preset("digits"))
@@ -161,7 +161,7 @@ def test_preprocess_turns_images_into_the_trainers_input():
 
 
 def test_preprocess_of_photo_files_equals_the_trainers_test_batches(tmp_path):
-    from mpl_fast.config import preset
+    preset = runs.config_module().preset  # the config's module moves with the trainer's restructure
     from mpl_fast.data import build_streams
     from mpl_fast.data.tiny import write_tiny_imagefolder
 
