@@ -54,7 +54,8 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip", type=int, default=None, help="batches consumed before the resume")
     parser.add_argument("--rounds", type=int, default=2, help="best of this many rounds per case")
-    parser.add_argument("--machine", default=None, help="a note on the machine's state (e.g. 'quiet'), kept in the JSON")
+    parser.add_argument("--machine", default=None,
+                        help="a note on the machine's state (e.g. 'quiet'), kept in the JSON")
     args = parser.parse_args()
     reason = dali_unavailable_reason()
     if reason is not None:

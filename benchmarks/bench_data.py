@@ -96,7 +96,8 @@ def main():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--magnitude", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=2, help="best of this many rounds per case")
-    parser.add_argument("--machine", default=None, help="a note on the machine's state (e.g. 'quiet'), kept in the JSON")
+    parser.add_argument("--machine", default=None,
+                        help="a note on the machine's state (e.g. 'quiet'), kept in the JSON")
     args = parser.parse_args()
     batches, warmup = (3, 1) if args.quick else (12, 2)
     torch.set_num_threads(args.threads)
