@@ -230,7 +230,7 @@ def main() -> None:
                            "batch_per_rank": args.batch,
                            "steps": args.steps,
                            "world_size": WORLD, "per_rank": per_rank, "rows": rows},
-                         tag=("fsdp_" if args.fsdp else "") + (args.model or args.preset))
+                         tag=("fsdp_" if args.fsdp else "") + (args.model or args.preset), threads=args.threads)
 
 
 if __name__ == "__main__":

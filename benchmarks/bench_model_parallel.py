@@ -168,7 +168,7 @@ def main() -> None:
                   **({f"{args.groups_world}_ranks": groups[0]["h"]} if groups is not None else {})},
         **({"groups_world": args.groups_world, "groups_ms": 1e3 * many, "ratio_groups_vs_one": many / one}
            if groups is not None else {}),
-    }, tag=setup["model"])
+    }, tag=setup["model"], threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def header(bench: str, device: str | None = None) -> dict:
-    """Where and how a result was measured; written first into every results file."""
+def header(bench: str, device: str | None = None, threads: int | None = None) -> dict:
+    """Where and how a result was measured; written first into every results file. ``threads``:
+    torch threads per process where they differ from this process's (spawned ranks)."""
     dev = str(device) if device is not None else "cpu"
     if dev.startswith("cuda") and torch.cuda.is_available():
         dev = f"{dev} ({torch.cuda.get_device_name()})"
@@ -97,7 +98,7 @@ def header(bench: str, device: str | None = None) -> dict:
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
         "torch": torch.__version__,
         "device": dev,
-        "threads": torch.get_num_threads(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
     }
 
 
@@ -107,7 +108,8 @@ def default_path(bench: str, tag: str) -> str:
     return os.path.join(RESULTS_DIR, bench, f"{date}_{tag}.json")
 
 
-def write_results(args: argparse.Namespace, bench: str, results: dict, tag: str | None = None) -> str:
+def write_results(args: argparse.Namespace, bench: str, results: dict, tag: str | None = None,
+                  threads: int | None = None) -> str:
     """Writes ``{"header": ..., **results}`` to ``args.json`` or the default path (tag: "quick"
     for --quick runs, else the script's tag or "full"); returns the path and says it."""
     if args.json:
@@ -116,7 +118,7 @@ def write_results(args: argparse.Namespace, bench: str, results: dict, tag: str 
         if getattr(args, "quick", False):
             tag = f"{tag}_quick" if tag else "quick"
         path = default_path(bench, tag or "full")
-    write_json(path, {"header": header(bench, getattr(args, "device", None)), **results})
+    write_json(path, {"header": header(bench, getattr(args, "device", None), threads), **results})
     print(f"wrote {os.path.relpath(path)}")
     return path
 
