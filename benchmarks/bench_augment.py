@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mpl_fast import ops  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CUTOUT = 16
 
@@ -150,12 +149,14 @@ def _time_dali(size: int, batch: int) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small batches, for a smoke run")
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_augment.json"))
-    parser.add_argument("--profile", default=None, help="write a torch.profiler Chrome trace of ours here")
+    common.add_common_flags(parser, quick="small batches, for a smoke run", devices=("cpu", "cuda"),
+                            threads=os.cpu_count() or 1,
+                            threads_help="the 'all threads' case: ours with this many torch threads, the "
+                                         "baselines in this many worker processes (default: all cores)",
+                            profile="write a torch.profiler Chrome trace of ours here")
     args = parser.parse_args()
 
-    threads = os.cpu_count() or 1
+    threads = args.threads
     cases = [(32, 256 if args.quick else 1024), (224, 16 if args.quick else 64)]
     rows = []
     ctx = mp.get_context("fork")
@@ -170,7 +171,7 @@ def main() -> None:
                     rows.append({"case": f"{size}x{size} N={batch} {label}", "baseline": f"torchvision {kind}",
                                  "baseline_img_s": rates[kind], "ours_img_s": rates["ours"],
                                  "ratio": rates["ours"] / rates[kind]})
-            if torch.cuda.is_available():
+            if args.device == "cuda":
                 ours = _time_ours(images, repeats, "cuda")
                 try:  # untested here (no GPU on the dev VM): report a failure instead of crashing
                     dali = _time_dali(size, batch)
@@ -180,17 +181,12 @@ def main() -> None:
                 rows.append({"case": f"{size}x{size} N={batch} cuda", "baseline": "DALI rand_augment" if dali else "none",
                              "baseline_img_s": dali, "ours_img_s": ours, "ratio": ours / dali if dali else None})
 
-    print(f"{'case':<34} {'baseline':<20} {'baseline img/s':>15} {'ours img/s':>12} {'ratio':>8}")
-    for r in rows:
-        base = f"{r['baseline_img_s']:.0f}" if r["baseline_img_s"] else "-"
-        ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
-        print(f"{r['case']:<34} {r['baseline']:<20} {base:>15} {r['ours_img_s']:>12.0f} {ratio:>8}")
+    print("images/s (ratio: ours / baseline)")
+    common.print_table([{"case": f"{r['case']} vs {r['baseline']}", "baseline": r["baseline_img_s"],
+                         "ours": r["ours_img_s"], "ratio": r["ratio"]} for r in rows])
 
-    machine = {"platform": platform.platform(), "cpu_count": threads, "torch": torch.__version__,
-               "backend": ops.backend(),
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    write_json(args.json, {"machine": machine, "quick": args.quick, "rows": rows})
-    print(f"wrote {args.json}")
+    common.write_results(args, "augment", {"backend": ops.backend(), "quick": args.quick, "rows": rows},
+                         tag=args.device)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
