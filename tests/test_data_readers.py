@@ -201,6 +201,56 @@ def test_imagefolder_layout_errors(tmp_path):
         load_imagefolder(str(tmp_path))
 
 
+def _tiny_images(folder, names):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (6, 5), (40 * i, 90, 200)).save(os.path.join(folder, name))
+
+
+def test_imagefolder_symlinked_class_folders_never_repeat_images(tmp_path):
+    """train/all -> train (the issue's case: a class of every image under a second label),
+    train/up -> above the root, train/dog_twin -> the same outside folder as train/dog_ext:
+    each skipped with one warning naming it; a symlink out of the root onto its own files is
+    a class like any other; val/ext_shared -> a folder train/ uses is skipped too."""
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    _tiny_images(root / "train" / "cat", ["c0.png", "c1.jpg"])
+    _tiny_images(root / "train" / "dog", ["d0.jpg", "d1.png"])
+    _tiny_images(root / "val" / "cat", ["vc.png"])
+    _tiny_images(root / "val" / "dog", ["vd.jpg"])
+    _tiny_images(outside / "dogs", ["e0.png", "e1.png"])
+    os.symlink("..", root / "train" / "all")
+    os.symlink(os.path.join("..", ".."), root / "train" / "aa_up")
+    os.symlink(outside / "dogs", root / "train" / "dog_ext")
+    os.symlink(outside / "dogs", root / "train" / "dog_twin")
+    os.symlink(outside / "dogs", root / "val" / "ext_shared")
+    with pytest.warns(UserWarning) as caught:
+        src = load_imagefolder(str(root))
+    messages = [str(w.message) for w in caught if "skipped class folder" in str(w.message)]
+    assert len(messages) == 4
+    for name, why in (("train/all", "inside (or above) the data root"),
+                      ("train/aa_up", "inside (or above) the data root"),
+                      ("train/dog_twin", "the files of class 'dog_ext'"),
+                      ("val/ext_shared", "the files of class 'train/dog_ext'")):
+        assert any(m.startswith(f"skipped class folder {root / name}: ") and why in m for m in messages), name
+    assert src.classes == ["cat", "dog", "dog_ext"]
+    assert sorted(src.skipped["symlinked_class"]) == sorted(
+        str(root / n) for n in ("train/aa_up", "train/all", "train/dog_twin", "val/ext_shared"))
+    real_train = [os.path.realpath(p) for p in src.train.images]
+    real_test = [os.path.realpath(p) for p in src.test.images]
+    assert len(real_train) == len(set(real_train)) == 6 and not set(real_train) & set(real_test)
+    assert dict(zip(src.train.keys, src.train.labels.tolist()))[os.path.join("train", "dog_ext", "e0.png")] == 2
+
+
+def test_imagefolder_val_that_is_train_is_refused(tmp_path):
+    root = tmp_path / "data"
+    _tiny_images(root / "train" / "cat", ["c0.png"])
+    os.symlink("train", root / "val")
+    with pytest.raises(ValueError, match=r"val and .*train resolve to overlapping folders.*give val/ its own"):
+        load_imagefolder(str(root))
+
+
 def test_quick_check_flags_truncated_and_non_images(tmp_path):
     root = write_tiny_imagefolder(str(tmp_path), num_classes=1, train_per_class=1, val_per_class=1)
     train0 = os.path.join(root, "train", "class_00")
