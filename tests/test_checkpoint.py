@@ -258,3 +258,27 @@ def test_remove_stale_temp_files_spares_live_writers_and_other_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".ckpt-live.tmp", ".ckpt-x.tmp.keep", "checkpoint.pt",
                                             "ckpt-x.tmp", "metrics.jsonl"]
     assert ckpt.remove_stale_temp_files(str(tmp_path / "no-such-folder")) == []
+
+
+def test_trainer_resumes_from_the_previous_checkpoint_when_the_latest_is_damaged(tmp_path):
+    """End to end through the CLI, with no trainer change: a finished 10-step run (checkpoints
+    at 4, 8 and 10), its checkpoint.pt then damaged; --resume falls back to step 8, warns, and
+    ends with the same weights as before."""
+    out = str(tmp_path / "run")
+    args = ["--steps", "10", "--checkpoint-every", "4", "--log-every", "2", "--eval-every", "5",
+            "--finetune.steps", "1", "--threads", "1"]
+    first = subprocess.run([sys.executable, "-m", "mpl_fast.train", *args, "--output-dir", out], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    path = os.path.join(out, "checkpoint.pt")
+    finished = ckpt.load(path)
+    assert finished["step"] == 10 and ckpt.load(ckpt.previous_path(path))["step"] == 8
+    start, _ = _data_span(path, "data/0")
+    _flip(path, range(start, start + 20))
+    resumed = subprocess.run([sys.executable, "-m", "mpl_fast.train", "--resume", out], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {path} is damaged" in resumed.stderr and "(step 8)" in resumed.stderr
+    again = ckpt.load(path)
+    assert again["step"] == 10 and _same(again["mpl"], finished["mpl"])
+    assert ckpt.load(ckpt.previous_path(path))["step"] == 8  # the damaged file was never promoted
