@@ -182,6 +182,46 @@ def test_corrupt_image_is_skipped_and_counted(data):
     assert s.stats["skipped_non_image"] == 1 and s.stats["skipped_empty_class"] == 1
 
 
+def test_corrupt_count_is_carried_across_a_checkpoint_and_resume(data, tmp_path):
+    """The corrupt-image record goes into a checkpoint and comes back: a resumed run goes on
+    counting from it (and does not warn again about a file it already reported)."""
+    from mpl_fast import checkpoint as ckpt
+
+    cfg = config(data, "imagefolder", labels_per_class=None, val_per_class=0, image_size=32,
+                 batch_size=8)
+    s = quiet_build(cfg)
+    for _ in range(4):
+        next(s.labeled)
+    counts = s.corrupt_counts()
+    assert counts["corrupt_images"] == 1 and counts["corrupt_skips"] >= 1
+    path = str(tmp_path / "checkpoint.pt")
+    ckpt.save_atomic({"labeled": s.labeled.state_dict(), "corrupt": s.corrupt_state()}, path)
+    saved = ckpt.load(path)  # weights_only: the record is plain ints and strings
+
+    resumed = quiet_build(cfg)
+    assert resumed.corrupt_counts() == {"corrupt_images": 0, "corrupt_skips": 0}
+    resumed.load_corrupt_state(saved["corrupt"])
+    resumed.labeled.load_state_dict(saved["labeled"])
+    assert resumed.corrupt_counts() == counts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):  # four more passes over the 16 training files
+            next(resumed.labeled)
+    assert not [w for w in caught if "skipping corrupt image" in str(w.message)]
+    assert resumed.stats["corrupt_images"] == 1 and resumed.stats["corrupt_skips"] > counts["corrupt_skips"]
+
+
+def test_restore_corrupt_unions_files_and_keeps_the_larger_skip_count():
+    from mpl_fast.data.bad_data import corrupt_state, new_stats, restore_corrupt
+
+    built = new_stats("dali")  # a DALI build counts its bad files again
+    built.update(corrupt_images=2, corrupt_skips=2, corrupt_files=["/d/b.jpg", "/d/c.jpg"])
+    restore_corrupt(built, {"corrupt_images": 2, "corrupt_skips": 7, "corrupt_files": ["/d/a.jpg", "/d/b.jpg"]})
+    assert corrupt_state(built) == {"corrupt_images": 3, "corrupt_skips": 7,
+                                    "corrupt_files": ["/d/a.jpg", "/d/b.jpg", "/d/c.jpg"]}
+    assert corrupt_state({"world_size": 2}) == {"corrupt_images": 0, "corrupt_skips": 0, "corrupt_files": []}
+
+
 def test_strict_stops_naming_the_file(data):
     cfg = config(data, "imagefolder", labels_per_class=None, val_per_class=0, image_size=32,
                  batch_size=8, strict=True, num_workers=1)

@@ -11,7 +11,8 @@ import torch
 from mpl_fast.data.cifar import load_cifar
 from mpl_fast.data.imagefolder import load_imagefolder, quick_check
 from mpl_fast.data.svhn import load_svhn
-from mpl_fast.data.tiny import write_tiny_cifar, write_tiny_imagefolder, write_tiny_svhn
+from mpl_fast.data.tiny import (write_python2_pickle, write_tiny_cifar, write_tiny_imagefolder,
+                                write_tiny_svhn)
 
 # torchvision 0.29 deprecates its image decoders (for TorchCodec); they still work and are used.
 pytestmark = pytest.mark.filterwarnings(
@@ -22,10 +23,9 @@ def test_cifar10_reads_batches_into_hwc_images(tmp_path):
     root = write_tiny_cifar(str(tmp_path), train_per_class=4, test_per_class=2)
     # Overwrite one training row with a known pattern: red ramp, green 7, blue 200.
     with open(tmp_path / "data_batch_1", "rb") as f:
-        batch = pickle.load(f)
+        batch = pickle.load(f, encoding="latin1")
     batch["data"][0] = np.concatenate([np.arange(1024) % 256, np.full(1024, 7), np.full(1024, 200)])
-    with open(tmp_path / "data_batch_1", "wb") as f:
-        pickle.dump(batch, f)
+    write_python2_pickle(batch, str(tmp_path / "data_batch_1"))
     src = load_cifar(root, 10)
     assert src.train.images.shape == (40, 32, 32, 3) and src.train.images.dtype == np.uint8
     assert src.test.images.shape == (20, 32, 32, 3)
@@ -53,10 +53,10 @@ def test_cifar_missing_layout_says_what_and_where(tmp_path):
 def test_cifar_label_out_of_range_names_the_file(tmp_path):
     write_tiny_cifar(str(tmp_path))
     with open(tmp_path / "test_batch", "rb") as f:
-        batch = pickle.load(f)
+        batch = pickle.load(f, encoding="latin1")
     batch["labels"][5] = 10
     with open(tmp_path / "test_batch", "wb") as f:
-        pickle.dump(batch, f)
+        pickle.dump(batch, f)  # re-pickled by Python 3 (protocol 5): read as well
     with pytest.raises(ValueError, match=r"test_batch: label 10 at position 5 is outside 0..9"):
         load_cifar(str(tmp_path), 10)
 
@@ -66,6 +66,88 @@ def test_cifar_garbage_batch_is_a_clear_error(tmp_path):
     (tmp_path / "data_batch_3").write_bytes(b"this is not a pickle")
     with pytest.raises(ValueError, match=r"data_batch_3 is not a readable CIFAR python batch"):
         load_cifar(str(tmp_path), 10)
+
+
+def test_cifar_batches_are_the_real_python2_format_and_load(tmp_path):
+    """The fake batches are what Python 2's cPickle wrote (protocol 2, str keys as BINSTRING,
+    arrays through numpy.core.multiarray._reconstruct): the restricted reader must load that,
+    and the same data re-pickled by Python 3 with bytes keys (as pickle.load(encoding='bytes')
+    gives them) under protocol 2, which writes bytes through _codecs.encode."""
+    import pickletools
+
+    root = write_tiny_cifar(str(tmp_path / "c10"), train_per_class=2, test_per_class=1)
+    raw = (tmp_path / "c10" / "data_batch_1").read_bytes()
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    assert ops[0] == ("PROTO", 2)
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops and ("SHORT_BINSTRING", "data") in ops
+    with open(tmp_path / "c10" / "data_batch_1", "rb") as f:
+        as_bytes = pickle.load(f, encoding="bytes")
+    assert sorted(as_bytes) == [b"batch_label", b"data", b"filenames", b"labels"]
+    expected = load_cifar(root, 10)
+
+    for name in ("data_batch_1", "batches.meta"):
+        with open(tmp_path / "c10" / name, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        with open(tmp_path / "c10" / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    assert b"_codecs\nencode" in (tmp_path / "c10" / "data_batch_1").read_bytes()
+    again = load_cifar(root, 10)
+    assert np.array_equal(again.train.images, expected.train.images)
+    assert np.array_equal(again.train.labels, expected.train.labels)
+    assert again.classes == expected.classes == [f"class{i}" for i in range(10)]
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls os.system, which writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"echo ran > '{self.marker}'",)
+
+
+class _Py2Eval:
+    """The same payload as Python 2 would write it: __builtin__.eval on an expression."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("target", ["data_batch_1", "batches.meta"])
+@pytest.mark.parametrize("payload,protocol", [(_RunsCode, 2), (_RunsCode, 5), (_Py2Eval, 2)])
+def test_cifar_pickle_that_would_run_code_is_refused_naming_the_file(tmp_path, target, payload, protocol):
+    root = write_tiny_cifar(str(tmp_path / "c10"), train_per_class=2, test_per_class=1)
+    marker = tmp_path / "payload-ran"
+    with open(os.path.join(root, target), "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    key = "data" if target == "data_batch_1" else "label_names"
+    entry[key] = payload(marker)  # hidden inside an otherwise well-formed file
+    with open(os.path.join(root, target), "wb") as f:
+        pickle.dump(entry, f, protocol=protocol)
+    with pytest.raises(ValueError) as caught:
+        load_cifar(root, 10)
+    message = str(caught.value)
+    assert message.startswith(os.path.join(root, target) + " asks to load ")
+    assert "refusing to unpickle it" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_cifar_pickle_with_a_non_latin1_codec_or_a_persistent_id_is_refused(tmp_path):
+    root = write_tiny_cifar(str(tmp_path / "c10"), train_per_class=2, test_per_class=1)
+    path = os.path.join(root, "data_batch_2")
+    # _codecs.encode('x', 'rot13') then a persistent id: both plain-data readers never need
+    with open(path, "wb") as f:
+        f.write(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00rot13\x86R.")
+    with pytest.raises(ValueError, match=r"data_batch_2 asks for _codecs.encode with 'rot13'.*refusing"):
+        load_cifar(root, 10)
+    with open(path, "wb") as f:
+        f.write(b"\x80\x02X\x01\x00\x00\x00aQ.")
+    with pytest.raises(ValueError, match=r"data_batch_2 holds a persistent reference.*refusing"):
+        load_cifar(root, 10)
 
 
 def test_svhn_maps_label_10_to_digit_0_and_transposes(tmp_path):
@@ -119,6 +201,56 @@ def test_imagefolder_layout_errors(tmp_path):
         load_imagefolder(str(tmp_path))
 
 
+def _tiny_images(folder, names):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (6, 5), (40 * i, 90, 200)).save(os.path.join(folder, name))
+
+
+def test_imagefolder_symlinked_class_folders_never_repeat_images(tmp_path):
+    """train/all -> train (the issue's case: a class of every image under a second label),
+    train/up -> above the root, train/dog_twin -> the same outside folder as train/dog_ext:
+    each skipped with one warning naming it; a symlink out of the root onto its own files is
+    a class like any other; val/ext_shared -> a folder train/ uses is skipped too."""
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    _tiny_images(root / "train" / "cat", ["c0.png", "c1.jpg"])
+    _tiny_images(root / "train" / "dog", ["d0.jpg", "d1.png"])
+    _tiny_images(root / "val" / "cat", ["vc.png"])
+    _tiny_images(root / "val" / "dog", ["vd.jpg"])
+    _tiny_images(outside / "dogs", ["e0.png", "e1.png"])
+    os.symlink("..", root / "train" / "all")
+    os.symlink(os.path.join("..", ".."), root / "train" / "aa_up")
+    os.symlink(outside / "dogs", root / "train" / "dog_ext")
+    os.symlink(outside / "dogs", root / "train" / "dog_twin")
+    os.symlink(outside / "dogs", root / "val" / "ext_shared")
+    with pytest.warns(UserWarning) as caught:
+        src = load_imagefolder(str(root))
+    messages = [str(w.message) for w in caught if "skipped class folder" in str(w.message)]
+    assert len(messages) == 4
+    for name, why in (("train/all", "inside (or above) the data root"),
+                      ("train/aa_up", "inside (or above) the data root"),
+                      ("train/dog_twin", "the files of class 'dog_ext'"),
+                      ("val/ext_shared", "the files of class 'train/dog_ext'")):
+        assert any(m.startswith(f"skipped class folder {root / name}: ") and why in m for m in messages), name
+    assert src.classes == ["cat", "dog", "dog_ext"]
+    assert sorted(src.skipped["symlinked_class"]) == sorted(
+        str(root / n) for n in ("train/aa_up", "train/all", "train/dog_twin", "val/ext_shared"))
+    real_train = [os.path.realpath(p) for p in src.train.images]
+    real_test = [os.path.realpath(p) for p in src.test.images]
+    assert len(real_train) == len(set(real_train)) == 6 and not set(real_train) & set(real_test)
+    assert dict(zip(src.train.keys, src.train.labels.tolist()))[os.path.join("train", "dog_ext", "e0.png")] == 2
+
+
+def test_imagefolder_val_that_is_train_is_refused(tmp_path):
+    root = tmp_path / "data"
+    _tiny_images(root / "train" / "cat", ["c0.png"])
+    os.symlink("train", root / "val")
+    with pytest.raises(ValueError, match=r"val and .*train resolve to overlapping folders.*give val/ its own"):
+        load_imagefolder(str(root))
+
+
 def test_quick_check_flags_truncated_and_non_images(tmp_path):
     root = write_tiny_imagefolder(str(tmp_path), num_classes=1, train_per_class=1, val_per_class=1)
     train0 = os.path.join(root, "train", "class_00")
@@ -158,3 +290,16 @@ def test_pil_decode_fallback_matches_torchvision_on_png(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "x.png")
     assert torch.equal(_pil_decode(str(tmp_path / "x.png")), decode_file(str(tmp_path / "x.png")))
     assert torch.equal(decode_file(str(tmp_path / "x.png")), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_pil_decode_opens_only_jpeg_and_png_whatever_the_content(tmp_path):
+    """PIL picks a decoder by content; an EPS file named .jpg would go to Ghostscript."""
+    from PIL import Image, UnidentifiedImageError
+
+    from mpl_fast.data.torch_pipeline import _pil_decode
+
+    (tmp_path / "x.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "y.png", format="GIF")
+    for name in ("x.jpg", "y.png"):
+        with pytest.raises(UnidentifiedImageError):
+            _pil_decode(str(tmp_path / name))

@@ -91,7 +91,9 @@ def decode_file(path: str) -> torch.Tensor:
 def _pil_decode(path: str) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as im:
+    # Only the formats the readers admit: PIL picks a decoder by content, and some (EPS) run an
+    # external interpreter on the file.
+    with Image.open(path, formats=("JPEG", "PNG")) as im:
         rgb = np.asarray(im.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
