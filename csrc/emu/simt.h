@@ -626,6 +626,8 @@ struct Launch {
     using Tuple = std::tuple<std::decay_t<P>...>;
     const Tuple packed(static_cast<std::decay_t<P>>(args)...);  // CUDA copies the arguments
     s.kernel = name;
+    s.grid = grid;
+    s.block = block;
     s.error.clear();
     prepare(s, block, dyn);
     std::vector<ThreadArgs<Tuple, void (*)(P...)>> per_thread(s.fibers.size(), {kernel, packed});
