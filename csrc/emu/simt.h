@@ -7,7 +7,7 @@
 //     inline); __CUDA_ARCH__ is defined, so the device branches of shared headers are the ones
 //     that run. Include c10/std headers BEFORE this one: they must see a host compile.
 //   - gridDim, blockIdx, blockDim, threadIdx (dim3/uint3) per emulated thread.
-//   - Every CUDA thread of a block is a fiber (ucontext) with its own stack and its own copy of
+//   - Every CUDA thread of a block is a fiber (own stack switch on x86-64, else ucontext) with its own stack and its own copy of
 //     the kernel arguments. Blocks run one after another, in a seeded random order. Inside a
 //     block a fiber runs until it reaches a barrier (__syncthreads*, a warp intrinsic) or
 //     returns; the next fiber to run is picked at random (seeded). So code that reads what
@@ -90,6 +90,45 @@ extern char __start_mpl_emu_shared[] __attribute__((weak, visibility("hidden")))
 extern char __stop_mpl_emu_shared[] __attribute__((weak, visibility("hidden")));
 }
 
+// Fiber switch. On x86-64 a minimal switch of the callee-saved registers, stack pointer and
+// floating-point control words (swapcontext makes a signal-mask system call per switch, which
+// made the emulated tests several times slower); elsewhere ucontext.
+#if defined(__x86_64__) && defined(__linux__)
+#define MPL_EMU_FAST_SWITCH 1
+extern "C" void mpl_emu_switch(void** save_sp, void* next_sp);
+asm(R"(
+  .text
+  .globl mpl_emu_switch
+  .hidden mpl_emu_switch
+  .type mpl_emu_switch, @function
+mpl_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mpl_emu_switch, .-mpl_emu_switch
+)");
+#else
+#define MPL_EMU_FAST_SWITCH 0
+#endif
+
 namespace mpl_emu {
 
 struct Error : std::runtime_error {
@@ -106,8 +145,24 @@ namespace detail {
 
 enum class Wait { none, block, warp, done };
 
+struct Context {
+#if MPL_EMU_FAST_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+inline void switch_context(Context& from, Context& to) {
+#if MPL_EMU_FAST_SWITCH
+  mpl_emu_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   uint3 tid;
   int linear = 0;
   Wait wait = Wait::none;
@@ -130,7 +185,7 @@ struct State {
   std::vector<Warp> warps;
   std::vector<char*> stacks;
   Fiber* current = nullptr;
-  ucontext_t scheduler;
+  Context scheduler;
   std::mt19937_64 rng{1};
   uint64_t seed = 1;
   std::string error;
@@ -159,7 +214,7 @@ inline Fiber& self() { return *state().current; }
 inline void yield_to_scheduler() {
   State& s = state();
   Fiber* me = s.current;
-  swapcontext(&me->ctx, &s.scheduler);
+  switch_context(me->ctx, s.scheduler);
 }
 
 }  // namespace detail
@@ -394,7 +449,34 @@ inline void fiber_entry() {
     if (s.error.empty()) s.error = e.what();
   }
   me->wait = Wait::done;
-  swapcontext(&me->ctx, &s.scheduler);
+  switch_context(me->ctx, s.scheduler);
+  __builtin_unreachable();  // a finished fiber is never resumed
+}
+
+// A fresh fiber on `stack` that starts in fiber_entry.
+inline void start_context(Context& c, char* stack, size_t bytes) {
+#if MPL_EMU_FAST_SWITCH
+  // What mpl_emu_switch pops: control words, six registers, then fiber_entry as the return
+  // address, placed so that fiber_entry starts with the stack aligned as after a call.
+  auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15)) - 2;
+  top[0] = reinterpret_cast<uint64_t>(&fiber_entry);
+  top[1] = 0;  // no caller above fiber_entry
+  uint64_t* sp = top - 7;
+  uint32_t mxcsr = 0;
+  uint16_t fpu_cw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpu_cw));
+  std::memset(sp, 0, 7 * sizeof(uint64_t));
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpu_cw, 2);
+  c.sp = sp;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, fiber_entry, 0);
+#endif
 }
 
 inline void on_fault(int sig, siginfo_t* info, void*) {
@@ -507,11 +589,7 @@ inline void run_block(State& s) {
   for (int i = 0; i < n; ++i) {
     Fiber& f = s.fibers[i];
     f.wait = Wait::none;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = s.stacks[i];
-    f.ctx.uc_stack.ss_size = kFiberStack;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_entry, 0);
+    start_context(f.ctx, s.stacks[i], kFiberStack);
     ready[i] = i;
   }
   while (true) {
@@ -524,7 +602,7 @@ inline void run_block(State& s) {
     ready[pick] = ready.back();
     ready.pop_back();
     s.current = &s.fibers[i];
-    swapcontext(&s.scheduler, &s.fibers[i].ctx);
+    switch_context(s.scheduler, s.fibers[i].ctx);
     s.current = nullptr;
     if (!s.error.empty()) fail(s.error);
   }
