@@ -32,6 +32,13 @@ def check_dot(emu):
         assert abs(float(emu.multi_tensor_dot(xs, ys, seed=seed)) - oracle) <= bound, f"dot, scheduler seed {seed}"
 
 
+def check_dot_only_empty(emu):
+    """A list of empty tensors only: no chunk launch at all, then the finish kernel's 0."""
+    flag = torch.zeros(1)
+    assert float(emu.multi_tensor_dot([torch.zeros(0), torch.zeros(2, 0)], [torch.zeros(0), torch.zeros(2, 0)],
+                                      found_inf=flag)) == 0.0 and float(flag) == 0.0
+
+
 def check_sgd(emu):
     """Several chunks and tensors: the emulated step equals the CPU kernel's."""
     g = torch.Generator().manual_seed(1)
@@ -102,6 +109,8 @@ FAULTS = {
         check_augment_large),
     "shared-memory budget past 48 KB with the static Shared": (
         {AUG: [("kSmemBudget = 40 * 1024;", "kSmemBudget = 46 * 1024;")]}, check_augment_near_budget),
+    "zero-block launch for a run of empty tensors": (
+        {MT: [("    if (blocks == 0) continue;\n", "")]}, check_dot_only_empty),
     "dot chunk loop reads one element past the chunk": (
         {MT: [("for (; i < n; i += kThreads) a0 +=", "for (; i <= n; i += kThreads) a0 +=")]}, check_dot),
 }
@@ -117,7 +126,7 @@ def builds():
     return real.result(), variants
 
 
-@pytest.mark.parametrize("check", [check_dot, check_sgd, check_augment, check_augment_large,
+@pytest.mark.parametrize("check", [check_dot, check_dot_only_empty, check_sgd, check_augment, check_augment_large,
                                    check_augment_near_budget], ids=lambda f: f.__name__)
 def test_checks_pass_on_the_real_kernels(builds, check):
     check(builds[0])
