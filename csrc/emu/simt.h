@@ -7,8 +7,8 @@
 //     inline); __CUDA_ARCH__ is defined, so the device branches of shared headers are the ones
 //     that run. Include c10/std headers BEFORE this one: they must see a host compile.
 //   - gridDim, blockIdx, blockDim, threadIdx (dim3/uint3) per emulated thread.
-//   - Every CUDA thread of a block is a fiber (own stack switch on x86-64, else ucontext) with its own stack and its own copy of
-//     the kernel arguments. Blocks run one after another, in a seeded random order. Inside a
+//   - Every CUDA thread of a block is a fiber (a minimal stack switch on x86-64, else ucontext)
+//     with its own stack and its own copy of the kernel arguments. Blocks run one after another, in a seeded random order. Inside a
 //     block a fiber runs until it reaches a barrier (__syncthreads*, a warp intrinsic) or
 //     returns; the next fiber to run is picked at random (seeded). So code that reads what
 //     another thread wrote without a barrier between them sees stale data on most seeds.
@@ -38,10 +38,11 @@
 //     zero dimension), threads per block <= the kernel's __launch_bounds__ (bounds registered by
 //     the emulated build, see register_launch_bounds), static + dynamic shared memory <= 48 KB
 //     (static size: the shared section of the build, all its kernels together; statics of
-//     template functions are not in it), kernel parameter
-//     bytes <= 4096 (the classic limit our kernel-argument structs are sized for).
-//   - A segmentation fault inside a kernel (wild global pointer) becomes an error naming the
-//     kernel instead of killing the process.
+//     template functions are not in it), kernel parameter bytes <= 4096 (the classic limit our
+//     kernel-argument structs are sized for).
+//   - Global memory is host memory and is not bounds-checked; a segmentation fault inside a
+//     kernel (a wild pointer) becomes an error naming the kernel instead of killing the process,
+//     and a wrong read shows as a wrong result.
 // Errors are thrown as mpl_emu::Error from the launch. Streams are ignored: launches run to
 // completion, in order, on the calling thread.
 #pragma once
