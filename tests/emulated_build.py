@@ -60,6 +60,9 @@ def _compile(root: Path, out: Path) -> None:
     bounds = _launch_bounds(_sources(root))
     cmd = ["g++", *FLAGS, f"-I{root}", f"-I{Path(torch.__file__).parent / 'include'}",
            f"-DMPL_EMU_LAUNCH_BOUNDS={bounds}", str(root / ENTRY), "-o", str(out)]
+    if shutil.which("g++") is None:
+        raise EmulatorError("the emulated CUDA tests need g++ on the PATH (the same compiler that builds the "
+                            "extension); install it, e.g. apt-get install g++")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise EmulatorError(f"the emulated build failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
