@@ -26,12 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
 CACHE = REPO / "build" / "emulated"
-ENTRY = "emu/emulated_ops.cpp"
+ENTRY = "emu/emulated_ops.cpp"  # one translation unit: each build is one g++ call
 # -O1: the build is on CI's critical path and the emulated kernels are small. bounds-strict:
 # every array subscript, shared arrays and struct members included, is checked (simt.h).
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-fsanitize=bounds-strict",
          "-U_FORTIFY_SOURCE", "-w"]
-# The kernels read the emulator's state through one translation unit: each build is one g++ call.
+# FloatKind of csrc/cuda/multi_tensor_kernels.cuh.
 KINDS = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(")
 _loaded: dict[str, "EmulatedOps"] = {}
