@@ -97,6 +97,19 @@ def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
                 raise _err(f"`{name}[{i}]` is on {t.device} but the first tensor of the lists is on {device}")
 
 
+def _check_not_autograd_leaves(params, bufs, updates) -> None:
+    """torch's in-place ops refuse to write a leaf that requires grad while autograd records:
+    the op writes in place, so it refuses the same (optimizers step under torch.no_grad())."""
+    if not torch.is_grad_enabled():
+        return
+    for name, ts in (("params", params), ("momentum_buffers", bufs), ("update_out", updates)):
+        for i, t in enumerate(ts):
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
+                raise RuntimeError(f"mpl_fast.{_OP}: `{name}[{i}]` is a leaf tensor that requires grad, which an "
+                                   "in-place op may not write while autograd records; call it under "
+                                   "torch.no_grad() (as optimizers do)")
+
+
 def fused_sgd_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                          momentum_buffers: Optional[Sequence[torch.Tensor]] = None, *,
                          lr: Union[float, torch.Tensor], momentum: float = 0.0, dampening: float = 0.0,
@@ -109,6 +122,7 @@ def fused_sgd_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.T
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
     _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov, found_inf, found_inf_out)
+    _check_not_autograd_leaves(params, bufs, updates)
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, p in enumerate(params):
         acc = torch.promote_types(p.dtype, torch.float32)
@@ -159,6 +173,7 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
+    _check_not_autograd_leaves(params, bufs, updates)
     if params and isinstance(params[0], torch.Tensor) and _extension.use_kernel(params[0].device):
         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
         try:
