@@ -88,6 +88,12 @@ def use_kernel(device: torch.device) -> bool:
     return device.type == "cuda" and has_cuda_kernels()
 
 
+def register_autograd(op_name: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd`` for ``mpl_fast::op_name``, a no-op without the extension."""
+    if _C is not None:
+        torch.library.register_autograd(f"mpl_fast::{op_name}", backward, setup_context=setup_context)
+
+
 def register_fake(op_name: str) -> Callable:
     """``torch.library.register_fake`` for ``mpl_fast::op_name``, a no-op without the extension."""
     def decorate(fn: Callable) -> Callable:
