@@ -21,8 +21,10 @@ import torch
 def worker_generator(generator: Optional[torch.Generator], cache: dict) -> Optional[torch.Generator]:
     """``generator`` outside DataLoader workers; inside one, that worker's own stream (kept in
     ``cache``, the module's, so it advances across the worker's batches)."""
+    if generator is None:  # torch's global generator: DataLoader already seeds it per worker
+        return None
     info = torch.utils.data.get_worker_info()
-    if generator is None or info is None:
+    if info is None:
         return generator
     if cache.get("worker_seed") != info.seed:
         digest = hashlib.blake2b(generator.get_state().numpy().tobytes() + info.seed.to_bytes(8, "little"),
