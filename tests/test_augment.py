@@ -12,6 +12,7 @@ from torchvision.transforms.autoaugment import _apply_op
 from mpl_fast import augment, ops
 from mpl_fast.augment import Cutout, RandAugment, get_policy, sample_plan, torchvision_table
 from mpl_fast.ops import OP_INDEX, OP_NAMES, AugmentPlan, KernelCode, apply_plan_reference, plan_to_kernel_args
+from op_testing import OpTester
 
 SIZES = [(1, 1), (2, 3), (3, 3), (32, 32), (37, 53), (224, 224)]
 
@@ -255,14 +256,31 @@ def _kernel_args(n=3, h=9, w=7):
     return images, drawn.codes, drawn.params, [5, 6, 7]
 
 
-def test_augment_apply_opcheck():
-    torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, _kernel_args())
+class TestApplyOp(OpTester):
+    rtol, atol = 0, 1  # the contract: torchvision's pixels to +-1 (in practice bit-exact)
+
+    def sample_inputs(self, device):
+        images = photos(9, 7, False, 3).to(device)
+        return [((images, name, torch.tensor([-m, 0.5 * m, m], dtype=torch.float64), 5), {})
+                for name, m in [("Rotate", 25.0), ("ShearY", 0.3), ("TranslateX", 3.0), ("Contrast", 0.8),
+                                ("Sharpness", 0.9), ("Equalize", 0.0), ("Invert", 0.0)]]
+
+    def function(self, images, name, magnitudes, fill):
+        return ops.apply_op(images, name, magnitudes, fill)
+
+    def reference(self, images, name, magnitudes, fill):
+        return _reference(images, name, magnitudes.tolist(), fill)
+
+    def opcheck_inputs(self, device):
+        images, codes, params, fill = _kernel_args()
+        drawn = sample_plan(images.shape, 3, 9, 31, "torchvision", torch.Generator().manual_seed(0), final_cutout=4)
+        return [(torch.ops.mpl_fast.augment_apply.default, (images.to(device), codes.to(device), params.to(device),
+                                                              fill), {}),
+                (torch.ops.mpl_fast_reference.augment_plan.default,
+                 (images.to(device), *drawn.plan, fill), {})]
 
 
-def test_apply_op_under_compile():
-    fn = torch.compile(lambda x, m: ops.apply_op(x, "Rotate", m, fill=3), fullgraph=True, backend="eager")
-    images, mags = photos(16, 16, False, 2), torch.tensor([10.0, -25.0], dtype=torch.float64)
-    assert torch.equal(fn(images, mags), ops.apply_op(images, "Rotate", mags, fill=3))
+def test_raw_op_under_compile():
     raw = torch.compile(lambda *a: torch.ops.mpl_fast.augment_apply.default(*a), fullgraph=True, backend="eager")
     args = _kernel_args()
     assert torch.equal(raw(*args), torch.ops.mpl_fast.augment_apply.default(*args))

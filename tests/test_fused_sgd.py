@@ -8,6 +8,7 @@ import torch
 
 from mpl_fast import ops
 from mpl_fast.optim import FusedSGD
+from op_testing import OpTester
 
 CHUNK = 1 << 15
 SHAPES = [(), (0,), (1,), (7, 3), (CHUNK + 3,), (2 * (1 << 16) + 5,), (4, 3, 3, 3)]
@@ -233,14 +234,36 @@ def test_kernel_refuses_bad_input_itself():
         op([torch.ones(2)], [torch.ones(2)], [], [], lr=0.1, momentum=0.5)
 
 
-def test_opcheck():
-    params = _params([(5,), (3, 4)])
-    args = (params, _grads(params, 1), [torch.zeros_like(p) for p in params], [torch.empty_like(p) for p in params])
-    torch.library.opcheck(torch.ops.mpl_fast.fused_sgd_.default, args,
-                          {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})
-    torch.library.opcheck(torch.ops.mpl_fast.fused_sgd_.default, args,
-                          {"lr": 0.0, "lr_tensor": torch.tensor(0.05), "momentum": 0.9,
-                           "found_inf": torch.zeros(1), "found_inf_out": torch.zeros(1)})
+class TestFusedSGD(OpTester):
+    rtol, atol = 1e-6, 1e-6
+
+    def sample_inputs(self, device):
+        out = []
+        for hyper in HYPER[:3]:
+            params = [p.to(device) for p in _params([(5,), (3, 4), (2, 3, 3, 3)])]
+            grads = _grads(params, 1)
+            bufs = [torch.ones_like(p) for p in params] if hyper["momentum"] else []
+            out.append(((params, grads, bufs), {"lr": 0.1, "update_out": [torch.empty_like(p) for p in params], **hyper}))
+        return out
+
+    def result(self, fn, args, kwargs):
+        fn(*args, **kwargs)
+        return args[0] + args[2] + kwargs["update_out"]  # what the op writes
+
+    def function(self, *args, **kwargs):
+        ops.fused_sgd_(*args, **kwargs)
+
+    def reference(self, *args, **kwargs):
+        ops.fused_sgd_reference_(*args, **kwargs)
+
+    def opcheck_inputs(self, device):
+        params = [p.to(device) for p in _params([(5,), (3, 4)])]
+        args = (params, _grads(params, 1), [torch.zeros_like(p) for p in params], [torch.empty_like(p) for p in params])
+        return [(torch.ops.mpl_fast.fused_sgd_.default, args,
+                 {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}),
+                (torch.ops.mpl_fast.fused_sgd_.default, args,
+                 {"lr": 0.0, "lr_tensor": torch.tensor(0.05, device=device), "momentum": 0.9,
+                  "found_inf": torch.zeros(1, device=device), "found_inf_out": torch.zeros(1, device=device)})]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

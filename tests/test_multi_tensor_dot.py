@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mpl_fast import ops
+from op_testing import OpTester
 
 CHUNK = 1 << 15  # kCpuChunk in csrc/multi_tensor.h
 CUDA_CHUNK = 1 << 16
@@ -155,10 +156,23 @@ def test_mixed_devices_refused_by_kernel():
                                                     [torch.ones(2), torch.ones(2, device="meta")])
 
 
-def test_opcheck():
-    xs, ys = _lists([(5,), (3, 4), (CHUNK + 1,)], torch.float32, torch.bfloat16)
-    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys))
-    torch.library.opcheck(torch.ops.mpl_fast.multi_tensor_dot.found_inf, (xs, ys, torch.zeros(1)))
+class TestMultiTensorDot(OpTester):
+    rtol, atol = 1e-4, 1e-3  # fp32 sums of ~33k products, in another order
+
+    def sample_inputs(self, device):
+        return [(_lists([(5,), (3, 4), (CHUNK + 1,)], x_dtype, torch.float32, seed=13, device=device), {})
+                for x_dtype in (torch.float32, torch.bfloat16, torch.float64)]
+
+    def function(self, xs, ys):
+        return ops.multi_tensor_dot(xs, ys)
+
+    def reference(self, xs, ys):
+        return ops.multi_tensor_dot_reference(xs, ys)
+
+    def opcheck_inputs(self, device):
+        xs, ys = _lists([(5,), (3, 4), (CHUNK + 1,)], torch.float32, torch.bfloat16, device=device)
+        return [(torch.ops.mpl_fast.multi_tensor_dot.default, (xs, ys), {}),
+                (torch.ops.mpl_fast.multi_tensor_dot.found_inf, (xs, ys, torch.zeros(1, device=device)), {})]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
