@@ -8,7 +8,7 @@ import torch
 
 import mpl_fast
 from mpl_fast import ops
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 from op_testing import OpTester
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_stale_extension_is_detected(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "mpl_fast._C", StaleModule)
     monkeypatch.setattr(mpl_fast, "_C", StaleModule, raising=False)
-    module, error = _extension._load()
+    module, error = extension.load()
     assert module is None
     assert "built for torch 1.0.0" in error
 
@@ -110,8 +110,8 @@ def test_missing_extension_is_named_not_a_circular_import(monkeypatch):
     def not_built(name):
         raise ModuleNotFoundError(f"No module named {name!r}")
 
-    monkeypatch.setattr(_extension.importlib, "import_module", not_built)
-    module, error = _extension._load()
+    monkeypatch.setattr(extension.importlib, "import_module", not_built)
+    module, error = extension.load()
     assert module is None
     assert error.startswith("mpl_fast._C was not built")
 
@@ -121,12 +121,12 @@ def test_ops_list_matches_the_schemas():
 
     with open(os.path.join(REPO, "csrc", "ops.cpp")) as f:
         declared = set(re.findall(r'm\.def\(\s*"(\w+)[(.]', f.read()))
-    assert declared == set(_extension.OPS)
+    assert declared == set(extension.OPS)
 
 
 def test_extension_older_than_the_source_is_detected(monkeypatch):
-    monkeypatch.setattr(_extension, "OPS", _extension.OPS + ("op_from_the_future",))
-    module, error = _extension._load()
+    monkeypatch.setattr(extension, "OPS", extension.OPS + ("op_from_the_future",))
+    module, error = extension.load()
     assert module is None
     assert "older than this source" in error and "mpl_fast::op_from_the_future" in error
 

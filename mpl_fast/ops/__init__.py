@@ -6,7 +6,7 @@ implementation is in use. This package is the bottom layer: it imports nothing e
 mpl_fast, and nothing in it is random (``mpl_fast.augment`` draws RandAugment's plans).
 """
 
-from mpl_fast.ops._extension import backend, build_info
+from mpl_fast.ops.extension import backend, build_info
 from mpl_fast.ops.augment import apply_op, apply_plan, check_images
 from mpl_fast.ops.augment_args import (CUTOUT, OP_INDEX, OP_NAMES, PARAMS_PER_OP, AugmentPlan, KernelCode,
                                        box_params, normalize_fill, plan_to_kernel_args)

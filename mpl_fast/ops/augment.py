@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 from mpl_fast.ops.augment_args import (BLEND_OPS, OP_INDEX, OP_NAMES, AugmentPlan, Fill, normalize_fill,
                                        plan_to_kernel_args)
 from mpl_fast.ops.augment_reference import apply_plan_reference
@@ -63,7 +63,7 @@ def apply_plan(images: torch.Tensor, plan: AugmentPlan, fill: Fill = 0, *,
     CPU give the same images on the CPU and the GPU; they are copied to the images' device."""
     check_images(images)
     fills = normalize_fill(fill, images.shape[1])
-    if not _extension.use_kernel(images.device):
+    if not extension.use_kernel(images.device):
         return apply_plan_reference(images, plan, fills)
     if kernel_args is None:
         kernel_args = plan_to_kernel_args(plan, images.shape[2], images.shape[3])
@@ -71,7 +71,7 @@ def apply_plan(images: torch.Tensor, plan: AugmentPlan, fill: Fill = 0, *,
     return torch.ops.mpl_fast.augment_apply.default(images, codes, params, fills)
 
 
-@_extension.register_fake("augment_apply")
+@extension.register_fake("augment_apply")
 def _augment_apply_fake(images, codes, params, fill):
     torch._check(images.dtype == torch.uint8, lambda: f"`images` must be uint8, got {images.dtype}")
     torch._check(images.dim() == 4, lambda: f"`images` must have shape (N, C, H, W), got {images.shape}")

@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 from mpl_fast.ops.multi_tensor_dot import _FLOAT_DTYPES, _check_flag
 
 _OP = "fused_sgd_"
@@ -174,7 +174,7 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
     _check_not_autograd_leaves(params, bufs, updates)
-    if params and isinstance(params[0], torch.Tensor) and _extension.use_kernel(params[0].device):
+    if params and isinstance(params[0], torch.Tensor) and extension.use_kernel(params[0].device):
         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
         try:
             torch.ops.mpl_fast.fused_sgd_.default(
@@ -196,7 +196,7 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                          found_inf_out=found_inf_out)
 
 
-@_extension.register_fake(_OP)
+@extension.register_fake(_OP)
 def _fused_sgd_fake(params, grads, momentum_buffers, update_out, *, lr, lr_tensor=None, momentum=0.0,
                     dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
                     found_inf=None, found_inf_out=None):

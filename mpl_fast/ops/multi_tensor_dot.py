@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -95,7 +95,7 @@ def multi_tensor_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
     index for lists of different lengths, shape or device mismatches and non-float dtypes.
     """
     xs, ys = list(xs), list(ys)
-    if xs and len(xs) == len(ys) and isinstance(xs[0], torch.Tensor) and _extension.use_kernel(xs[0].device):
+    if xs and len(xs) == len(ys) and isinstance(xs[0], torch.Tensor) and extension.use_kernel(xs[0].device):
         try:
             if found_inf is None:
                 return torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
@@ -139,8 +139,8 @@ def _multi_tensor_dot_fake(xs, ys, found_inf=None):
     return xs[0].new_empty((), dtype=torch.float32)
 
 
-_extension.register_fake("multi_tensor_dot")(_multi_tensor_dot_fake)
-_extension.register_fake("multi_tensor_dot.found_inf")(_multi_tensor_dot_fake)
+extension.register_fake("multi_tensor_dot")(_multi_tensor_dot_fake)
+extension.register_fake("multi_tensor_dot.found_inf")(_multi_tensor_dot_fake)
 
 
 # Autograd of the kernel (the reference gets the same from torch's own ops): the sum of dots
@@ -161,4 +161,4 @@ def _dot_backward(ctx, grad):
     return (grad_xs, grad_ys) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
-_extension.register_autograd("multi_tensor_dot", _dot_backward, _dot_setup_context)
+extension.register_autograd("multi_tensor_dot", _dot_backward, _dot_setup_context)
