@@ -5,10 +5,15 @@ torch.optim.SGD, so state dicts load in both directions. Two additions for MPL a
 
 - ``keep_update=True``: after each step, ``state[p]["last_update"]`` (or
   :meth:`FusedSGD.last_updates`) holds the applied update Δθ = θ_new − θ_old of every parameter
-  (zero for a parameter that had no gradient or a skipped step). The MPL ``update-dot`` feedback
-  reads it. It is written by the same fused pass (no extra kernel) and is left out of
-  ``state_dict()`` (it is recomputed by the next step). For the ``grad-dot`` feedback the trainer
-  keeps g_u itself: the step does not modify ``p.grad``.
+  (zero for a parameter that had no gradient or a skipped step), for code that needs the
+  update a step really applied (momentum and weight decay included). It is written by the same
+  fused pass (no extra kernel) and is left out of ``state_dict()`` (it is recomputed by the next
+  step). The trainer does not use it: its ``update-dot`` feedback takes Δθ from its own copy of
+  θ before the step, and the step never modifies ``p.grad``.
+
+Anything torch.optim.SGD steps, this steps: sparse gradients (as their dense equivalent),
+non-dense parameters (through a dense copy), layouts changed after steps (buffers follow the
+parameter's strides). Every parameter is checked before any tensor is written.
 - ``step(found_inf=flag)``: a one-element float32 device tensor; when it is non-zero the step
   is a no-op on the device (no host sync), e.g. a flag filled by ``multi_tensor_dot`` or by
   ``torch._amp_foreach_non_finite_check_and_unscale_``. Momentum buffers are created as zeros,
