@@ -4,15 +4,15 @@ import functools
 
 import pytest
 import torch
+from op_testing import OpTester
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import RandAugment as TorchvisionRandAugment
 from torchvision.transforms.autoaugment import _apply_op
 
-from mpl_fast import augment, ops
-from mpl_fast.augment import Cutout, RandAugment, get_policy, sample_plan, torchvision_table
+from mpl_fast import ops
+from mpl_fast.augment import Cutout, RandAugment, cutout, get_policy, rand_augment, sample_plan, torchvision_table
 from mpl_fast.ops import OP_INDEX, OP_NAMES, AugmentPlan, KernelCode, apply_plan_reference, plan_to_kernel_args
-from op_testing import OpTester
 
 SIZES = [(1, 1), (2, 3), (3, 3), (32, 32), (37, 53), (224, 224)]
 
@@ -116,7 +116,7 @@ def test_apply_op_accepts_non_contiguous_images_and_scalar_magnitude():
 def test_empty_batch():
     images = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
     assert ops.apply_op(images, "Rotate", torch.zeros(0)).shape == (0, 3, 8, 8)
-    assert augment.rand_augment(images).shape == (0, 3, 8, 8)
+    assert rand_augment(images).shape == (0, 3, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_empty_batch():
 def test_cutout_box(size):
     images = photos(37, 53, False, 8)
     g = torch.Generator().manual_seed(3)
-    out = augment.cutout(images, size, fill=(1, 2, 3), generator=g)
+    out = cutout(images, size, fill=(1, 2, 3), generator=g)
     g.manual_seed(3)
     expected = images.clone()
     cy = torch.randint(37, (8, 1), generator=g)
@@ -143,7 +143,7 @@ def test_cutout_box(size):
 
 
 def test_cutout_default_fill_is_mpl_grey():
-    out = augment.cutout(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), 4, generator=torch.Generator().manual_seed(0))
+    out = cutout(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), 4, generator=torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) == {0, 128}
 
 
@@ -216,7 +216,7 @@ def test_mpl_apply_probability_skips_steps():
 def test_rand_augment_kernel_equals_reference(policy, magnitude, gray):
     images = photos(37, 53, gray, 24)
     g = torch.Generator().manual_seed(11)
-    out = augment.rand_augment(images, num_ops=3, magnitude=magnitude, policy=policy, generator=g, cutout=10)
+    out = rand_augment(images, num_ops=3, magnitude=magnitude, policy=policy, generator=g, cutout=10)
     g.manual_seed(11)
     drawn = sample_plan(images.shape, 3, magnitude, 31, policy, g, final_cutout=10)
     expected = apply_plan_reference(images, drawn.plan, drawn.fill)
@@ -226,23 +226,23 @@ def test_rand_augment_kernel_equals_reference(policy, magnitude, gray):
 
 def test_rand_augment_seed_reproduces_and_differs():
     images = photos(32, 32, False, 16)
-    a = augment.rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
-    b = augment.rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
-    c = augment.rand_augment(images, generator=torch.Generator().manual_seed(6), policy="mpl", magnitude=16, cutout=16)
+    a = rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
+    b = rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
+    c = rand_augment(images, generator=torch.Generator().manual_seed(6), policy="mpl", magnitude=16, cutout=16)
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.manual_seed(0)
-    d = augment.rand_augment(images)
+    d = rand_augment(images)
     torch.manual_seed(0)
-    assert torch.equal(d, augment.rand_augment(images))  # no generator: torch's global CPU generator
+    assert torch.equal(d, rand_augment(images))  # no generator: torch's global CPU generator
 
 
 def test_modules_match_functional():
     images = photos(32, 32, False, 8)
     module = RandAugment(num_ops=2, magnitude=12, policy="mpl", cutout=16, generator=torch.Generator().manual_seed(2))
-    expected = augment.rand_augment(images, 2, 12, policy="mpl", generator=torch.Generator().manual_seed(2), cutout=16)
+    expected = rand_augment(images, 2, 12, policy="mpl", generator=torch.Generator().manual_seed(2), cutout=16)
     assert torch.equal(module(images), expected)
     cut = Cutout(8, fill=0, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(cut(images), augment.cutout(images, 8, fill=0, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(cut(images), cutout(images, 8, fill=0, generator=torch.Generator().manual_seed(4)))
     assert "policy='mpl'" in repr(module)
 
 
@@ -289,13 +289,13 @@ def test_raw_op_under_compile():
 def test_fallback_without_extension_matches_kernel(python_without_extension):
     code = ("import torch, mpl_fast, mpl_fast.augment\n"
             "x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)\n"
-            "y = mpl_fast.augment.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
+            "y = mpl_fast.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
             "print(mpl_fast.ops.backend(), y.sum().item(), y.flatten()[::7].tolist())\n")
     stdout = python_without_extension(code)
     backend, rest = stdout.strip().split(" ", 1)
     assert backend == "reference"
     x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)
-    y = augment.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)
+    y = rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)
     assert rest == f"{y.sum().item()} {y.flatten()[::7].tolist()}"
 
 
@@ -317,14 +317,14 @@ def test_fallback_without_extension_matches_kernel(python_without_extension):
      "`magnitudes` of Posterize"),
     (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2), fill=[1, 2]), "`fill` must have"),
     (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2), fill=300), r"`fill\[0\]`"),
-    (lambda: augment.cutout(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), -1), "`size` must be a non-negative int"),
-    (lambda: augment.cutout(torch.zeros(2, 3, 4, 4, dtype=torch.float32), 2), "`images` must be a uint8"),
-    (lambda: augment.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_ops=-1), "`num_ops`"),
-    (lambda: augment.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=31), "`magnitude` must be a bin"),
-    (lambda: augment.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=-2, policy="mpl"), "`magnitude`"),
-    (lambda: augment.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_magnitude_bins=1), "`num_magnitude_bins`"),
-    (lambda: augment.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), policy="fixmatch"), "`policy` must be one of"),
-    (lambda: augment.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), cutout=-3), "`cutout`"),
+    (lambda: cutout(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), -1), "`size` must be a non-negative int"),
+    (lambda: cutout(torch.zeros(2, 3, 4, 4, dtype=torch.float32), 2), "`images` must be a uint8"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_ops=-1), "`num_ops`"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=31), "`magnitude` must be a bin"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=-2, policy="mpl"), "`magnitude`"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_magnitude_bins=1), "`num_magnitude_bins`"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), policy="fixmatch"), "`policy` must be one of"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), cutout=-3), "`cutout`"),
 ])
 def test_bad_input_raises_value_error_naming_argument(call, match):
     with pytest.raises(ValueError, match=match):
@@ -368,8 +368,8 @@ def test_cuda_apply_op_equals_cpu(size, gray):
 @pytest.mark.parametrize("size", [(32, 32), (37, 53), (224, 224)])
 def test_cuda_rand_augment_same_images_as_cpu(policy, magnitude, size):
     images = photos(*size, False, 16)
-    cpu = augment.rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1), cutout=16)
-    gpu = augment.rand_augment(images.cuda(), 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
+    cpu = rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1), cutout=16)
+    gpu = rand_augment(images.cuda(), 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
                            cutout=16)
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
 
@@ -378,8 +378,8 @@ def test_cuda_rand_augment_same_images_as_cpu(policy, magnitude, size):
 def test_cuda_opcheck_and_cutout():
     images, codes, params, fill = _kernel_args()
     torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, (images.cuda(), codes.cuda(), params.cuda(), fill))
-    cpu = augment.cutout(images, 5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(augment.cutout(images.cuda(), 5, generator=torch.Generator().manual_seed(0)).cpu(), cpu)
+    cpu = cutout(images, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cutout(images.cuda(), 5, generator=torch.Generator().manual_seed(0)).cpu(), cpu)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (37, 53), (224, 224)])
@@ -405,7 +405,7 @@ def test_translate_fast_path_equals_affine_grid(size):
 def test_rand_augment_under_compile_draws_eagerly():
     # The draws graph-break (torch.compiler.disable); results equal eager for the same seed.
     images = photos(16, 16, False, 4)
-    fn = lambda x, g: augment.rand_augment(x, 2, 12, policy="mpl", generator=g, cutout=6)  # noqa: E731
+    fn = lambda x, g: rand_augment(x, 2, 12, policy="mpl", generator=g, cutout=6)  # noqa: E731
     compiled = torch.compile(fn, backend="eager")
     expected = fn(images, torch.Generator().manual_seed(3))
     assert torch.equal(compiled(images, torch.Generator().manual_seed(3)), expected)

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
+from op_testing import OpTester
 
 import mpl_fast
 from mpl_fast import ops
 from mpl_fast.ops import extension
-from op_testing import OpTester
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
+from op_testing import OpTester
 
 from mpl_fast import ops
 from mpl_fast.optim import FusedSGD
-from op_testing import OpTester
 
 CHUNK = 1 << 15
 SHAPES = [(), (0,), (1,), (7, 3), (CHUNK + 3,), (2 * (1 << 16) + 5,), (4, 3, 3, 3)]

@@ -4,9 +4,9 @@ opcheck, torch.compile, and the CUDA kernel against the CPU one (on a GPU only).
 
 import pytest
 import torch
+from op_testing import OpTester
 
 from mpl_fast import ops
-from op_testing import OpTester
 
 CHUNK = 1 << 15  # kCpuChunk in csrc/multi_tensor.h
 CUDA_CHUNK = 1 << 16

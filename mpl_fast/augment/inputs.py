@@ -18,9 +18,10 @@ def as_batch(images) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tenso
         raise ValueError(f"mpl_fast: `images` must be a tensor, got {type(images).__name__} (for PIL "
                          "images put torchvision.transforms.v2.ToImage() first)")
     if images.is_floating_point():
-        raise ValueError(f"mpl_fast: `images` must be a uint8 tensor, got {images.dtype}: the kernels work on 8-bit pixels. "
-                         "For float images in [0, 1] put torchvision.transforms.v2.ToDtype(torch.uint8, scale=True) "
-                         "before and ToDtype(torch.float32, scale=True) after.")
+        raise ValueError(f"mpl_fast: `images` must be a uint8 tensor, got {images.dtype}: the kernels work on "
+                         "8-bit pixels. For float images in [0, 1] put "
+                         "torchvision.transforms.v2.ToDtype(torch.uint8, scale=True) before and "
+                         "ToDtype(torch.float32, scale=True) after.")
     if images.dim() < 3:
         raise ValueError(f"mpl_fast: `images` must have shape (C, H, W) or (..., C, H, W), got "
                          f"{tuple(images.shape)}")

@@ -131,7 +131,8 @@ def _sample_plan(shape, num_ops, magnitude, num_magnitude_bins, policy_name, gen
         skipped = torch.rand(n, num_ops, generator=generator, dtype=torch.float64) > p
         pair = torch.where(skipped, skip_row, pair)
     op_ids = torch.where(pair == skip_row, OP_INDEX["Identity"], ids[choice])
-    mags = torch.where(op_ids == OP_INDEX["Identity"], 0.0, torch.where(negate, -table_mags[choice], table_mags[choice]))
+    signed_mags = torch.where(negate, -table_mags[choice], table_mags[choice])
+    mags = torch.where(op_ids == OP_INDEX["Identity"], 0.0, signed_mags)
     is_cutout = op_ids == CUTOUT
     boxes = cutout_boxes(n, num_ops, height, width, torch.where(is_cutout, mags, 0.0), generator)
     mags = torch.where(is_cutout, 0.0, mags)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mpl_fast.augment import functional
+import mpl_fast.augment.functional as functional
 from mpl_fast.augment.workers import worker_generator
 
 
@@ -32,7 +32,8 @@ class RandAugment(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return functional.rand_augment(images, self.num_ops, self.magnitude, self.num_magnitude_bins, self.policy,
-                                       worker_generator(self.generator, self._worker_stream), self.fill, self.cutout)
+                                       worker_generator(self.generator, self._worker_stream), self.fill,
+                                       self.cutout)
 
     def extra_repr(self) -> str:
         return (f"num_ops={self.num_ops}, magnitude={self.magnitude}, num_magnitude_bins={self.num_magnitude_bins}, "

@@ -26,8 +26,15 @@ from typing import Optional
 import torch
 
 from mpl_fast.ops import extension
-from mpl_fast.ops.augment_args import (BLEND_OPS, OP_INDEX, OP_NAMES, AugmentPlan, Fill, normalize_fill,
-                                       plan_to_kernel_args)
+from mpl_fast.ops.augment_args import (
+    BLEND_OPS,
+    OP_INDEX,
+    OP_NAMES,
+    AugmentPlan,
+    Fill,
+    normalize_fill,
+    plan_to_kernel_args,
+)
 from mpl_fast.ops.augment_reference import apply_plan_reference
 
 
