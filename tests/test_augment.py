@@ -289,7 +289,7 @@ def test_raw_op_under_compile():
 def test_fallback_without_extension_matches_kernel(python_without_extension):
     code = ("import torch, mpl_fast, mpl_fast.augment\n"
             "x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)\n"
-            "y = mpl_fast.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
+            "y = mpl_fast.augment.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
             "print(mpl_fast.ops.backend(), y.sum().item(), y.flatten()[::7].tolist())\n")
     stdout = python_without_extension(code)
     backend, rest = stdout.strip().split(" ", 1)

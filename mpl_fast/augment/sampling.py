@@ -59,6 +59,8 @@ def _table_entries(policy_name: str, magnitude: float, num_bins: int, height: in
     """The policy's table as Python tuples (op index, magnitude, signed), computed once."""
     key = (policy_name, magnitude, num_bins, height, width)
     if key not in _ENTRIES:
+        if len(_ENTRIES) >= 64:  # a bound, as for _PAIR_TABLES: sizes vary in some pipelines
+            _ENTRIES.clear()
         table = get_policy(policy_name).table(magnitude, num_bins, height, width)
         _ENTRIES[key] = (tuple(CUTOUT if name == "Cutout" else OP_INDEX[name] for name, _, _ in table),
                          tuple(float(value) for _, value, _ in table), tuple(bool(s) for _, _, s in table))
