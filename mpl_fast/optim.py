@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from mpl_fast.ops.fused_sgd import fused_sgd_
+from mpl_fast.ops.fused_sgd import fused_sgd_, is_dense
 from mpl_fast.parallel.sharding import local
 
 
@@ -141,7 +141,7 @@ class FusedSGD(torch.optim.Optimizer):
             # The kernel walks a parameter, its buffers and Δθ in one memory order: a non-dense
             # parameter steps through a dense copy, written back after the pass.
             work = local(p)
-            if not _is_dense(work):
+            if not is_dense(work):
                 work = work.contiguous()
                 write_back.append((local(p), work))
             # A sparse gradient (nn.Embedding(sparse=True)) steps as its dense equivalent: SGD
@@ -188,17 +188,6 @@ def _check_param(p: torch.Tensor, where: str) -> None:
     if p.grad.shape != p.shape:
         raise ValueError(f"FusedSGD: {where} has shape {tuple(p.shape)} but its .grad has shape "
                          f"{tuple(p.grad.shape)}")
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """The elements fill a block of memory with no gaps and no overlap (any dimension order),
-    as the fused kernel requires."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _in_layout_of(work: torch.Tensor, state_tensor: torch.Tensor) -> torch.Tensor:

@@ -608,3 +608,18 @@ def test_op_refuses_a_leaf_that_requires_grad_outside_no_grad():
     with torch.no_grad():
         ops.fused_sgd_([p], [torch.ones(3)], lr=0.1)
     assert torch.equal(p.detach(), torch.full((3,), 0.9))
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda f: f([torch.ones(8, 12)[:, ::2]], [torch.ones(8, 6)]), r"`params\[0\]` must be non-overlapping and dense"),
+    (lambda f: f([torch.ones(4, 4)], [torch.ones(4, 4)], [torch.ones(4, 4).t()], momentum=0.9),
+     r"`momentum_buffers\[0\]` must have the dtype .* and strides"),
+    (lambda f: f([torch.ones(4, 4)], [torch.ones(4, 4)], update_out=[torch.ones(4, 4).t()]),
+     r"`update_out\[0\]` must have the dtype .* and strides"),
+])
+def test_kernel_and_reference_refuse_the_same_layouts(case, match):
+    # Before, the reference stepped a non-dense parameter the kernel refuses: behaviour
+    # depended on the backend. FusedSGD steps such parameters through a dense copy on both.
+    for op in (ops.fused_sgd_, ops.fused_sgd_reference_):
+        with pytest.raises(ValueError, match=match):
+            case(lambda *a, **kw: op(*a, lr=0.1, **kw))

@@ -49,6 +49,22 @@ def _err(msg: str) -> ValueError:
     return ValueError(f"mpl_fast.{_OP}: {msg}")
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """The elements fill one block of memory with no gaps and no overlap, in any dimension
+    order: what the kernel updates in place."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Strides equal wherever they matter (a dimension of size 1 never moves through memory)."""
+    return a.dim() == b.dim() and all(s == 1 or x == y for s, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
 def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
                 found_inf, found_inf_out) -> None:
     n = len(params)
@@ -95,6 +111,14 @@ def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
                 raise _err(f"`{name}[{i}]` must have the dtype of `params[{i}]` ({p.dtype}), got {t.dtype}")
             if t.device != device:
                 raise _err(f"`{name}[{i}]` is on {t.device} but the first tensor of the lists is on {device}")
+        # The kernel's layout rules, so that both backends accept the same calls.
+        if not is_dense(p):
+            raise _err(f"`params[{i}]` must be non-overlapping and dense (it is updated in place), got strides "
+                       f"{p.stride()}")
+        for name, ts in lists[1:]:
+            if not _same_strides(ts[i], p):
+                raise _err(f"`{name}[{i}]` must have the dtype ({p.dtype}) and strides {p.stride()} of "
+                           f"`params[{i}]`, got {ts[i].dtype} with strides {ts[i].stride()}")
 
 
 def _check_not_autograd_leaves(params, bufs, updates) -> None:
