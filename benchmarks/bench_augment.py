@@ -2,7 +2,7 @@
 
 Cases: 32x32 (CIFAR) and 224x224 images. Baselines: torchvision.transforms.RandAugment(2, 9) plus
 a 16-px cutout applied one image at a time, to PIL images and to uint8 tensors. Ours:
-mpl_fast.ops.rand_augment(batch, 2, 9, cutout=16) on the whole batch. "1 thread": everything on
+mpl_fast.augment.rand_augment(batch, 2, 9, cutout=16) on the whole batch. "1 thread": everything on
 one core (torch.set_num_threads(1)); "all threads": ours with torch's intra-op threads, the
 baselines in a pool of worker processes (how a DataLoader would run them). On a GPU (when
 present) ours runs on CUDA and, if nvidia.dali is importable, DALI's auto_aug.rand_augment on the
@@ -25,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mpl_fast import ops  # noqa: E402
+from mpl_fast import augment, ops  # noqa: E402
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CUTOUT = 16
@@ -95,7 +95,7 @@ def _time_ours_once(images: torch.Tensor, repeats: int, g: torch.Generator, devi
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
-        ops.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
+        augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
     sync()
     return (time.perf_counter() - start) / repeats
 
@@ -105,7 +105,7 @@ def _compare(images: torch.Tensor, workers: int, pool, repeats: int, rounds: int
     that load changes on a shared machine hit all of them alike."""
     arrays = [im.permute(1, 2, 0).numpy().copy() for im in images]
     g = torch.Generator().manual_seed(0)
-    ops.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)  # warm-up
+    augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)  # warm-up
     for kind in ("pil", "tensor"):
         _time_baseline_once(kind, arrays[: max(workers, len(arrays) // 8)], workers, pool)
     best = {"ours": float("inf"), "pil": float("inf"), "tensor": float("inf")}
@@ -119,7 +119,7 @@ def _compare(images: torch.Tensor, workers: int, pool, repeats: int, rounds: int
 def _time_ours(images: torch.Tensor, repeats: int, device: str = "cpu") -> float:
     g = torch.Generator().manual_seed(0)
     images = images.to(device)
-    ops.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
+    augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
     best = min(_time_ours_once(images, repeats, g, device) for _ in range(3))
     return images.shape[0] / best
 
@@ -196,7 +196,7 @@ def main() -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
             for _ in range(5):
-                ops.rand_augment(images, 2, 9, generator=torch.Generator().manual_seed(0), cutout=CUTOUT)
+                augment.rand_augment(images, 2, 9, generator=torch.Generator().manual_seed(0), cutout=CUTOUT)
         path = os.path.join(args.profile, "bench_augment_trace.json")
         prof.export_chrome_trace(path)
         print(f"wrote {path}")

@@ -79,9 +79,7 @@ def time_batches(stream, batches, warmup):
 
 
 def strong_impl():
-    import mpl_fast.ops as ops
-    return "mpl_fast.ops.rand_augment" if hasattr(ops, "rand_augment") else \
-        "torchvision v2 RandAugment per image (fallback until the batched op lands)"
+    return "mpl_fast.augment.rand_augment"
 
 
 def main():

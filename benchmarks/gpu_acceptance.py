@@ -201,12 +201,12 @@ def stage_kernels(report: Report, dry: bool):
 def _augment_timings(report, device, measure, iters, dry, peaks):
     import torch
 
-    from mpl_fast import ops
+    from mpl_fast import augment
 
     n, size = (8, 32) if dry else (256, 224)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
     try:
-        ours = measure(lambda: ops.rand_augment(images, 2, 9, generator=torch.Generator().manual_seed(0)), iters)
+        ours = measure(lambda: augment.rand_augment(images, 2, 9, generator=torch.Generator().manual_seed(0)), iters)
         _bandwidth(report, "kernels", f"rand_augment {n}x3x{size}x{size}", 2 * images.numel(), ours, peaks,
                    f"{n / ours:.0f} images/s")
     except Exception as e:  # noqa: BLE001

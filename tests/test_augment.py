@@ -1,60 +1,19 @@
 """Batched RandAugment / Cutout ops against torchvision, on real photos (scikit-image)."""
 
-import functools
 
 import pytest
 import torch
+from op_testing import OpTester
+from sample_images import op_magnitudes, photos
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import RandAugment as TorchvisionRandAugment
 from torchvision.transforms.autoaugment import _apply_op
 
 from mpl_fast import ops
-from mpl_fast.augment import Cutout, RandAugment
-from mpl_fast.augment.policies import get_policy, torchvision_table
-from mpl_fast.augment.sampling import sample_plan
-from mpl_fast.ops import augment as A
+from mpl_fast.augment import Cutout, RandAugment, cutout, get_policy, rand_augment, sample_plan, torchvision_table
+from mpl_fast.ops import OP_INDEX, OP_NAMES, AugmentPlan, KernelCode, apply_plan_reference, plan_to_kernel_args
 
 SIZES = [(1, 1), (2, 3), (3, 3), (32, 32), (37, 53), (224, 224)]
-
-
-@functools.lru_cache(maxsize=None)
-def _photo(name: str) -> torch.Tensor:
-    from skimage import data
-
-    array = getattr(data, name)()
-    tensor = torch.from_numpy(array)
-    return tensor.permute(2, 0, 1).contiguous() if tensor.dim() == 3 else tensor.unsqueeze(0)
-
-
-@functools.lru_cache(maxsize=None)
-def photos(height: int, width: int, gray: bool, n: int) -> torch.Tensor:
-    """n different real images of (height, width): crops of photos at several scales, resized."""
-    names = ["camera", "moon", "coins", "page"] if gray else ["astronaut", "coffee", "chelsea", "rocket"]
-    out = []
-    for i in range(n):
-        img = _photo(names[i % len(names)])
-        h, w = img.shape[-2:]
-        scale = 1.0 / (1 + i // len(names))  # later images: tighter crops, more detail
-        ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
-        top, left = (h - ch) // 2, (w - cw) // 2
-        out.append(F.resize(img[:, top:top + ch, left:left + cw], [height, width], antialias=True))
-    return torch.stack(out)
-
-
-def _op_magnitudes(name: str, height: int, width: int) -> list[float]:
-    """Magnitudes across torchvision's range for `name`, extremes and zero included."""
-    signed = {"ShearX": 0.3, "ShearY": 0.3, "Rotate": 30.0, "TranslateX": 150 / 331 * width,
-              "TranslateY": 150 / 331 * height, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9,
-              "Sharpness": 0.9}
-    if name in signed:
-        top = signed[name]
-        return [-top, -0.61 * top, -0.27 * top, 0.0, 0.13 * top, 0.5 * top, 0.77 * top, top]
-    if name == "Posterize":
-        return [0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-    if name == "Solarize":
-        return [0.0, 1.0, 64.5, 127.0, 128.0, 200.0, 254.0, 255.0]
-    return [0.0] * 4
 
 
 def _reference(images: torch.Tensor, name: str, magnitudes, fill) -> torch.Tensor:
@@ -77,10 +36,10 @@ def assert_matches_contract(out: torch.Tensor, expected: torch.Tensor, what: str
 
 @pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
 @pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
-@pytest.mark.parametrize("name", A.OP_NAMES)
+@pytest.mark.parametrize("name", OP_NAMES)
 def test_apply_op_matches_torchvision(name, size, gray):
     height, width = size
-    mags = _op_magnitudes(name, height, width)
+    mags = op_magnitudes(name, height, width)
     images = photos(height, width, gray, len(mags))
     fill = 7 if gray else [10, 200, 30]
     magnitudes = torch.tensor(mags, dtype=torch.float64)
@@ -117,7 +76,7 @@ def test_apply_op_accepts_non_contiguous_images_and_scalar_magnitude():
 def test_empty_batch():
     images = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
     assert ops.apply_op(images, "Rotate", torch.zeros(0)).shape == (0, 3, 8, 8)
-    assert ops.rand_augment(images).shape == (0, 3, 8, 8)
+    assert rand_augment(images).shape == (0, 3, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +87,7 @@ def test_empty_batch():
 def test_cutout_box(size):
     images = photos(37, 53, False, 8)
     g = torch.Generator().manual_seed(3)
-    out = ops.cutout(images, size, fill=(1, 2, 3), generator=g)
+    out = cutout(images, size, fill=(1, 2, 3), generator=g)
     g.manual_seed(3)
     expected = images.clone()
     cy = torch.randint(37, (8, 1), generator=g)
@@ -144,7 +103,7 @@ def test_cutout_box(size):
 
 
 def test_cutout_default_fill_is_mpl_grey():
-    out = ops.cutout(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), 4, generator=torch.Generator().manual_seed(0))
+    out = cutout(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), 4, generator=torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) == {0, 128}
 
 
@@ -172,15 +131,15 @@ def test_rand_augment_distribution_matches_torchvision():
     space = TorchvisionRandAugment._augmentation_space(None, 31, (32, 32))
     names = list(space)
     op_ids = drawn.plan.op_ids.flatten()
-    counts = torch.bincount(op_ids, minlength=len(A.OP_NAMES)).tolist()
-    observed = [counts[A.OP_INDEX[name]] for name in names]
+    counts = torch.bincount(op_ids, minlength=len(OP_NAMES)).tolist()
+    observed = [counts[OP_INDEX[name]] for name in names]
     assert sum(observed) == n * k  # only torchvision's 14 ops (no Invert, no Cutout)
     assert chisquare(observed).pvalue > 1e-3, observed
     mags = drawn.plan.magnitudes.flatten()
     for name in names:
         values, signed = space[name]
         expected = float(values[9].item()) if values.ndim > 0 else 0.0
-        mine = mags[op_ids == A.OP_INDEX[name]]
+        mine = mags[op_ids == OP_INDEX[name]]
         assert set(mine.abs().tolist()) <= {abs(expected)}, name
         if signed and expected != 0:
             negative = int((mine < 0).sum())
@@ -207,7 +166,7 @@ def test_mpl_policy_numbers():
 
 def test_mpl_apply_probability_skips_steps():
     drawn = sample_plan((4000, 3, 32, 32), 2, 10, 31, "mpl", torch.Generator().manual_seed(1))
-    skipped = (drawn.plan.op_ids == A.OP_INDEX["Identity"]).float().mean().item()
+    skipped = (drawn.plan.op_ids == OP_INDEX["Identity"]).float().mean().item()
     assert abs(skipped - 0.5) < 0.03  # p ~ U(0.2, 0.8): a step is skipped half the time on average
 
 
@@ -217,33 +176,33 @@ def test_mpl_apply_probability_skips_steps():
 def test_rand_augment_kernel_equals_reference(policy, magnitude, gray):
     images = photos(37, 53, gray, 24)
     g = torch.Generator().manual_seed(11)
-    out = ops.rand_augment(images, num_ops=3, magnitude=magnitude, policy=policy, generator=g, cutout=10)
+    out = rand_augment(images, num_ops=3, magnitude=magnitude, policy=policy, generator=g, cutout=10)
     g.manual_seed(11)
     drawn = sample_plan(images.shape, 3, magnitude, 31, policy, g, final_cutout=10)
-    expected = A.run_plan_reference(images, drawn.plan, drawn.fill)
+    expected = apply_plan_reference(images, drawn.plan, drawn.fill)
     assert_matches_contract(out, expected, policy)
     assert torch.equal(out, expected)
 
 
 def test_rand_augment_seed_reproduces_and_differs():
     images = photos(32, 32, False, 16)
-    a = ops.rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
-    b = ops.rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
-    c = ops.rand_augment(images, generator=torch.Generator().manual_seed(6), policy="mpl", magnitude=16, cutout=16)
+    a = rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
+    b = rand_augment(images, generator=torch.Generator().manual_seed(5), policy="mpl", magnitude=16, cutout=16)
+    c = rand_augment(images, generator=torch.Generator().manual_seed(6), policy="mpl", magnitude=16, cutout=16)
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.manual_seed(0)
-    d = ops.rand_augment(images)
+    d = rand_augment(images)
     torch.manual_seed(0)
-    assert torch.equal(d, ops.rand_augment(images))  # no generator: torch's global CPU generator
+    assert torch.equal(d, rand_augment(images))  # no generator: torch's global CPU generator
 
 
 def test_modules_match_functional():
     images = photos(32, 32, False, 8)
     module = RandAugment(num_ops=2, magnitude=12, policy="mpl", cutout=16, generator=torch.Generator().manual_seed(2))
-    expected = ops.rand_augment(images, 2, 12, policy="mpl", generator=torch.Generator().manual_seed(2), cutout=16)
+    expected = rand_augment(images, 2, 12, policy="mpl", generator=torch.Generator().manual_seed(2), cutout=16)
     assert torch.equal(module(images), expected)
     cut = Cutout(8, fill=0, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(cut(images), ops.cutout(images, 8, fill=0, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(cut(images), cutout(images, 8, fill=0, generator=torch.Generator().manual_seed(4)))
     assert "policy='mpl'" in repr(module)
 
 
@@ -257,29 +216,46 @@ def _kernel_args(n=3, h=9, w=7):
     return images, drawn.codes, drawn.params, [5, 6, 7]
 
 
-def test_augment_apply_opcheck():
-    torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, _kernel_args())
+class TestApplyOp(OpTester):
+    rtol, atol = 0, 1  # the contract: torchvision's pixels to +-1 (in practice bit-exact)
+
+    def sample_inputs(self, device):
+        images = photos(9, 7, False, 3).to(device)
+        return [((images, name, torch.tensor([-m, 0.5 * m, m], dtype=torch.float64), 5), {})
+                for name, m in [("Rotate", 25.0), ("ShearY", 0.3), ("TranslateX", 3.0), ("Contrast", 0.8),
+                                ("Sharpness", 0.9), ("Equalize", 0.0), ("Invert", 0.0)]]
+
+    def function(self, images, name, magnitudes, fill):
+        return ops.apply_op(images, name, magnitudes, fill)
+
+    def reference(self, images, name, magnitudes, fill):
+        return _reference(images, name, magnitudes.tolist(), fill)
+
+    def opcheck_inputs(self, device):
+        images, codes, params, fill = _kernel_args()
+        drawn = sample_plan(images.shape, 3, 9, 31, "torchvision", torch.Generator().manual_seed(0), final_cutout=4)
+        return [(torch.ops.mpl_fast.augment_apply.default, (images.to(device), codes.to(device), params.to(device),
+                                                              fill), {}),
+                (torch.ops.mpl_fast_reference.augment_plan.default,
+                 (images.to(device), *drawn.plan, fill), {})]
 
 
-def test_apply_op_under_compile():
-    fn = torch.compile(lambda x, m: ops.apply_op(x, "Rotate", m, fill=3), fullgraph=True, backend="eager")
-    images, mags = photos(16, 16, False, 2), torch.tensor([10.0, -25.0], dtype=torch.float64)
-    assert torch.equal(fn(images, mags), ops.apply_op(images, "Rotate", mags, fill=3))
+def test_raw_op_under_compile():
     raw = torch.compile(lambda *a: torch.ops.mpl_fast.augment_apply.default(*a), fullgraph=True, backend="eager")
     args = _kernel_args()
     assert torch.equal(raw(*args), torch.ops.mpl_fast.augment_apply.default(*args))
 
 
 def test_fallback_without_extension_matches_kernel(python_without_extension):
-    code = ("import torch, mpl_fast\n"
+    code = ("import torch, mpl_fast, mpl_fast.augment\n"
             "x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)\n"
-            "y = mpl_fast.ops.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
+            "y = mpl_fast.augment.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)\n"
             "print(mpl_fast.ops.backend(), y.sum().item(), y.flatten()[::7].tolist())\n")
     stdout = python_without_extension(code)
     backend, rest = stdout.strip().split(" ", 1)
     assert backend == "reference"
     x = (torch.arange(2 * 3 * 11 * 13) * 37 % 256).to(torch.uint8).view(2, 3, 11, 13)
-    y = ops.rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)
+    y = rand_augment(x, 3, 20, generator=torch.Generator().manual_seed(9), cutout=4)
     assert rest == f"{y.sum().item()} {y.flatten()[::7].tolist()}"
 
 
@@ -301,14 +277,14 @@ def test_fallback_without_extension_matches_kernel(python_without_extension):
      "`magnitudes` of Posterize"),
     (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2), fill=[1, 2]), "`fill` must have"),
     (lambda: ops.apply_op(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "Rotate", torch.zeros(2), fill=300), r"`fill\[0\]`"),
-    (lambda: ops.cutout(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), -1), "`size` must be a non-negative int"),
-    (lambda: ops.cutout(torch.zeros(2, 3, 4, 4, dtype=torch.float32), 2), "`images` must be a uint8"),
-    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_ops=-1), "`num_ops`"),
-    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=31), "`magnitude` must be a bin"),
-    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=-2, policy="mpl"), "`magnitude`"),
-    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_magnitude_bins=1), "`num_magnitude_bins`"),
-    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), policy="fixmatch"), "`policy` must be one of"),
-    (lambda: ops.rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), cutout=-3), "`cutout`"),
+    (lambda: cutout(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), -1), "`size` must be a non-negative int"),
+    (lambda: cutout(torch.zeros(2, 3, 4, 4, dtype=torch.float32), 2), "`images` must be a uint8"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_ops=-1), "`num_ops`"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=31), "`magnitude` must be a bin"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), magnitude=-2, policy="mpl"), "`magnitude`"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), num_magnitude_bins=1), "`num_magnitude_bins`"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), policy="fixmatch"), "`policy` must be one of"),
+    (lambda: rand_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), cutout=-3), "`cutout`"),
 ])
 def test_bad_input_raises_value_error_naming_argument(call, match):
     with pytest.raises(ValueError, match=match):
@@ -339,8 +315,8 @@ def test_raw_op_bad_input(mutate, match):
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (32, 32), (37, 53), (224, 224)])
 @pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
 def test_cuda_apply_op_equals_cpu(size, gray):
-    for name in A.OP_NAMES:
-        mags = torch.tensor(_op_magnitudes(name, *size), dtype=torch.float64)
+    for name in OP_NAMES:
+        mags = torch.tensor(op_magnitudes(name, *size), dtype=torch.float64)
         images = photos(*size, gray, len(mags))
         cpu = ops.apply_op(images, name, mags, fill=9)
         assert torch.equal(ops.apply_op(images.cuda(), name, mags, fill=9).cpu(), cpu), name
@@ -352,8 +328,8 @@ def test_cuda_apply_op_equals_cpu(size, gray):
 @pytest.mark.parametrize("size", [(32, 32), (37, 53), (224, 224)])
 def test_cuda_rand_augment_same_images_as_cpu(policy, magnitude, size):
     images = photos(*size, False, 16)
-    cpu = ops.rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1), cutout=16)
-    gpu = ops.rand_augment(images.cuda(), 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
+    cpu = rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1), cutout=16)
+    gpu = rand_augment(images.cuda(), 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
                            cutout=16)
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
 
@@ -362,8 +338,8 @@ def test_cuda_rand_augment_same_images_as_cpu(policy, magnitude, size):
 def test_cuda_opcheck_and_cutout():
     images, codes, params, fill = _kernel_args()
     torch.library.opcheck(torch.ops.mpl_fast.augment_apply.default, (images.cuda(), codes.cuda(), params.cuda(), fill))
-    cpu = ops.cutout(images, 5, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(ops.cutout(images.cuda(), 5, generator=torch.Generator().manual_seed(0)).cpu(), cpu)
+    cpu = cutout(images, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cutout(images.cuda(), 5, generator=torch.Generator().manual_seed(0)).cpu(), cpu)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (37, 53), (224, 224)])
@@ -375,12 +351,12 @@ def test_translate_fast_path_equals_affine_grid(size):
     for name in ("TranslateX", "TranslateY"):
         mags = torch.tensor(shifts if name == "TranslateX" else [s * height / width for s in shifts],
                             dtype=torch.float64).view(-1, 1)
-        op_ids = torch.full_like(mags, A.OP_INDEX[name], dtype=torch.int64)
-        fast_codes, fast_params = A.plan_to_kernel_args(A.AugmentPlan(op_ids, mags, torch.zeros(len(shifts), 1, 4)),
+        op_ids = torch.full_like(mags, OP_INDEX[name], dtype=torch.int64)
+        fast_codes, fast_params = plan_to_kernel_args(AugmentPlan(op_ids, mags, torch.zeros(len(shifts), 1, 4)),
                                                         height, width)
-        assert (fast_codes == A._K_TRANSLATE).all()
-        grid_params = A._affine_params(op_ids.view(-1), mags.view(-1), height, width).view(-1, 1, 6)
-        grid_codes = torch.full_like(fast_codes, A._K_AFFINE)
+        assert (fast_codes == KernelCode.TRANSLATE).all()
+        grid_params = ops.augment_args.affine_params(op_ids.view(-1), mags.view(-1), height, width).view(-1, 1, 6)
+        grid_codes = torch.full_like(fast_codes, KernelCode.AFFINE)
         fast = torch.ops.mpl_fast.augment_apply.default(images, fast_codes, fast_params, [3])
         grid = torch.ops.mpl_fast.augment_apply.default(images, grid_codes, grid_params, [3])
         assert torch.equal(fast, grid), name
@@ -389,7 +365,7 @@ def test_translate_fast_path_equals_affine_grid(size):
 def test_rand_augment_under_compile_draws_eagerly():
     # The draws graph-break (torch.compiler.disable); results equal eager for the same seed.
     images = photos(16, 16, False, 4)
-    fn = lambda x, g: ops.rand_augment(x, 2, 12, policy="mpl", generator=g, cutout=6)  # noqa: E731
+    fn = lambda x, g: rand_augment(x, 2, 12, policy="mpl", generator=g, cutout=6)  # noqa: E731
     compiled = torch.compile(fn, backend="eager")
     expected = fn(images, torch.Generator().manual_seed(3))
     assert torch.equal(compiled(images, torch.Generator().manual_seed(3)), expected)
@@ -409,7 +385,7 @@ def test_rand_augment_draws_match_torchvision_randaugment(monkeypatch):
     for _ in range(3000):
         transform(image)
     drawn = sample_plan((3000, 3, 20, 30), 2, 13, 31, "torchvision", torch.Generator().manual_seed(0))
-    ours = [(A.OP_NAMES[int(i)], float(m)) for i, m in zip(drawn.plan.op_ids.flatten(), drawn.plan.magnitudes.flatten())]
+    ours = [(OP_NAMES[int(i)], float(m)) for i, m in zip(drawn.plan.op_ids.flatten(), drawn.plan.magnitudes.flatten())]
     categories = sorted(set(seen) | set(ours))
     assert set(ours) == set(seen), set(ours) ^ set(seen)  # identical (op, magnitude) support
     table = [[seen.count(c) for c in categories], [ours.count(c) for c in categories]]

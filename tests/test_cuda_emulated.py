@@ -7,13 +7,14 @@ does not model; the emulated kernels are compared bit for bit against themselves
 scheduler seeds). What the emulator checks is in docs/cuda_testing.md.
 """
 
+import types
+
 import pytest
 import torch
 
 import emulated_build
-from mpl_fast import ops
-from mpl_fast.ops import augment as A
-from test_augment import _op_magnitudes, photos
+from mpl_fast import augment, ops
+from sample_images import op_magnitudes, photos
 
 SEEDS = (1, 2, 3)  # scheduler seeds: thread order, block order, shared-memory garbage
 CHUNK, CUDA_CHUNK = 1 << 15, 1 << 16
@@ -217,11 +218,13 @@ def test_sgd_empty_list_and_empty_tensors(emu):
 # ---------------------------------------------------------------------------------------------
 
 class _Emulated:
-    """Routes mpl_fast.ops.augment's kernel call through the emulated CUDA kernel."""
+    """Routes the augment kernel call (torch.ops.mpl_fast.augment_apply) through the emulated CUDA
+    kernel, so apply_op and rand_augment plan on the host exactly as they do for a CUDA batch."""
 
     def __init__(self, emu, monkeypatch, seed=1):
-        monkeypatch.setattr(A, "run_kernel", lambda images, codes, params, fills:
-                            emu.augment_apply(images, codes, params, fills, seed=seed))
+        kernel = types.SimpleNamespace(default=lambda images, codes, params, fills:
+                                       emu.augment_apply(images, codes, params, fills, seed=seed))
+        monkeypatch.setattr(torch.ops.mpl_fast, "augment_apply", kernel)
 
 
 # 7x13 and 37x53 fit the shared-memory path; 224x224 (and 90x90 RGB) use the scratch path.
@@ -234,8 +237,8 @@ def test_every_op_emulated_equals_cpu_kernel(emu, monkeypatch, size, gray):
     assert emu.lib.mpl_emu_augment_needs_scratch(1 if gray else 3, *size) == (size[0] * size[1] * (1 if gray else 3)
                                                                              * 2 > 40 * 1024)
     cases = []
-    for name in A.OP_NAMES:
-        mags = torch.tensor(_op_magnitudes(name, *size), dtype=torch.float64)
+    for name in ops.OP_NAMES:
+        mags = torch.tensor(op_magnitudes(name, *size), dtype=torch.float64)
         images = photos(*size, gray, len(mags))
         cases.append((name, images, mags, ops.apply_op(images, name, mags, fill=9)))
     _Emulated(emu, monkeypatch)
@@ -248,7 +251,7 @@ def test_every_op_emulated_equals_cpu_kernel(emu, monkeypatch, size, gray):
 def test_rand_augment_emulated_equals_cpu_kernel(emu, monkeypatch, policy, magnitude, size):
     images = photos(*size, False, 8)
     def run():
-        return ops.rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
+        return augment.rand_augment(images, 3, magnitude, policy=policy, generator=torch.Generator().manual_seed(1),
                                 cutout=min(size) // 2)
     cpu = run()
     for seed in SEEDS[:2]:
@@ -279,9 +282,9 @@ def test_reductions_on_flat_and_full_range_images(emu, monkeypatch, kind, channe
 
 def test_augment_empty_batch_and_cutout(emu, monkeypatch):
     images = photos(37, 53, False, 5)
-    cpu = ops.cutout(images, 9, generator=torch.Generator().manual_seed(0))
+    cpu = augment.cutout(images, 9, generator=torch.Generator().manual_seed(0))
     _Emulated(emu, monkeypatch)
-    assert torch.equal(ops.cutout(images, 9, generator=torch.Generator().manual_seed(0)), cpu)
+    assert torch.equal(augment.cutout(images, 9, generator=torch.Generator().manual_seed(0)), cpu)
     assert ops.apply_op(images[:0], "Equalize", 0.0).shape == (0, 3, 37, 53)
 
 

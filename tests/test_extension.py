@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
+from op_testing import OpTester
 
 import mpl_fast
 from mpl_fast import ops
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def test_stale_extension_is_detected(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "mpl_fast._C", StaleModule)
     monkeypatch.setattr(mpl_fast, "_C", StaleModule, raising=False)
-    module, error = _extension._load()
+    module, error = extension.load()
     assert module is None
     assert "built for torch 1.0.0" in error
 
@@ -68,15 +69,24 @@ def test_scaled_add_non_contiguous():
     torch.testing.assert_close(ops.scaled_add(x, y, 3.0), x + 3.0 * y)
 
 
-def test_scaled_add_opcheck():
-    x, y = torch.randn(4, 5), torch.randn(4, 5)
-    torch.library.opcheck(torch.ops.mpl_fast.scaled_add.default, (x, y, 0.5))
+class TestScaledAdd(OpTester):
+    rtol = atol = 0  # the kernel computes exactly what the reference does
 
+    def sample_inputs(self, device):
+        g = torch.Generator().manual_seed(1)
+        return [((torch.randn(shape, generator=g).to(device, dtype), torch.randn(shape, generator=g).to(device, dtype),
+                  -1.5), {})
+                for dtype in (torch.float32, torch.float64, torch.bfloat16) for shape in [(), (0,), (7, 3), (1000, 33)]]
 
-def test_scaled_add_under_compile():
-    fn = torch.compile(lambda a, b: ops.scaled_add(a, b, 2.0) * 2, fullgraph=True, backend="eager")
-    x, y = torch.randn(9), torch.randn(9)
-    torch.testing.assert_close(fn(x, y), (x + 2 * y) * 2)
+    def function(self, x, y, alpha):
+        return ops.scaled_add(x, y, alpha)
+
+    def reference(self, x, y, alpha):
+        return ops.scaled_add_reference(x, y, alpha)
+
+    def opcheck_inputs(self, device):
+        return [(torch.ops.mpl_fast.scaled_add.default, (torch.randn(4, 5, device=device),
+                                                         torch.randn(4, 5, device=device), 0.5), {})]
 
 
 @pytest.mark.parametrize("x,y,match", [
@@ -100,8 +110,8 @@ def test_missing_extension_is_named_not_a_circular_import(monkeypatch):
     def not_built(name):
         raise ModuleNotFoundError(f"No module named {name!r}")
 
-    monkeypatch.setattr(_extension.importlib, "import_module", not_built)
-    module, error = _extension._load()
+    monkeypatch.setattr(extension.importlib, "import_module", not_built)
+    module, error = extension.load()
     assert module is None
     assert error.startswith("mpl_fast._C was not built")
 
@@ -111,11 +121,27 @@ def test_ops_list_matches_the_schemas():
 
     with open(os.path.join(REPO, "csrc", "ops.cpp")) as f:
         declared = set(re.findall(r'm\.def\(\s*"(\w+)[(.]', f.read()))
-    assert declared == set(_extension.OPS)
+    assert declared == set(extension.OPS)
 
 
 def test_extension_older_than_the_source_is_detected(monkeypatch):
-    monkeypatch.setattr(_extension, "OPS", _extension.OPS + ("op_from_the_future",))
-    module, error = _extension._load()
+    monkeypatch.setattr(extension, "OPS", extension.OPS + ("op_from_the_future",))
+    module, error = extension.load()
     assert module is None
     assert "older than this source" in error and "mpl_fast::op_from_the_future" in error
+
+
+def test_kernel_codes_match_the_cpp_enum():
+    # csrc/augment.h's `enum OpCode` is the source of truth; ops.KernelCode mirrors it.
+    import re
+
+    with open(os.path.join(REPO, "csrc", "augment.h")) as f:
+        header = f.read()
+    body = re.search(r"enum\s+OpCode\b[^{]*\{(.*?)\};", header, re.S).group(1)
+    entries = dict((name, int(value)) for name, value in re.findall(r"\bk(\w+)\s*=\s*(\d+)", body))
+    count = entries.pop("NumOpCodes")
+    snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper(): value for name, value in entries.items()}
+    assert snake == {code.name: int(code) for code in ops.KernelCode}
+    assert count == len(ops.KernelCode)
+    params = re.search(r"constexpr\s+int\s+kParamsPerOp\s*=\s*(\d+)", header).group(1)
+    assert int(params) == ops.PARAMS_PER_OP

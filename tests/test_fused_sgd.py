@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from op_testing import OpTester
 
 from mpl_fast import ops
 from mpl_fast.optim import FusedSGD
@@ -233,14 +234,36 @@ def test_kernel_refuses_bad_input_itself():
         op([torch.ones(2)], [torch.ones(2)], [], [], lr=0.1, momentum=0.5)
 
 
-def test_opcheck():
-    params = _params([(5,), (3, 4)])
-    args = (params, _grads(params, 1), [torch.zeros_like(p) for p in params], [torch.empty_like(p) for p in params])
-    torch.library.opcheck(torch.ops.mpl_fast.fused_sgd_.default, args,
-                          {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})
-    torch.library.opcheck(torch.ops.mpl_fast.fused_sgd_.default, args,
-                          {"lr": 0.0, "lr_tensor": torch.tensor(0.05), "momentum": 0.9,
-                           "found_inf": torch.zeros(1), "found_inf_out": torch.zeros(1)})
+class TestFusedSGD(OpTester):
+    rtol, atol = 1e-6, 1e-6
+
+    def sample_inputs(self, device):
+        out = []
+        for hyper in HYPER[:3]:
+            params = [p.to(device) for p in _params([(5,), (3, 4), (2, 3, 3, 3)])]
+            grads = _grads(params, 1)
+            bufs = [torch.ones_like(p) for p in params] if hyper["momentum"] else []
+            out.append(((params, grads, bufs), {"lr": 0.1, "update_out": [torch.empty_like(p) for p in params], **hyper}))
+        return out
+
+    def result(self, fn, args, kwargs):
+        fn(*args, **kwargs)
+        return args[0] + args[2] + kwargs["update_out"]  # what the op writes
+
+    def function(self, *args, **kwargs):
+        ops.fused_sgd_(*args, **kwargs)
+
+    def reference(self, *args, **kwargs):
+        ops.fused_sgd_reference_(*args, **kwargs)
+
+    def opcheck_inputs(self, device):
+        params = [p.to(device) for p in _params([(5,), (3, 4)])]
+        args = (params, _grads(params, 1), [torch.zeros_like(p) for p in params], [torch.empty_like(p) for p in params])
+        return [(torch.ops.mpl_fast.fused_sgd_.default, args,
+                 {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}),
+                (torch.ops.mpl_fast.fused_sgd_.default, args,
+                 {"lr": 0.0, "lr_tensor": torch.tensor(0.05, device=device), "momentum": 0.9,
+                  "found_inf": torch.zeros(1, device=device), "found_inf_out": torch.zeros(1, device=device)})]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -464,3 +487,139 @@ def test_a_copied_optimizer_keeps_keep_update_and_steps_the_same(copy_kind):
         o.step()
     assert torch.equal(p, p2)
     assert torch.equal(opt.last_updates()[0], opt2.last_updates()[0])
+
+
+# ------------------------------------------------------------------ drop-in defects (issue 21)
+
+
+def _embedding_models(seed=0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(4, 3)
+    sparse = torch.nn.Embedding(10, 4, sparse=True)
+    return torch.nn.ModuleDict({"emb": sparse, "lin": dense})
+
+
+def _embedding_loss(model, ids):
+    return model["lin"](model["emb"](ids)).square().mean()
+
+
+@pytest.mark.parametrize("hyper", [dict(momentum=0.0), dict(momentum=0.9, nesterov=True),
+                                   dict(momentum=0.5, dampening=0.2, maximize=True)], ids=str)
+def test_sparse_gradients_step_like_torch_sgd(hyper):
+    ours, theirs = _embedding_models(), _embedding_models()
+    # The sparse group second: a step that refused it would have stepped the first group already.
+    opt = FusedSGD([{"params": ours["lin"].parameters()}, {"params": ours["emb"].parameters()}], lr=0.1, **hyper)
+    ref = torch.optim.SGD([{"params": theirs["lin"].parameters()}, {"params": theirs["emb"].parameters()}],
+                          lr=0.1, **hyper)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        ids = torch.randint(10, (6,), generator=g)
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            _embedding_loss(model, ids).backward()
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_refused_step_touches_no_tensor():
+    first = torch.nn.Parameter(torch.ones(3))
+    overlapping = torch.nn.Parameter(torch.ones(3, 1).expand(3, 4))  # torch.optim.SGD refuses it too
+    opt = FusedSGD([{"params": [first]}, {"params": [overlapping]}], lr=0.1, momentum=0.9)
+    first.grad, overlapping.grad = torch.ones(3), torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*overlap"):
+        opt.step()
+    assert torch.equal(first, torch.ones(3)) and not opt.state  # nothing moved, no state created
+
+
+def test_non_dense_parameter_steps_like_torch_sgd():
+    base = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.nn.Parameter(base.clone()[:, ::2]), torch.nn.Parameter(base.clone()[:, ::2])
+    assert not ours.is_contiguous()
+    opt = FusedSGD([ours], lr=0.1, momentum=0.9, nesterov=True, keep_update=True)
+    ref = torch.optim.SGD([theirs], lr=0.1, momentum=0.9, nesterov=True)
+    for seed in range(3):
+        grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(seed + 1))
+        before = ours.detach().clone()
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(opt.last_updates()[0], ours.detach() - before, rtol=0, atol=1e-6)
+
+
+def test_channels_last_after_steps():
+    torch.manual_seed(0)
+    ours = torch.nn.Conv2d(3, 4, 3)
+    theirs = copy.deepcopy(ours)
+    opt = FusedSGD(ours.parameters(), lr=0.1, momentum=0.9, keep_update=True)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        if step == 2:  # a layout change after the buffers exist (as model.to(channels_last) does)
+            ours.to(memory_format=torch.channels_last)
+            theirs.to(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 6, 6, generator=g)
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    assert ours.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_load_state_dict_keeps_keep_update():
+    model, _ = _models()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, keep_update=True)
+    _train(model, opt, 1)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.keep_update
+    _train(model, opt, 1)
+    assert all(u is not None for u in opt.last_updates())
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_leaves_last_update_out_of_its_state_dict(copy_kind):
+    import io
+    import pickle
+
+    model, _ = _models()
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, keep_update=True)
+    _train(model, opt, 1)
+    if copy_kind == "deepcopy":
+        copied = copy.deepcopy(opt)
+    elif copy_kind == "pickle":
+        copied = pickle.loads(pickle.dumps(opt))
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    assert all("last_update" in s for s in copied.state.values())  # live scratch kept
+    assert all(set(s) == {"momentum_buffer"} for s in copied.state_dict()["state"].values())
+
+
+def test_op_refuses_a_leaf_that_requires_grad_outside_no_grad():
+    p = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"`params\[0\]` is a leaf .* requires grad"):
+        ops.fused_sgd_([p], [torch.ones(3)], lr=0.1)
+    assert torch.equal(p.detach(), torch.ones(3))
+    with torch.no_grad():
+        ops.fused_sgd_([p], [torch.ones(3)], lr=0.1)
+    assert torch.equal(p.detach(), torch.full((3,), 0.9))
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda f: f([torch.ones(8, 12)[:, ::2]], [torch.ones(8, 6)]), r"`params\[0\]` must be non-overlapping and dense"),
+    (lambda f: f([torch.ones(4, 4)], [torch.ones(4, 4)], [torch.ones(4, 4).t()], momentum=0.9),
+     r"`momentum_buffers\[0\]` must have the dtype .* and strides"),
+    (lambda f: f([torch.ones(4, 4)], [torch.ones(4, 4)], update_out=[torch.ones(4, 4).t()]),
+     r"`update_out\[0\]` must have the dtype .* and strides"),
+])
+def test_kernel_and_reference_refuse_the_same_layouts(case, match):
+    # Before, the reference stepped a non-dense parameter the kernel refuses: behaviour
+    # depended on the backend. FusedSGD steps such parameters through a dense copy on both.
+    for op in (ops.fused_sgd_, ops.fused_sgd_reference_):
+        with pytest.raises(ValueError, match=match):
+            case(lambda *a, **kw: op(*a, lr=0.1, **kw))

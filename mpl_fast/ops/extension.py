@@ -24,8 +24,8 @@ def _public_version(version: str) -> str:
     return version.split("+")[0]
 
 
-def _load():
-    """Returns (module or None, cause of failure or None)."""
+def load():
+    """Tries to import the extension: (module, None), or (None, why it cannot be used)."""
     if os.environ.get("MPL_FAST_NO_EXTENSION") == "1":
         return None, "MPL_FAST_NO_EXTENSION=1"
     try:
@@ -45,7 +45,7 @@ def _load():
     return _C, None
 
 
-_C, LOAD_ERROR = _load()
+_C, LOAD_ERROR = load()
 if LOAD_ERROR is not None:
     warnings.warn(
         f"mpl_fast: the C++/CUDA extension is not in use ({LOAD_ERROR}); every op falls back to "
@@ -86,6 +86,12 @@ def use_kernel(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
     return device.type == "cuda" and has_cuda_kernels()
+
+
+def register_autograd(op_name: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd`` for ``mpl_fast::op_name``, a no-op without the extension."""
+    if _C is not None:
+        torch.library.register_autograd(f"mpl_fast::{op_name}", backward, setup_context=setup_context)
 
 
 def register_fake(op_name: str) -> Callable:
