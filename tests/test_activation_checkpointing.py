@@ -16,10 +16,10 @@ from mpl_fast.algo.feedback import deterministic_forward
 from mpl_fast.models import DigitsCNN, TwoMoonsMLP, WideResNet, create_model
 from mpl_fast.models.checkpointing import (checkpointed_units, enable_activation_checkpointing,
                                            find_checkpoint_units, saved_activation_bytes)
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
-from mpl_fast.parallel.plan import measure_footprint
-from mpl_fast import train as train_module
+from mpl_fast.train.plan import measure_footprint
+from mpl_fast.train import build as train_build
 from mpl_fast.train import main, run
 from mpl_testing import set_fields
 
@@ -268,7 +268,7 @@ def test_trainer_with_and_without_the_flag_gives_the_same_weights(tmp_path, monk
         wrapped.append(enable_activation_checkpointing(model))
         return wrapped[-1]
 
-    monkeypatch.setattr(train_module, "enable_activation_checkpointing", counting)
+    monkeypatch.setattr(train_build, "enable_activation_checkpointing", counting)
     for name, on in (("plain", False), ("ckpt", True)):
         run(_digits(tmp_path, name, activation_checkpointing=on), progress=False, quiet=True)
     assert wrapped == [1, 1]  # the flag reached the trainer: student and teacher, one stage each

@@ -314,12 +314,12 @@ def test_trainer_runs_fp16_on_cpu_when_tests_allow_it(extra, tmp_path, monkeypat
 
 @pytest.mark.parametrize("argv,dtype", [([], torch.float16), (["--no-amp-student"], torch.float32)])
 def test_trainer_builds_the_fp16_student_and_its_scaler_unless_no_amp_student(argv, dtype, monkeypatch):
-    from mpl_fast.cli import build_parser, config_from_args
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_parser, config_from_args
+    from mpl_fast.train import build_mpl, build_streams
 
     monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
     cfg = config_from_args(build_parser().parse_args(["--amp", "--amp-dtype", "fp16", "--device", "cpu", *argv]))
-    mpl = build_mpl(cfg, _build_streams(cfg))
+    mpl = build_mpl(cfg, build_streams(cfg))
     assert mpl.grad_scaler is not None
     assert (mpl.student_grad_scaler is not None) == (dtype == torch.float16)
     with mpl.student_autocast():
@@ -339,8 +339,8 @@ def _dp_rank(rank: int, init_file: str, tmp: str):
 
     import torch.distributed as dist
 
-    from mpl_fast.config import preset
-    from mpl_fast.parallel.precision import PrecisionPolicy
+    from mpl_fast.train.config import preset
+    from mpl_fast.train.precision import PrecisionPolicy
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MPL_FAST_ALLOW_CPU_FP16="1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -385,7 +385,7 @@ def test_data_parallel_ranks_agree_on_overflow_skips_and_scale(tmp_path):
 
 
 def test_overflow_after_overflow_stops_the_run_and_says_so(tmp_path, monkeypatch, capsys):
-    from mpl_fast.parallel.precision import PrecisionPolicy
+    from mpl_fast.train.precision import PrecisionPolicy
 
     monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
     monkeypatch.setattr(PrecisionPolicy, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 100))
@@ -395,7 +395,7 @@ def test_overflow_after_overflow_stops_the_run_and_says_so(tmp_path, monkeypatch
 
 
 def test_cpu_fp16_policy_only_with_the_test_switch():
-    from mpl_fast.parallel.precision import resolve_precision
+    from mpl_fast.train.precision import resolve_precision
 
     with pytest.raises(ValueError, match="refused on the CPU"):
         resolve_precision(True, "fp16", "cpu")

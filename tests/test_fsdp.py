@@ -15,7 +15,7 @@ from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_testing import (assert_state_unchanged, init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields,
                           spawn_ranks, torchrun_trainer, toy_batches)
@@ -165,7 +165,7 @@ def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
 def _rank_main(rank: int, init_file: str, tmp: str):
     init_gloo_rank(rank, WORLD, init_file)
     torch.set_num_threads(1)
-    from mpl_fast.parallel.precision import resolve_precision
+    from mpl_fast.train.precision import resolve_precision
     from mpl_fast.parallel.sharding import device_mesh
 
     returned = {"steps": _step_scenarios(rank), "trainer": _trainer_scenarios(tmp)}
@@ -249,7 +249,7 @@ def test_trainer_under_fsdp_runs_and_writes_a_one_process_checkpoint(ranks):
     """2 ranks, --fsdp, digits: rank 0 reports, and its checkpoint (whole tensors, the
     one-process format) loads into unsharded networks in this process, which measure the same
     accuracies rank 0 measured on its gathered replicas."""
-    from mpl_fast.train import _build_streams, accuracy, build_mpl
+    from mpl_fast.train import accuracy, build_mpl, build_streams
 
     tmp, results = ranks
     summary = results[0]["trainer"]["full"]
@@ -259,7 +259,7 @@ def test_trainer_under_fsdp_runs_and_writes_a_one_process_checkpoint(ranks):
     state = ckpt.load(str(tmp / "full" / "checkpoint.pt"))
     assert state["config"]["fsdp"] and state["step"] == 10
     cfg = _digits(tmp / "unused", fsdp=False)
-    streams = _build_streams(cfg)
+    streams = build_streams(cfg)
     mpl = build_mpl(cfg, streams)
     mpl.load_state_dict(state["mpl"])  # the format of a one-process checkpoint: loads as is
     for name, model in mpl.models().items():

@@ -15,7 +15,7 @@ from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
 from mpl_fast.parallel.distributed import shutdown
@@ -283,13 +283,13 @@ def test_bad_placements_are_refused_before_any_work(argv, expect, tmp_path):
 
 def test_amp_follows_the_teachers_device(tmp_path):
     """--amp autocasts the teacher's forward where the teacher lives: bf16 on a CPU teacher (fp16,
-    ~100x slower on a CPU, is refused there by mpl_fast.parallel.precision)."""
-    from mpl_fast.train import _build_streams, _placement, build_mpl
+    ~100x slower on a CPU, is refused there by mpl_fast.train.precision)."""
+    from mpl_fast.train import build_mpl, build_placement, build_streams
 
     cfg = _tiny_cfg(str(tmp_path), True)
     cfg.amp, cfg.teacher_device, cfg.student_device = True, "cpu", "cpu"
-    placement = _placement(cfg)
-    streams = _build_streams(cfg, device=str(placement.data_device))
+    placement = build_placement(cfg)
+    streams = build_streams(cfg, device=str(placement.data_device))
     mpl = build_mpl(cfg, streams, placement)
     with mpl.autocast():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

@@ -19,7 +19,7 @@ from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, Schedules
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
 from mpl_testing import (init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields, spawn_ranks,

@@ -11,8 +11,8 @@ from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.mpl import LOG_KEYS, MPL, Schedules
 from mpl_fast.algo.schedules import delayed, linear_ramp, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
-from mpl_fast.config import FEEDBACK_MODES, METHODS  # the one list of each, kept with the config
+from mpl_fast.algo.config import FEEDBACK_MODES, METHODS, PSEUDO_LABEL_KINDS, MPLConfig
 
-__all__ = ["MPL", "Schedules", "METHODS", "LOG_KEYS", "FEEDBACK_MODES", "ModelEMA", "StepGuard",
+__all__ = ["MPL", "MPLConfig", "Schedules", "METHODS", "LOG_KEYS", "FEEDBACK_MODES", "PSEUDO_LABEL_KINDS", "ModelEMA", "StepGuard",
            "cross_entropy", "pseudo_labels", "uda_consistency", "grad_dot", "update_dot", "finite_diff", "subtract_baseline",
            "deterministic_forward", "finetune", "larger_batches", "warmup_cosine", "delayed", "linear_ramp"]

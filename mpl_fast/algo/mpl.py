@@ -40,7 +40,7 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
 from mpl_fast.algo.uda import uda_consistency
-from mpl_fast.config import FEEDBACK_MODES, METHODS
+from mpl_fast.algo.config import FEEDBACK_MODES, METHODS
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.data_parallel import NoGradientSync
 from mpl_fast.parallel.model_parallel import InProcessLink

@@ -1,7 +1,9 @@
 """The whole configuration of a run: one dataclass tree, and named presets that fill it.
 
 Every number of a recipe lives here, so that the CLI can override any of them by flag
-(``--teacher.lr 0.1`` style flags are generated from this tree in ``mpl_fast.train``).
+(``--teacher.lr 0.1`` style flags are generated from this tree in mpl_fast.train.cli). The MPL
+step's own settings (MPLConfig, the method/feedback/pseudo-label choices) live with the
+algorithm, in mpl_fast.algo.config.
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
+from mpl_fast.algo.config import FEEDBACK_MODES, METHODS, PSEUDO_LABEL_KINDS, MPLConfig
 from mpl_fast.data.config import DataConfig
 
-METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
-FEEDBACK_MODES = ("grad-dot", "update-dot", "finite-diff")
-PSEUDO_LABEL_KINDS = ("hard", "soft", "sample")
 
 
 @dataclass
@@ -35,26 +35,6 @@ class OptimConfig:
 class ModelConfig:
     name: str = "digits-cnn"        # see mpl_fast.models.MODEL_NAMES, or any timm name
     dropout: float = 0.0
-
-
-@dataclass
-class MPLConfig:
-    """The MPL step: pseudo labels, feedback h, UDA on the teacher, label smoothing."""
-
-    feedback: str = "grad-dot"      # one of FEEDBACK_MODES
-    pseudo_labels: str = "hard"     # one of PSEUDO_LABEL_KINDS (same label for student and MPL term)
-    soft_temperature: float = 0.5   # soft pseudo labels = softmax(T(x_strong) / soft_temperature)
-    baseline: str = "auto"          # subtract a moving average of h: "on" | "off" | "auto" (finite-diff only)
-    baseline_decay: float = 0.99    # decay of that moving average
-    mpl_weight: float = 1.0         # multiplies the MPL term h * CE(y_hat, T(x_strong))
-    sup_weight: float = 1.0         # multiplies the teacher's supervised CE (0: feedback-only teacher)
-    uda_weight: float = 8.0         # 0 disables UDA consistency on the teacher
-    uda_ramp_steps: int = 5000      # linear ramp of the UDA weight
-    uda_temperature: float = 0.7
-    uda_threshold: float = 0.6
-    label_smoothing: float = 0.15   # on the teacher's supervised CE
-    student_wait_steps: int = 3000  # the student (and so h) starts after this many steps
-    ema_decay: float = 0.995        # student EMA (0 disables)
 
 
 @dataclass
@@ -143,7 +123,7 @@ def _two_moons() -> TrainConfig:
 
 
 def _cifar10_4k() -> TrainConfig:
-    """The paper's CIFAR-10-4K recipe (WRN-28-2), see DESIGN.md."""
+    """The paper's CIFAR-10-4K recipe (WRN-28-2)."""
     opt = OptimConfig(lr=0.05, warmup_steps=5000, weight_decay=5e-4)
     return TrainConfig(
         preset="cifar10-4k", steps=300_000, log_every=100, eval_every=1000, checkpoint_every=5000,

@@ -7,9 +7,10 @@ import argparse
 import dataclasses
 import typing
 
-from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, preset
+from mpl_fast.algo.config import FEEDBACK_MODES, METHODS, PSEUDO_LABEL_KINDS
 from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
-from mpl_fast.parallel.precision import AMP_DTYPES
+from mpl_fast.train.config import PRESETS, TrainConfig, preset
+from mpl_fast.train.precision import AMP_DTYPES
 
 CHOICES = {
     "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
