@@ -3,9 +3,9 @@ costs.
 
 Cases (same seeded models, same batches, same number of CPU threads per network):
   one process   mpl_fast.algo.MPL with the default in-process link (both networks here)
-  two ranks     layout (b): rank 0 the teacher, rank 1 the student, gloo send/recv of y_hat,
+  two ranks     rank-pair: rank 0 the teacher, rank 1 the student, gloo send/recv of y_hat,
                 (h, loss_student) and ok each step (torch.multiprocessing, file rendezvous)
-  four ranks    layout (c), k = 2: ranks 0-1 the teacher, 2-3 the student, each rank on half of
+  four ranks    rank-groups, k = 2: ranks 0-1 the teacher, 2-3 the student, each rank on half of
                 the same global batch, each half averaging its gradients over its 2 ranks
                 (--groups-world to change 2k; 0 skips the case)
 
@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 from mpl_fast.parallel.data_parallel import GradientAverager  # noqa: E402
@@ -72,7 +72,7 @@ def _mpl(setup: dict, role: str = "both", link=None, grad_sync=None) -> MPL:
     student, teacher = (None if role == "teacher" else student), (None if role == "student" else teacher)
     opt = lambda m: None if m is None else FusedSGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # noqa: E731
     schedules = Schedules(total_steps=1000, teacher_lr=0.05, student_lr=0.05, uda_weight=1.0)
-    return MPL(teacher, student, opt(teacher), opt(student), schedules, ema_decay=0.99, link=link,
+    return MPL(teacher, student, opt(teacher), opt(student), schedules, MPLConfig(ema_decay=0.99), link=link,
                grad_sync=grad_sync)
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits CNN at 8x8 (link latency dominates)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after 3 warm-up steps)")
     parser.add_argument("--groups-world", type=int, default=4,
-                        help="2k ranks for the layout (c) case (k per network, batch / k each); 0 skips it")
+                        help="2k ranks for the rank-groups case (k per network, batch / k each); 0 skips it")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "bench_model_parallel.json"))
     parser.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler Chrome traces here")

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from mpl_fast import checkpoint as run_checkpoint
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision
 from mpl_fast.algo.feedback import deterministic_forward
 from mpl_fast.models import DigitsCNN, TwoMoonsMLP, WideResNet, create_model
 from mpl_fast.models.checkpointing import (checkpointed_units, enable_activation_checkpointing,
@@ -158,8 +158,8 @@ def _mpl(feedback: str, checkpointing: bool, autocast, device: str = "cpu") -> M
     schedules = Schedules(total_steps=20, teacher_lr=0.05, student_lr=0.08, teacher_warmup=2, uda_weight=8.0,
                           uda_ramp=3)
     return MPL(teacher, student, FusedSGD(teacher.parameters(), **HPARAMS), FusedSGD(student.parameters(), **HPARAMS),
-               schedules, feedback=feedback, uda_temperature=0.7, uda_threshold=0.3, label_smoothing=0.15,
-               ema_decay=0.995, autocast=autocast)
+               schedules, MPLConfig(feedback=feedback, uda_temperature=0.7, uda_threshold=0.3, label_smoothing=0.15,
+                                    ema_decay=0.995), precision=StepPrecision(autocast=autocast))
 
 
 def _batches(step: int):

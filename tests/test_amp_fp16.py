@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules, StepPrecision
 from mpl_fast.optim import FusedSGD
 from mpl_fast.train import main, run
 from mpl_testing import assert_state_unchanged, toy_batches
@@ -41,11 +41,13 @@ def _mpl(teacher, student, *, fp16: bool, optimizer=torch.optim.SGD, scaler=None
                       student_schedule="constant", uda_weight=1.0)
     if fp16 and scaler is None:
         scaler = torch.amp.GradScaler("cpu")
-    return MPL(teacher, student, t_opt, s_opt, sched, label_smoothing=0.1, uda_temperature=0.7,
-               uda_threshold=0.0, ema_decay=ema_decay, grad_clip_teacher=1.0,
-               autocast=_fp16 if fp16 else contextlib.nullcontext, grad_scaler=scaler if fp16 else None,
-               student_autocast=_fp16 if student_scaler is not None else contextlib.nullcontext,
-               student_grad_scaler=student_scaler)
+    return MPL(teacher, student, t_opt, s_opt, sched,
+               MPLConfig(label_smoothing=0.1, uda_temperature=0.7, uda_threshold=0.0, ema_decay=ema_decay),
+               clip=GradClip(teacher=1.0),
+               precision=StepPrecision(
+                   autocast=_fp16 if fp16 else contextlib.nullcontext, grad_scaler=scaler if fp16 else None,
+                   student_autocast=_fp16 if student_scaler is not None else contextlib.nullcontext,
+                   student_grad_scaler=student_scaler))
 
 
 def _saved_and_loaded(state: dict) -> dict:
@@ -423,9 +425,11 @@ def _layout_b_rank(rank: int, init_file: str, tmp: str):
     opt = lambda m: FusedSGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
     mpl = MPL(teacher if role == "teacher" else None, student if role == "student" else None,
               opt(teacher) if role == "teacher" else None, opt(student) if role == "student" else None, sched,
-              uda_threshold=0.0, ema_decay=0.9, autocast=_fp16, student_autocast=_fp16,
-              grad_scaler=torch.amp.GradScaler("cpu") if role == "teacher" else None,
-              student_grad_scaler=torch.amp.GradScaler("cpu") if role == "student" else None,
+              MPLConfig(uda_threshold=0.0, ema_decay=0.9),
+              precision=StepPrecision(
+                  autocast=_fp16, student_autocast=_fp16,
+                  grad_scaler=torch.amp.GradScaler("cpu") if role == "teacher" else None,
+                  student_grad_scaler=torch.amp.GradScaler("cpu") if role == "student" else None),
               link=DistributedLink(role, "cpu"))
     clean = mpl.step(*toy_batches(0), clock=0)
     if role == "student":
@@ -439,7 +443,7 @@ def _layout_b_rank(rank: int, init_file: str, tmp: str):
             same += [torch.equal(v, after[net][k]) for k, v in before[net].items()]
     if before["ema"] is not None:
         same += [torch.equal(v, after["ema"]["module"][k]) for k, v in before["ema"]["module"].items()]
-    sync = RankSync(SimpleNamespace(layout="ranks", role=role))
+    sync = RankSync(SimpleNamespace(layout="rank-pair", role=role))
     merged = sync.gather_checkpoint({"mpl": after, "rng": {}}, {"best": {"state": None}, "rng": {}})
     torch.save({"clean_skipped": float(clean["skipped"]), "skipped": float(out["skipped"]),
                 "h": float(out["h"]), "loss_student": float(out["loss_student"]), "unchanged": all(same) and same != [],

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
 from mpl_fast.train.precision import resolve_precision
@@ -28,8 +28,8 @@ def _step_object(student_autocast, seed: int = 0) -> MPL:
     sched = Schedules(total_steps=100, teacher_lr=0.05, student_lr=0.05, teacher_schedule="constant",
                       student_schedule="constant")
     return MPL(teacher, student, FusedSGD(teacher.parameters(), lr=0.05, momentum=0.9),
-               FusedSGD(student.parameters(), lr=0.05, momentum=0.9), sched, baseline="off",
-               autocast=_bf16, student_autocast=student_autocast)
+               FusedSGD(student.parameters(), lr=0.05, momentum=0.9), sched, MPLConfig(baseline="off"),
+               precision=StepPrecision(autocast=_bf16, student_autocast=student_autocast))
 
 
 def _batches(seed: int):

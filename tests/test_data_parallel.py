@@ -346,14 +346,14 @@ def test_a_checkpoint_of_another_world_size_falls_back_to_rank_zeros_stream_stat
             self.rank, self.world_size = rank, world_size
 
     class Sess:
-        def __init__(self, rank, world_size, data_parallel=True):
-            self.ctx, self.data_parallel, self.notes = Ctx(rank, world_size), data_parallel, []
-            self.shards_data = data_parallel  # (model-parallel halves of k > 1 ranks also shard)
+        def __init__(self, rank, world_size, shards_data=True):
+            self.ctx, self.notes = Ctx(rank, world_size), []
+            self.shards_data = shards_data  # data parallel, and rank groups of k > 1 ranks; not a rank pair
             self.say = self.notes.append
 
     state = {"streams": "rank0", "streams_per_rank": ["rank0", "rank1"]}
     assert own_stream_state(Sess(1, 2), state) == "rank1"
-    assert own_stream_state(Sess(1, 2, data_parallel=False), state) == "rank0"  # model parallel
+    assert own_stream_state(Sess(1, 2, shards_data=False), state) == "rank0"  # a rank pair
     three = Sess(2, 3)
     assert own_stream_state(three, state) == "rank0" and "skips" in three.notes[0]
     assert own_stream_state(Sess(1, 2), {"streams": "rank0"}) == "rank0"  # an older checkpoint

@@ -11,18 +11,19 @@ config.json, split.json, metrics.jsonl (one line per log interval and per evalua
 checkpoint.pt (atomic; every ``--checkpoint-every`` steps, at the end and on SIGINT/SIGTERM)
 and summary.json.
 
-``torchrun --nproc_per_node=N -m mpl_fast.train ...`` trains data parallel: every rank runs
-``run``; batch sizes are per rank; rank 0 alone writes, prints and evaluates.
-``--fsdp`` (under torchrun) shards teacher, student and EMA over all ranks with FSDP2;
-evaluation gathers full copies on rank 0. ``--model-parallel`` puts the teacher and the
-student on different devices of one process, or under torchrun on a teacher rank and a
-student rank, or on a teacher rank group and a student rank group.
+Where teacher and student live is the run's layout (mpl_fast.train.topology): "single-device"
+(one process, or under ``torchrun --nproc_per_node=N`` data-parallel replicas, with ``--fsdp``
+FSDP2 shards, over all ranks), "two-devices" (``--model-parallel`` in one process),
+"rank-pair" (``--model-parallel`` on 2 torchrun ranks: a teacher rank and a student rank) and
+"rank-groups" (``--model-parallel`` on 2k ranks: a teacher rank group and a student rank
+group, each data parallel or FSDP). Batch sizes are per rank; rank 0 writes and prints.
 
 The modules, in the order a run meets them:
   __main__       parse -> validate -> run (or --dry-run's plan)
   cli, config    the flags, generated from the config tree (TrainConfig) and its presets
-  topology       where this process stands: one process or a torchrun rank
-  build          the public builders: streams, networks, optimizers, placement, precision, MPL
+  config_file    --config FILE: a saved config.json as the start, checked leaf by leaf
+  topology       the layout, resolved once: placement, shards, gradient sync, seeds, who evaluates
+  build          the public builders: streams, networks, optimizers, precision, MPL
   precision      the --amp policy: autocast dtype and loss scalers
   session        what a run holds, and setting it up
   loop           run(): the step loop, logging, signals, the end
@@ -31,14 +32,16 @@ The modules, in the order a run meets them:
   plan           --dry-run: parameter counts and per-device memory estimates
 """
 
-from mpl_fast.train.build import build_mpl, build_placement, build_precision, build_streams
+from mpl_fast.train.build import build_mpl, build_precision, build_streams
 from mpl_fast.train.cli import build_parser, config_from_args
 from mpl_fast.train.evaluate import accuracy
 from mpl_fast.train.loop import DataParallelFailure, TrainingStopped, run
 from mpl_fast.train.plan import dry_run_report
+from mpl_fast.train.topology import LAYOUTS, Topology, resolve_topology
 
-__all__ = ["run", "main", "build_mpl", "build_streams", "build_placement", "build_precision", "build_parser",
-           "config_from_args", "dry_run_report", "accuracy", "TrainingStopped", "DataParallelFailure"]
+__all__ = ["run", "main", "build_mpl", "build_streams", "build_precision", "build_parser", "config_from_args",
+           "dry_run_report", "accuracy", "resolve_topology", "Topology", "LAYOUTS", "TrainingStopped",
+           "DataParallelFailure"]
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from mpl_fast.train.cli import build_parser, config_from_args
 from mpl_fast.train.config import validate
 from mpl_fast.train.loop import DataParallelFailure, TrainingStopped, run
 from mpl_fast.train.plan import dry_run_report
-from mpl_fast.train.topology import env_world_size
+from mpl_fast.train.topology import dry_run_layouts, env_world_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,19 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     steps, 4 another rank failed."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    if args.config and args.resume:
+        parser.error("--config and --resume cannot be combined: a resumed run continues with its own config.json")
     try:
+        cfg = config_from_args(args)  # the preset, then the --config file, then the flags
         validate(cfg)
     except ValueError as exc:
         parser.error(str(exc))
     if args.dry_run:
-        world_size = env_world_size()
-        plan_for = {}
-        if cfg.fsdp and world_size > 1:
-            plan_for["fsdp_devices"] = world_size
-        if cfg.model_parallel and world_size > 2 and world_size % 2 == 0:  # rank groups: 2k ranks
-            plan_for.update(model_parallel_ranks=world_size, sharded_halves=cfg.fsdp)
-        print(dry_run_report(cfg, **plan_for))
+        print(dry_run_report(cfg, **dry_run_layouts(cfg, env_world_size())))
         return 0
     try:
         run(cfg, resume=args.resume, dist_timeout=args.dist_timeout)

@@ -1,5 +1,6 @@
 """The trainer's builders, public so that tests and benchmarks build exactly what a run builds:
-data streams, networks, optimizers, placement, precision and the MPL step object."""
+data streams, networks, optimizers, precision and the MPL step object (the placement comes
+from mpl_fast.train.topology)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import os
 
 import torch
 
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, GradClip, GradientSync, OptimConfig, Schedules, StepPrecision
 from mpl_fast.models import create_model
 from mpl_fast.models.checkpointing import enable_activation_checkpointing
 from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel, sharding
-from mpl_fast.parallel.data_parallel import NoGradientSync, broadcast_from_rank0
+from mpl_fast.parallel.data_parallel import broadcast_from_rank0
 from mpl_fast.parallel.distributed import DistContext
-from mpl_fast.train.config import OptimConfig, TrainConfig
+from mpl_fast.train.config import TrainConfig
 from mpl_fast.train.precision import PrecisionPolicy, resolve_precision
+from mpl_fast.train.topology import resolve_topology
 
 
 def build_streams(cfg: TrainConfig, ctx: DistContext | None = None, device: str | None = None):
@@ -71,14 +73,14 @@ def build_optimizer(model: torch.nn.Module, opt: OptimConfig) -> torch.optim.Opt
 
 
 def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | None = None, *,
-              grad_sync: NoGradientSync | None = None, groups: model_parallel.HalfGroups | None = None) -> MPL:
+              grad_sync: GradientSync | None = None, groups: model_parallel.HalfGroups | None = None) -> MPL:
     """Teacher, student (distinct random inits), optimizers and the MPL step object for ``cfg``.
 
-    ``placement`` (default: both on ``cfg.device``) puts each network on its device; a process
+    ``placement`` (default: the run's, mpl_fast.train.topology) puts each network on its device; a process
     that holds one half of a model-parallel run builds only that network. ``grad_sync``
     averages gradients under data parallel. ``groups``: this rank's place among model-parallel
     ranks (its peer; with --fsdp, its half's group shards the network)."""
-    placement = placement or build_placement(cfg)
+    placement = placement or resolve_topology(cfg).placement
     # The teacher's rank of a rank pair builds the student too (on the CPU, then drops it), so
     # that the teacher starts from the same random weights as in one process.
     student = build_model(cfg, streams, placement.student_device or "cpu")
@@ -90,28 +92,19 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
     if cfg.fsdp:
         ema_module = shard_networks(cfg, teacher, student, placement.data_device,
                                     groups.half_group if groups is not None else None)
-    m = cfg.mpl
     precision = build_precision(cfg, placement.data_device)
-    schedules = Schedules(
-        total_steps=cfg.steps, teacher_lr=cfg.teacher.lr, student_lr=cfg.student.lr,
-        teacher_warmup=cfg.teacher.warmup_steps, student_warmup=cfg.student.warmup_steps,
-        teacher_schedule=cfg.teacher.schedule, student_schedule=cfg.student.schedule,
-        min_lr_ratio=cfg.student.min_lr_ratio,
-        student_wait=0 if cfg.method == "supervised" else m.student_wait_steps,
-        uda_weight=m.uda_weight if cfg.method in ("mpl", "uda") else 0.0, uda_ramp=m.uda_ramp_steps)
     mpl = MPL(teacher, student, build_optimizer(teacher, cfg.teacher) if teacher is not None else None,
-              build_optimizer(student, cfg.student) if student is not None else None, schedules,
-              method=cfg.method, feedback=m.feedback,
-              pseudo_label_kind=m.pseudo_labels, soft_temperature=m.soft_temperature,
-              baseline=m.baseline, baseline_decay=m.baseline_decay, mpl_weight=m.mpl_weight, sup_weight=m.sup_weight, uda_temperature=m.uda_temperature,
-              uda_threshold=m.uda_threshold, label_smoothing=m.label_smoothing, ema_decay=m.ema_decay,
-              grad_clip_teacher=cfg.teacher.grad_clip, grad_clip_student=cfg.student.grad_clip,
-              autocast=precision.autocast, grad_sync=grad_sync,
-              student_autocast=precision.student_autocast(placement.student_device or "cpu", cfg.amp_student),
-              grad_scaler=precision.grad_scaler() if teacher is not None else None,
-              student_grad_scaler=(precision.student_grad_scaler(placement.student_device, cfg.amp_student)
-                                   if student is not None else None),
-              link=model_parallel.make_link(placement, m.pseudo_labels, streams.num_classes, groups),
+              build_optimizer(student, cfg.student) if student is not None else None,
+              Schedules.for_run(cfg.steps, cfg.method, cfg.teacher, cfg.student, cfg.mpl), cfg.mpl,
+              method=cfg.method, clip=GradClip(teacher=cfg.teacher.grad_clip, student=cfg.student.grad_clip),
+              precision=StepPrecision(
+                  autocast=precision.autocast,
+                  student_autocast=precision.student_autocast(placement.student_device or "cpu", cfg.amp_student),
+                  grad_scaler=precision.grad_scaler() if teacher is not None else None,
+                  student_grad_scaler=(precision.student_grad_scaler(placement.student_device, cfg.amp_student)
+                                       if student is not None else None)),
+              grad_sync=grad_sync,
+              link=model_parallel.make_link(placement, cfg.mpl.pseudo_labels, streams.num_classes, groups),
               ema_module=ema_module)
     if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
         compile_modules(mpl.teacher, mpl.student)
@@ -130,19 +123,6 @@ def shard_networks(cfg: TrainConfig, teacher, student, device, group=None) -> to
     for net in networks + ([ema] if ema is not None else []):
         sharding.shard_model(net, mesh)
     return ema
-
-
-def build_placement(cfg: TrainConfig, device: str | None = None) -> model_parallel.Placement:
-    """Where teacher and student go (--model-parallel, --teacher-device, --student-device);
-    without --model-parallel both on ``device`` (default cfg.device)."""
-    if cfg.model_parallel and cfg.method == "supervised":
-        raise SystemExit("error: --model-parallel places the teacher and the student on different devices, and "
-                         "--method supervised has no teacher")
-    try:
-        return model_parallel.resolve_placement(cfg.model_parallel, device or cfg.device, cfg.teacher_device,
-                                                cfg.student_device)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
 
 
 def build_precision(cfg: TrainConfig, teacher_device=None) -> PrecisionPolicy:

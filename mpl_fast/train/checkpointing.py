@@ -45,7 +45,7 @@ def restore(sess, state: dict) -> None:
         per_rank = state.get("rng_per_rank") or []
         rng = per_rank[ctx.rank] if len(per_rank) == ctx.world_size else None
         if rng is None:  # saved by another number of ranks: fresh per-rank streams
-            torch.manual_seed(rank_seed(sess.cfg, ctx) + int(state["step"]))
+            torch.manual_seed(rank_seed(sess.cfg.seed, ctx.rank) + int(state["step"]))
     if rng is not None:
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available() and rng.get("cuda"):
@@ -82,18 +82,13 @@ def save_checkpoint(sess, step: int, elapsed: float) -> None:
     at a barrier until the file is written."""
     rng, streams = rng_state(), stream_states(sess)
     per_rank = gather_per_rank(sess, rng, streams)
-    state = None
-    if sess.sync.distributed:  # model-parallel ranks: rank 0 gathers the student's half from rank k
-        # --fsdp: each half all-gathers its network's shards first (collective within the half)
-        mpl_state = sharding.full_state_dict(sess.mpl.state_dict()) if sess.cfg.fsdp else None
-        state = sess.sync.gather_checkpoint(checkpoint_state(sess, step, elapsed, rng, streams, mpl_state),
-                                            student_extra={"best": sess.best, "rng": rng})
-    elif sess.cfg.fsdp:  # every rank all-gathers its shards; rank 0 writes a one-process checkpoint
-        mpl_state = sharding.full_state_dict(sess.mpl.state_dict())
-        if sess.ctx.is_main:
-            state = checkpoint_state(sess, step, elapsed, rng, streams, mpl_state)
-    elif sess.ctx.is_main:
-        state = checkpoint_state(sess, step, elapsed, rng, streams)
+    # --fsdp: every rank all-gathers its shards (collective), so the file holds whole tensors
+    mpl_state = sharding.full_state_dict(sess.mpl.state_dict()) if sess.cfg.fsdp else None
+    # With teacher and student on different ranks, every rank offers its state and rank 0 merges
+    # the student's half in (the sync is the identity otherwise).
+    mine = (checkpoint_state(sess, step, elapsed, rng, streams, mpl_state)
+            if sess.ctx.is_main or sess.topology.split else None)
+    state = sess.sync.gather_checkpoint(mine, student_extra={"best": sess.best, "rng": rng})
     if state is not None:
         if per_rank is not None:
             state["rng_per_rank"] = [mine["rng"] for mine in per_rank]

@@ -30,18 +30,19 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
         stop_after: int | None = None, dist_timeout: float = 600.0) -> dict:
     """Trains per ``cfg`` and returns the summary (also written to summary.json).
 
-    Under torchrun (WORLD_SIZE > 1 in the environment) every rank calls this: the ranks train
-    data parallel (see mpl_fast.parallel.data_parallel), rank 0 alone writes files, prints and
-    evaluates, and the other ranks return ``{"rank": r, "step": ..., "output_dir": ...}``.
+    Under torchrun (WORLD_SIZE > 1 in the environment) every rank calls this, in the layout
+    mpl_fast.train.topology resolves; rank 0 alone writes files and prints, and the other ranks
+    return ``{"rank": r, "step": ..., "output_dir": ...}`` (the student's first rank of a split
+    layout returns the summary of what it evaluated).
     Collectives time out after ``dist_timeout`` seconds. ``stop_after`` (tests) behaves like a
     SIGTERM after that many steps: checkpoint and return.
     """
     cfg, state = load_resume(cfg, resume)
-    check_config(cfg)
+    topology = check_config(cfg)
     ctx, owns_group = join_process_group(cfg, dist_timeout)
     sess = None
     try:
-        sess = setup(cfg, state, ctx, quiet, dist_timeout)
+        sess = setup(cfg, state, ctx, topology, quiet, dist_timeout)
         del state
         step, interrupted, seconds = train_loop(sess, progress, stop_after)
         return end(sess, step, interrupted, seconds)

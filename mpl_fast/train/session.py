@@ -14,12 +14,12 @@ import torch.distributed as dist
 
 from mpl_fast.algo import MPL
 from mpl_fast.parallel import model_parallel
-from mpl_fast.parallel.data_parallel import GradientAverager, ShardedSync, StopAgreement, broadcast_from_rank0
+from mpl_fast.parallel.data_parallel import StopAgreement
 from mpl_fast.parallel.distributed import DistContext
-from mpl_fast.train.build import build_model, build_mpl, build_placement, build_precision, build_streams, device_name
+from mpl_fast.train.build import build_model, build_mpl, build_precision, build_streams
 from mpl_fast.train.checkpointing import restore, truncate_metrics
 from mpl_fast.train.config import TrainConfig, to_dict, validate
-from mpl_fast.train.topology import env_world_size, rank_seed
+from mpl_fast.train.topology import Topology, resolve_topology
 
 
 @dataclasses.dataclass
@@ -32,6 +32,8 @@ class Session:
     say: typing.Callable
     streams: typing.Any
     mpl: MPL
+    topology: Topology
+    sync: model_parallel.RankSync  # teacher and student on different ranks meet here; identity otherwise
     start_step: int = 0
     clock_offset: int = 0
     best: dict = dataclasses.field(default_factory=lambda: {"val": -1.0, "step": -1, "state": None})
@@ -42,15 +44,10 @@ class Session:
     make_replica: typing.Callable | None = None
     replicas: dict = dataclasses.field(default_factory=dict)
     evaluated_models: dict = dataclasses.field(default_factory=dict)  # what the last evaluation measured
-    # Model-parallel ranks (a rank pair or rank groups) meet at evaluations and checkpoints; identity otherwise.
-    sync: model_parallel.RankSync = dataclasses.field(
-        default_factory=lambda: model_parallel.RankSync(model_parallel.Placement("single", "both", None, None)))
 
     @property
     def evaluates(self) -> bool:
-        """Rank 0 evaluates for data parallel; each model-parallel half's leader (rank 0, rank k)
-        measures the networks its half holds."""
-        return self.ctx.is_main or (self.sync.distributed and self.sync.is_leader)
+        return self.topology.evaluates
 
     @property
     def joins_evaluation(self) -> bool:
@@ -58,15 +55,8 @@ class Session:
         return self.evaluates or self.cfg.fsdp
 
     @property
-    def data_parallel(self) -> bool:
-        """torchrun ranks that each read their own shard (not model-parallel halves of one step)."""
-        return self.ctx.distributed and not self.sync.distributed
-
-    @property
     def shards_data(self) -> bool:
-        """Ranks that read their own shard of each global batch: data parallel, and model-parallel
-        halves of more than one rank (peers i and k+i read shard i)."""
-        return self.data_parallel or (self.sync.distributed and self.sync.groups.per_half > 1)
+        return self.topology.shards_data
 
     @property
     def resumable(self) -> bool:
@@ -78,28 +68,24 @@ class Session:
             self.metrics.flush()
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Refuses what cannot run, before any work starts."""
+def check_config(cfg: TrainConfig) -> Topology:
+    """Refuses what cannot run, before any work starts (and before joining any process group);
+    returns the run's layout."""
     validate(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
-    if cfg.fsdp and env_world_size() < 2 and not (dist.is_initialized() and dist.get_world_size() > 1):
-        raise SystemExit("error: --fsdp shards the networks over torchrun ranks: launch it with "
-                         "torchrun --nproc_per_node=N -m mpl_fast.train --fsdp ... with N >= 2 "
-                         "(one process holds the whole networks anyway: drop --fsdp)")
-    placement = build_placement(cfg)  # a model-parallel layout that cannot work is refused before joining any group
-    if cfg.fsdp and placement.layout == "ranks" and placement.per_half < 2:
-        raise SystemExit("error: --fsdp --model-parallel shards each network over its half of the torchrun ranks: "
-                         "it needs 2k >= 4 processes (with 2, each rank holds its whole network anyway: drop --fsdp)")
-    build_precision(cfg, placement.data_device)  # e.g. fp16 on a CPU
+    topology = resolve_topology(cfg)
+    build_precision(cfg, topology.placement.data_device)  # e.g. fp16 on a CPU
+    return topology
 
 
 def default_output_dir(cfg: TrainConfig) -> str:
     return os.path.join("runs", f"{cfg.preset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, dist_timeout: float) -> Session:
+def setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, topology: Topology, quiet: bool,
+          dist_timeout: float) -> Session:
     """Output folder, data, models (equal on every rank), and the resumed state if any."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -117,46 +103,19 @@ def setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, quiet: bool, d
             f"has {cfg.steps} (--steps): the student never trains, only the teacher does")
 
     torch.manual_seed(cfg.seed)
-    placement = build_placement(cfg, device_name(cfg, ctx))
-    # Model-parallel ranks: every rank creates the halves' process groups, in the same order.
-    groups = (model_parallel.HalfGroups.create(ctx.world_size, ctx.rank) if placement.layout == "ranks"
-              else None)
-    sync = model_parallel.RankSync(placement, groups)
-    data_parallel = ctx.distributed and not sync.distributed
-    grouped = groups is not None and groups.per_half > 1  # rank groups: each half data parallel
-    # Model-parallel peers read the same batches (only y_hat and h travel); with k ranks per half,
-    # peers i and k+i read shard i of k, as data-parallel rank i of k would.
-    shard_ctx = ctx if data_parallel else None
-    if grouped:
-        shard_ctx = DistContext(rank=groups.index, world_size=groups.per_half, local_rank=ctx.local_rank,
-                                device=ctx.device)
-    streams = build_streams(cfg, shard_ctx, device=str(placement.data_device))
-    grad_sync = (ShardedSync() if cfg.fsdp else GradientAverager()) if data_parallel else None
-    if grouped:  # over its own half's group only
-        grad_sync = (ShardedSync if cfg.fsdp else GradientAverager)(groups.half_group)
-    mpl = build_mpl(cfg, streams, placement, grad_sync=grad_sync, groups=groups)
-    if grouped:
-        if not cfg.fsdp:  # (sharded networks were made equal before sharding, in build_mpl)
-            broadcast_from_rank0(mpl.models().values(), groups.half_group)
-        if groups.index > 0:  # dropout and sampled pseudo labels: a different random stream per shard
-            torch.manual_seed(rank_seed(cfg, ctx))
-        say(f"model parallel x data parallel: teacher on ranks 0..{groups.per_half - 1}, student on ranks "
-            f"{groups.per_half}..{ctx.world_size - 1} ({dist.get_backend()}); each half data parallel over "
-            f"{groups.per_half} shards of {cfg.data.batch_size} labeled + {cfg.data.mu * cfg.data.batch_size} "
-            f"unlabeled per rank per step"
-            + (f"; each network sharded over its half's {groups.per_half} ranks (FSDP2)" if cfg.fsdp else ""))
-    elif data_parallel:
-        if not cfg.fsdp:  # (sharded networks were made equal before sharding, in build_mpl)
-            broadcast_from_rank0(mpl.models().values())
-        if ctx.rank > 0:  # dropout and sampled pseudo labels: a different random stream per rank
-            torch.manual_seed(rank_seed(cfg, ctx))
-        say(f"data parallel: {ctx.world_size} ranks ({dist.get_backend()}), {cfg.data.batch_size} labeled + "
-            f"{cfg.data.mu * cfg.data.batch_size} unlabeled per rank per step"
-            + (f"; teacher, student and EMA sharded over the {ctx.world_size} ranks (FSDP2)" if cfg.fsdp else ""))
-    elif placement.layout != "single":
-        say(f"model parallel: teacher on {'rank 0' if sync.distributed else placement.teacher_device}, "
-            f"student on {'rank 1' if sync.distributed else placement.student_device}")
-    sess = Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl, sync=sync,
+    placement = topology.placement
+    groups = topology.make_groups()  # collective where teacher and student are on different ranks
+    streams = build_streams(cfg, topology.shard_context(ctx), device=str(placement.data_device))
+    mpl = build_mpl(cfg, streams, placement, grad_sync=topology.grad_sync(groups), groups=groups)
+    topology.equalize(mpl.models().values(), groups)
+    seed = topology.own_seed(cfg.seed)
+    if seed is not None:
+        torch.manual_seed(seed)
+    description = topology.describe(cfg)
+    if description:
+        say(description)
+    sess = Session(cfg=cfg, ctx=ctx, out_dir=out_dir, say=say, streams=streams, mpl=mpl, topology=topology,
+                   sync=topology.rank_sync(groups),
                    stop_agreement=StopAgreement(dist_timeout) if ctx.distributed else None)
     if cfg.fsdp and sess.evaluates:
         sess.make_replica = lambda: build_model(cfg, streams, str(placement.data_device))
