@@ -70,7 +70,7 @@ def _time_steps(mpl, streams, steps: int, clock0: int) -> list[float]:
 def _state_bytes(mpl) -> int:
     """This rank's bytes of parameters, gradients and momentum of teacher and student, and of the
     EMA's parameters (its shards under --fsdp)."""
-    from mpl_fast.algo.shards import local
+    from mpl_fast.shards import local
 
     tensors = []
     for net, opt in ((mpl.teacher, mpl.teacher_opt), (mpl.student, mpl.student_opt)):

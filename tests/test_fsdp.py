@@ -72,7 +72,7 @@ def _run_steps(mpl: MPL, rank: int | None, full_state) -> dict:
 # ----------------------------------------------------------------------------- in the ranks
 
 def _step_scenarios(rank: int) -> dict:
-    from mpl_fast.algo.shards import local
+    from mpl_fast.shards import local
     from mpl_fast.parallel.sharding import device_mesh, full_state_dict, is_sharded
 
     mesh = device_mesh("cpu")
@@ -140,7 +140,7 @@ def _trainer_scenarios(tmp: str) -> dict:
 def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
     """fp16 loss scaling: rank 1 alone finds an inf in its shard of the teacher's gradients at
     step 2. Returns per step whether this rank skipped, and the states around that step."""
-    from mpl_fast.algo.shards import local
+    from mpl_fast.shards import local
     from mpl_fast.parallel.sharding import full_state_dict
 
     mpl = _toy_mpl("grad-dot", mesh, grad_scaler=scaler)

@@ -143,7 +143,7 @@ def _rank_main(rank: int, init_file: str, tmp: str):
             returned["steps"][variant, feedback] = _run_steps(mpl, groups.index, groups.role == "student",
                                                               lambda s: copy.deepcopy(full_state_dict(s)))
             if variant == "fsdp":
-                from mpl_fast.algo.shards import local
+                from mpl_fast.shards import local
 
                 returned["steps"][variant, feedback]["local_numel"] = sum(
                     local(p).numel() for m in mpl.models().values() for p in m.parameters())

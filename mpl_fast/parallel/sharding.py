@@ -4,7 +4,7 @@ Each rank keeps 1/N of every parameter, gradient and momentum buffer (fp32 alway
 bf16 MixedPrecisionPolicy fails on the CPU for models with BatchNorm; ``--amp`` autocasts the
 teacher's forward instead). Forward and backward all-gather each block's parameters and
 reduce-scatter (and average) its gradients, so the MPL step works on LOCAL shards
-(mpl_fast.algo.shards: ``local``, and loading whole tensors into sharded modules).
+(mpl_fast.shards: ``local``, and loading whole tensors into sharded modules).
 
 Whole-network state (checkpoints, evaluation on rank 0) goes through ``full_state_dict``
 (every rank must call it: it all-gathers).
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mpl_fast.algo.shards import is_dtensor, local  # noqa: F401 - local: mpl_fast.optim imports it from here
+from mpl_fast.shards import is_dtensor, local  # noqa: F401 - local: mpl_fast.optim imports it from here
 from mpl_fast.checkpoint import map_tensors
 
 

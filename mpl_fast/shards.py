@@ -3,7 +3,8 @@ keeps one shard. The step works on LOCAL shards: ``local(t)`` is the rank's shar
 (a view: in-place writes land in the sharded parameter) and any other tensor itself, so the
 one-process code path is unchanged. ``load_module_state``/``load_optimizer_state`` load whole
 tensors (a one-process checkpoint) into sharded modules, each rank keeping its shard, with no
-communication. (mpl_fast.parallel.sharding does the sharding itself.)"""
+communication. (mpl_fast.parallel.sharding does the sharding itself.) A leaf module: the
+algorithm, the optimizer and parallel/ all use it, so it imports nothing of mpl_fast."""
 
 from __future__ import annotations
 
