@@ -38,9 +38,9 @@ from mpl_fast.algo.guard import StepGuard
 from mpl_fast.algo.interfaces import GradientSync, InProcessLink, Link, NoGradientSync
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
 from mpl_fast.algo.schedules import Schedules, set_lr
-from mpl_fast.shards import load_module_state, load_optimizer_state, local
 from mpl_fast.algo.uda import uda_consistency
 from mpl_fast.algo.update import GradClip, StepPrecision, clip_, clip_and_step, enabled_scaler
+from mpl_fast.shards import load_module_state, load_optimizer_state, local
 
 LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
 
