@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.checkpointing import enable_activation_checkpointing, saved_activation_bytes  # noqa: E402
 from mpl_fast.models.speed import to_channels_last  # noqa: E402
@@ -65,7 +65,7 @@ def build_step(model: str, checkpointing: bool, device: torch.device) -> MPL:
     schedules = Schedules(total_steps=10_000, teacher_lr=RECIPE["lr"], student_lr=RECIPE["lr"],
                           teacher_schedule="constant", student_schedule="constant", uda_weight=8.0)
     return MPL(teacher, student, FusedSGD(teacher.parameters(), **RECIPE), FusedSGD(student.parameters(), **RECIPE),
-               schedules, method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
+               schedules, MPLConfig(feedback="grad-dot", baseline="off", **STEP_KW), method="mpl")
 
 
 def timed_step(mpl: MPL, batch, i: int, device: torch.device) -> float:

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
@@ -49,8 +49,9 @@ def build(case: str, model: str, device: torch.device, seed: int = 0) -> MPL:
     dtype = {"bf16": torch.bfloat16, "fp16+scaler": torch.float16}.get(case)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if case.endswith("+scaler") else None
-    return MPL(teacher, student, *opts, sched, autocast=autocast, grad_scaler=scaler, ema_decay=0.995,
-               uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15)
+    return MPL(teacher, student, *opts, sched,
+               MPLConfig(ema_decay=0.995, uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15),
+               precision=StepPrecision(autocast=autocast, grad_scaler=scaler))
 
 
 def batches(model: str, batch: int, mu: int, n: int, device: torch.device, seed: int = 1):

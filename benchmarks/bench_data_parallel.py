@@ -43,7 +43,7 @@ WORLD = 2
 
 
 def _config(preset_name: str, batch: int, model: str | None = None, channels_last: bool = True):
-    from mpl_fast.config import preset
+    from mpl_fast.train.config import preset
 
     cfg = preset(preset_name)
     cfg.data.batch_size = batch
@@ -70,7 +70,7 @@ def _time_steps(mpl, streams, steps: int, clock0: int) -> list[float]:
 def _state_bytes(mpl) -> int:
     """This rank's bytes of parameters, gradients and momentum of teacher and student, and of the
     EMA's parameters (its shards under --fsdp)."""
-    from mpl_fast.parallel.sharding import local
+    from mpl_fast.shards import local
 
     tensors = []
     for net, opt in ((mpl.teacher, mpl.teacher_opt), (mpl.student, mpl.student_opt)):
@@ -110,13 +110,13 @@ def _time_fsdp(args, cfg, streams, dp_mpl, averager, clock: int) -> dict:
 def _rank(rank: int, args, init_file: str, results):
     from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
     from mpl_fast.parallel.distributed import DistContext
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_mpl, build_streams
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     cfg = _config(args.preset, args.batch, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
-    streams = _build_streams(cfg, DistContext(rank=rank, world_size=WORLD))
+    streams = build_streams(cfg, DistContext(rank=rank, world_size=WORLD))
     averager = GradientAverager()
     mpl = build_mpl(cfg, streams, grad_sync=averager)
     broadcast_from_rank0(mpl.models().values())
@@ -158,12 +158,12 @@ def _rank(rank: int, args, init_file: str, results):
 
 def _single_process(args, threads: int) -> float:
     """Median seconds of the single-process step on the global batch (2 x B)."""
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_mpl, build_streams
 
     torch.set_num_threads(threads)
     cfg = _config(args.preset, args.batch * WORLD, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
-    streams = _build_streams(cfg)
+    streams = build_streams(cfg)
     mpl = build_mpl(cfg, streams)
     _time_steps(mpl, streams, 3, 0)
     return statistics.median(_time_steps(mpl, streams, args.steps, 3))

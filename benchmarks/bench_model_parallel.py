@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 from mpl_fast.parallel.data_parallel import GradientAverager  # noqa: E402
@@ -71,7 +71,7 @@ def _mpl(setup: dict, role: str = "both", link=None, grad_sync=None) -> MPL:
     student, teacher = (None if role == "teacher" else student), (None if role == "student" else teacher)
     opt = lambda m: None if m is None else FusedSGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # noqa: E731
     schedules = Schedules(total_steps=1000, teacher_lr=0.05, student_lr=0.05, uda_weight=1.0)
-    return MPL(teacher, student, opt(teacher), opt(student), schedules, ema_decay=0.99, link=link,
+    return MPL(teacher, student, opt(teacher), opt(student), schedules, MPLConfig(ema_decay=0.99), link=link,
                grad_sync=grad_sync)
 
 

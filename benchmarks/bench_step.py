@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 
-from mpl_fast.algo import MPL  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, StepPrecision  # noqa: E402
 from mpl_fast.algo import feedback as fb  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.speed import compile_modules, to_channels_last  # noqa: E402
@@ -122,8 +122,8 @@ def build_cases(model: str, num_classes: int, dropout: float, device: torch.devi
             student_autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16student" in parts
                                 else contextlib.nullcontext)
             stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
-                          step_schedules(), method="mpl", feedback="grad-dot", baseline="off",
-                          student_autocast=student_autocast, **STEP_KW)
+                          step_schedules(), MPLConfig(feedback="grad-dot", baseline="off", **STEP_KW), method="mpl",
+                          precision=StepPrecision(student_autocast=student_autocast))
         if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
             compile_modules(teacher, student)
         cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,

@@ -7,7 +7,7 @@
    (batch shrunk to ``--batch`` for a CPU, student active from step 0 so every step is a full
    MPL step, no finetuning, a small validation split so the final evaluation stays short) and
    reads steps/s from its metrics.jsonl (whole run wall time reported too).
-3. In process, with the trainer's own builders (``mpl_fast.train._build_streams`` and
+3. In process, with the trainer's own builders (``mpl_fast.train.build_streams`` and
    ``build_mpl``): times ``next()`` on the two streams and the step separately, and the streams
    alone (no step: what the data pipeline delivers when nothing competes with it).
 
@@ -70,7 +70,7 @@ def run_split(data_dir: str, steps: int, batch: int, work: str, profile_dir: str
     args = train.build_parser().parse_args(overrides(data_dir, steps, batch, os.path.join(work, "split")))
     cfg = train.config_from_args(args)
     torch.manual_seed(cfg.seed)
-    streams = train._build_streams(cfg)
+    streams = train.build_streams(cfg)
     mpl = train.build_mpl(cfg, streams)
     data_s, step_s = [], []
     warmup = 2

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpl_fast.algo.feedback import deterministic_forward
-from mpl_fast.algo.mpl import Schedules
+from mpl_fast.algo.schedules import Schedules
 
 
 def plain_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool) -> torch.optim.SGD:

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mpl_fast import checkpoint as ckpt  # noqa: E402
-from mpl_fast.config import preset  # noqa: E402
+from mpl_fast.train.config import preset  # noqa: E402
 from mpl_fast.data import build_streams  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.train import run  # noqa: E402

@@ -11,15 +11,15 @@ import torchvision
 from torch import nn
 
 from mpl_fast import checkpoint as run_checkpoint
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision
 from mpl_fast.algo.feedback import deterministic_forward
 from mpl_fast.models import DigitsCNN, TwoMoonsMLP, WideResNet, create_model
 from mpl_fast.models.checkpointing import (checkpointed_units, enable_activation_checkpointing,
                                            find_checkpoint_units, saved_activation_bytes)
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
-from mpl_fast.parallel.plan import measure_footprint
-from mpl_fast import train as train_module
+from mpl_fast.train.plan import measure_footprint
+from mpl_fast.train import build as train_build
 from mpl_fast.train import main, run
 from mpl_testing import set_fields
 
@@ -158,8 +158,8 @@ def _mpl(feedback: str, checkpointing: bool, autocast, device: str = "cpu") -> M
     schedules = Schedules(total_steps=20, teacher_lr=0.05, student_lr=0.08, teacher_warmup=2, uda_weight=8.0,
                           uda_ramp=3)
     return MPL(teacher, student, FusedSGD(teacher.parameters(), **HPARAMS), FusedSGD(student.parameters(), **HPARAMS),
-               schedules, feedback=feedback, uda_temperature=0.7, uda_threshold=0.3, label_smoothing=0.15,
-               ema_decay=0.995, autocast=autocast)
+               schedules, MPLConfig(feedback=feedback, uda_temperature=0.7, uda_threshold=0.3, label_smoothing=0.15,
+                                    ema_decay=0.995), precision=StepPrecision(autocast=autocast))
 
 
 def _batches(step: int):
@@ -268,7 +268,7 @@ def test_trainer_with_and_without_the_flag_gives_the_same_weights(tmp_path, monk
         wrapped.append(enable_activation_checkpointing(model))
         return wrapped[-1]
 
-    monkeypatch.setattr(train_module, "enable_activation_checkpointing", counting)
+    monkeypatch.setattr(train_build, "enable_activation_checkpointing", counting)
     for name, on in (("plain", False), ("ckpt", True)):
         run(_digits(tmp_path, name, activation_checkpointing=on), progress=False, quiet=True)
     assert wrapped == [1, 1]  # the flag reached the trainer: student and teacher, one stage each

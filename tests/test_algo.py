@@ -8,7 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from mpl_fast.algo import MPL, Schedules, deterministic_forward, pseudo_labels, uda_consistency
+from mpl_fast.algo import MPL, MPLConfig, Schedules, deterministic_forward, pseudo_labels, uda_consistency
 from mpl_fast.algo.schedules import delayed, warmup_cosine
 from mpl_testing import assert_state_unchanged, toy_batches
 
@@ -27,8 +27,9 @@ def _mpl(teacher, student, *, lr_t=0.1, lr_s=0.1, momentum=0.0, weight_decay=0.0
     s_opt = torch.optim.SGD(student.parameters(), lr=lr_s, momentum=momentum, weight_decay=weight_decay)
     sched = Schedules(total_steps=100, teacher_lr=lr_t, student_lr=lr_s, teacher_schedule="constant",
                       student_schedule="constant", student_wait=wait, uda_weight=uda_weight, uda_ramp=0)
-    return MPL(teacher, student, t_opt, s_opt, sched, method=method, feedback=feedback, label_smoothing=label_smoothing,
-               ema_decay=ema_decay, baseline=baseline, uda_temperature=0.7, uda_threshold=0.0, **kw)
+    return MPL(teacher, student, t_opt, s_opt, sched,
+               MPLConfig(feedback=feedback, label_smoothing=label_smoothing, ema_decay=ema_decay, baseline=baseline,
+                         uda_temperature=0.7, uda_threshold=0.0, **kw), method=method)
 
 
 def test_one_mpl_step_matches_hand_written_reference():
@@ -201,9 +202,9 @@ def test_schedules():
 @pytest.mark.parametrize("mode", MODES)
 def test_every_pseudo_label_kind_and_feedback_mode_trains_the_teacher_through_h(kind, mode):
     teacher, student = _mlp(0), _mlp(1)
-    mpl = _mpl(teacher, student, feedback=mode, pseudo_label_kind=kind, uda_weight=0.0, label_smoothing=0.0,
+    mpl = _mpl(teacher, student, feedback=mode, pseudo_labels=kind, uda_weight=0.0, label_smoothing=0.0,
                baseline="off")
-    mpl.sup_weight = 0.0  # the teacher moves only through the MPL term h * CE(y_hat, T(x_strong))
+    mpl.config.sup_weight = 0.0  # the teacher moves only through the MPL term h * CE(y_hat, T(x_strong))
     before = [p.clone() for p in teacher.parameters()]
     out = mpl.step(*toy_batches(0), clock=0)
     assert torch.isfinite(out["h"]) and out["h"].item() != 0.0

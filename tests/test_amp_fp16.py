@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules, StepPrecision
 from mpl_fast.optim import FusedSGD
 from mpl_fast.train import main, run
 from mpl_testing import assert_state_unchanged, toy_batches
@@ -41,11 +41,13 @@ def _mpl(teacher, student, *, fp16: bool, optimizer=torch.optim.SGD, scaler=None
                       student_schedule="constant", uda_weight=1.0)
     if fp16 and scaler is None:
         scaler = torch.amp.GradScaler("cpu")
-    return MPL(teacher, student, t_opt, s_opt, sched, label_smoothing=0.1, uda_temperature=0.7,
-               uda_threshold=0.0, ema_decay=ema_decay, grad_clip_teacher=1.0,
-               autocast=_fp16 if fp16 else contextlib.nullcontext, grad_scaler=scaler if fp16 else None,
-               student_autocast=_fp16 if student_scaler is not None else contextlib.nullcontext,
-               student_grad_scaler=student_scaler)
+    return MPL(teacher, student, t_opt, s_opt, sched,
+               MPLConfig(label_smoothing=0.1, uda_temperature=0.7, uda_threshold=0.0, ema_decay=ema_decay),
+               clip=GradClip(teacher=1.0),
+               precision=StepPrecision(
+                   autocast=_fp16 if fp16 else contextlib.nullcontext, grad_scaler=scaler if fp16 else None,
+                   student_autocast=_fp16 if student_scaler is not None else contextlib.nullcontext,
+                   student_grad_scaler=student_scaler))
 
 
 def _saved_and_loaded(state: dict) -> dict:
@@ -314,12 +316,12 @@ def test_trainer_runs_fp16_on_cpu_when_tests_allow_it(extra, tmp_path, monkeypat
 
 @pytest.mark.parametrize("argv,dtype", [([], torch.float16), (["--no-amp-student"], torch.float32)])
 def test_trainer_builds_the_fp16_student_and_its_scaler_unless_no_amp_student(argv, dtype, monkeypatch):
-    from mpl_fast.cli import build_parser, config_from_args
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_parser, config_from_args
+    from mpl_fast.train import build_mpl, build_streams
 
     monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
     cfg = config_from_args(build_parser().parse_args(["--amp", "--amp-dtype", "fp16", "--device", "cpu", *argv]))
-    mpl = build_mpl(cfg, _build_streams(cfg))
+    mpl = build_mpl(cfg, build_streams(cfg))
     assert mpl.grad_scaler is not None
     assert (mpl.student_grad_scaler is not None) == (dtype == torch.float16)
     with mpl.student_autocast():
@@ -339,8 +341,8 @@ def _dp_rank(rank: int, init_file: str, tmp: str):
 
     import torch.distributed as dist
 
-    from mpl_fast.config import preset
-    from mpl_fast.parallel.precision import PrecisionPolicy
+    from mpl_fast.train.config import preset
+    from mpl_fast.train.precision import PrecisionPolicy
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MPL_FAST_ALLOW_CPU_FP16="1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -385,7 +387,7 @@ def test_data_parallel_ranks_agree_on_overflow_skips_and_scale(tmp_path):
 
 
 def test_overflow_after_overflow_stops_the_run_and_says_so(tmp_path, monkeypatch, capsys):
-    from mpl_fast.parallel.precision import PrecisionPolicy
+    from mpl_fast.train.precision import PrecisionPolicy
 
     monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
     monkeypatch.setattr(PrecisionPolicy, "grad_scaler", lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 100))
@@ -395,7 +397,7 @@ def test_overflow_after_overflow_stops_the_run_and_says_so(tmp_path, monkeypatch
 
 
 def test_cpu_fp16_policy_only_with_the_test_switch():
-    from mpl_fast.parallel.precision import resolve_precision
+    from mpl_fast.train.precision import resolve_precision
 
     with pytest.raises(ValueError, match="refused on the CPU"):
         resolve_precision(True, "fp16", "cpu")
@@ -423,9 +425,11 @@ def _layout_b_rank(rank: int, init_file: str, tmp: str):
     opt = lambda m: FusedSGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
     mpl = MPL(teacher if role == "teacher" else None, student if role == "student" else None,
               opt(teacher) if role == "teacher" else None, opt(student) if role == "student" else None, sched,
-              uda_threshold=0.0, ema_decay=0.9, autocast=_fp16, student_autocast=_fp16,
-              grad_scaler=torch.amp.GradScaler("cpu") if role == "teacher" else None,
-              student_grad_scaler=torch.amp.GradScaler("cpu") if role == "student" else None,
+              MPLConfig(uda_threshold=0.0, ema_decay=0.9),
+              precision=StepPrecision(
+                  autocast=_fp16, student_autocast=_fp16,
+                  grad_scaler=torch.amp.GradScaler("cpu") if role == "teacher" else None,
+                  student_grad_scaler=torch.amp.GradScaler("cpu") if role == "student" else None),
               link=DistributedLink(role, "cpu"))
     clean = mpl.step(*toy_batches(0), clock=0)
     if role == "student":
@@ -439,7 +443,7 @@ def _layout_b_rank(rank: int, init_file: str, tmp: str):
             same += [torch.equal(v, after[net][k]) for k, v in before[net].items()]
     if before["ema"] is not None:
         same += [torch.equal(v, after["ema"]["module"][k]) for k, v in before["ema"]["module"].items()]
-    sync = RankSync(SimpleNamespace(layout="ranks", role=role))
+    sync = RankSync(SimpleNamespace(layout="rank-pair", role=role))
     merged = sync.gather_checkpoint({"mpl": after, "rng": {}}, {"best": {"state": None}, "rng": {}})
     torch.save({"clean_skipped": float(clean["skipped"]), "skipped": float(out["skipped"]),
                 "h": float(out["h"]), "loss_student": float(out["loss_student"]), "unchanged": all(same) and same != [],

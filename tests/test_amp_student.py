@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision
 from mpl_fast.models import create_model
 from mpl_fast.optim import FusedSGD
-from mpl_fast.parallel.precision import resolve_precision
+from mpl_fast.train.precision import resolve_precision
 
 B, U = 8, 24
 
@@ -28,8 +28,8 @@ def _step_object(student_autocast, seed: int = 0) -> MPL:
     sched = Schedules(total_steps=100, teacher_lr=0.05, student_lr=0.05, teacher_schedule="constant",
                       student_schedule="constant")
     return MPL(teacher, student, FusedSGD(teacher.parameters(), lr=0.05, momentum=0.9),
-               FusedSGD(student.parameters(), lr=0.05, momentum=0.9), sched, baseline="off",
-               autocast=_bf16, student_autocast=student_autocast)
+               FusedSGD(student.parameters(), lr=0.05, momentum=0.9), sched, MPLConfig(baseline="off"),
+               precision=StepPrecision(autocast=_bf16, student_autocast=student_autocast))
 
 
 def _batches(seed: int):
@@ -93,12 +93,12 @@ def test_policy_gives_the_student_the_amp_dtype_unless_disabled():
 
 
 def test_no_amp_student_flag_reaches_the_step():
-    from mpl_fast.cli import build_parser, config_from_args
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_parser, config_from_args
+    from mpl_fast.train import build_mpl, build_streams
 
     for argv, expect in ((["--amp"], torch.bfloat16), (["--amp", "--no-amp-student"], torch.float32)):
         cfg = config_from_args(build_parser().parse_args(argv))
-        mpl = build_mpl(cfg, _build_streams(cfg))
+        mpl = build_mpl(cfg, build_streams(cfg))
         seen = _student_conv_dtypes(mpl)
         x = torch.randn(U, 1, 8, 8).contiguous(memory_format=torch.channels_last)
         with mpl.student_autocast():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.train import run
 from mpl_testing import free_port, set_fields, tiny_dali_config, torchrun_trainer
@@ -226,12 +226,12 @@ def test_digits_with_batchnorm_stays_close_to_single_process(dp, tmp_path):
     far the single process moved (cosine of the two updates 0.99), teacher losses within 0.5%.
     For scale, one process at batch 8 (what a rank that never averages would do) is 0.74-1.10
     away with cosine 0.41-0.75. The bounds sit between: about 2x the DP drift, well below that."""
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_mpl, build_streams
 
     folder, _ranks = dp
     cfg = _digits(tmp_path / "single", 1, model__dropout=0.0)
     torch.manual_seed(cfg.seed)
-    init_mpl = build_mpl(cfg, _build_streams(cfg))
+    init_mpl = build_mpl(cfg, build_streams(cfg))
     init = {"student": init_mpl.student.state_dict(), "teacher": init_mpl.teacher.state_dict()}
     run(cfg, progress=False, quiet=True)
     single = ckpt.load(str(tmp_path / "single" / "checkpoint.pt"))["mpl"]
@@ -339,24 +339,24 @@ def test_dali_resume_under_data_parallel_loads_each_ranks_own_checkpoint(dp):
 def test_a_checkpoint_of_another_world_size_falls_back_to_rank_zeros_stream_state():
     """Per-rank stream states are used only when the world size matches; single-process runs
     and other world sizes read ``state["streams"]`` (rank 0's) as before."""
-    from mpl_fast.train import _own_stream_state
+    from mpl_fast.train.checkpointing import own_stream_state
 
     class Ctx:
         def __init__(self, rank, world_size):
             self.rank, self.world_size = rank, world_size
 
     class Sess:
-        def __init__(self, rank, world_size, data_parallel=True):
-            self.ctx, self.data_parallel, self.notes = Ctx(rank, world_size), data_parallel, []
-            self.shards_data = data_parallel  # (model-parallel halves of k > 1 ranks also shard)
+        def __init__(self, rank, world_size, shards_data=True):
+            self.ctx, self.notes = Ctx(rank, world_size), []
+            self.shards_data = shards_data  # data parallel, and rank groups of k > 1 ranks; not a rank pair
             self.say = self.notes.append
 
     state = {"streams": "rank0", "streams_per_rank": ["rank0", "rank1"]}
-    assert _own_stream_state(Sess(1, 2), state) == "rank1"
-    assert _own_stream_state(Sess(1, 2, data_parallel=False), state) == "rank0"  # model parallel
+    assert own_stream_state(Sess(1, 2), state) == "rank1"
+    assert own_stream_state(Sess(1, 2, shards_data=False), state) == "rank0"  # a rank pair
     three = Sess(2, 3)
-    assert _own_stream_state(three, state) == "rank0" and "skips" in three.notes[0]
-    assert _own_stream_state(Sess(1, 2), {"streams": "rank0"}) == "rank0"  # an older checkpoint
+    assert own_stream_state(three, state) == "rank0" and "skips" in three.notes[0]
+    assert own_stream_state(Sess(1, 2), {"streams": "rank0"}) == "rank0"  # an older checkpoint
 
 
 # ----------------------------------------------------------------------------- failures

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.algo import MPL, Schedules
-from mpl_fast.config import preset
+from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules, StepPrecision
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_testing import (assert_state_unchanged, init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields,
                           spawn_ranks, torchrun_trainer, toy_batches)
@@ -41,9 +41,10 @@ def _toy_mpl(feedback: str, mesh=None, grad_scaler=None) -> MPL:
             shard_model(m, mesh)
     opt = lambda m: FusedSGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)  # noqa: E731
     schedules = Schedules(total_steps=10, teacher_lr=0.3, student_lr=0.5, teacher_warmup=1, uda_weight=1.0)
-    return MPL(teacher, student, opt(teacher), opt(student), schedules, method="mpl", feedback=feedback,
-               uda_threshold=0.3, label_smoothing=0.1, ema_decay=0.9, grad_clip_teacher=0.5, grad_clip_student=0.5,
-               grad_sync=ShardedSync() if mesh is not None else None, ema_module=ema_module, grad_scaler=grad_scaler)
+    return MPL(teacher, student, opt(teacher), opt(student), schedules,
+               MPLConfig(feedback=feedback, uda_threshold=0.3, label_smoothing=0.1, ema_decay=0.9), method="mpl",
+               clip=GradClip(teacher=0.5, student=0.5), precision=StepPrecision(grad_scaler=grad_scaler),
+               grad_sync=ShardedSync() if mesh is not None else None, ema_module=ema_module)
 
 
 def _batches(step: int, rank: int | None = None):
@@ -71,7 +72,8 @@ def _run_steps(mpl: MPL, rank: int | None, full_state) -> dict:
 # ----------------------------------------------------------------------------- in the ranks
 
 def _step_scenarios(rank: int) -> dict:
-    from mpl_fast.parallel.sharding import device_mesh, full_state_dict, is_sharded, local
+    from mpl_fast.shards import local
+    from mpl_fast.parallel.sharding import device_mesh, full_state_dict, is_sharded
 
     mesh = device_mesh("cpu")
     results = {}
@@ -138,10 +140,11 @@ def _trainer_scenarios(tmp: str) -> dict:
 def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
     """fp16 loss scaling: rank 1 alone finds an inf in its shard of the teacher's gradients at
     step 2. Returns per step whether this rank skipped, and the states around that step."""
-    from mpl_fast.parallel.sharding import full_state_dict, local
+    from mpl_fast.shards import local
+    from mpl_fast.parallel.sharding import full_state_dict
 
     mpl = _toy_mpl("grad-dot", mesh, grad_scaler=scaler)
-    mpl.grad_clip_teacher = 0.0  # (a clip's norm is global: it would spread the inf to every rank)
+    mpl.clip = GradClip(teacher=0.0, student=mpl.clip.student)  # (a clip's norm is global: it would spread the inf to every rank)
     unscale = mpl.grad_scaler.unscale_
     clock = {"step": 0}
 
@@ -165,7 +168,7 @@ def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
 def _rank_main(rank: int, init_file: str, tmp: str):
     init_gloo_rank(rank, WORLD, init_file)
     torch.set_num_threads(1)
-    from mpl_fast.parallel.precision import resolve_precision
+    from mpl_fast.train.precision import resolve_precision
     from mpl_fast.parallel.sharding import device_mesh
 
     returned = {"steps": _step_scenarios(rank), "trainer": _trainer_scenarios(tmp)}
@@ -249,7 +252,7 @@ def test_trainer_under_fsdp_runs_and_writes_a_one_process_checkpoint(ranks):
     """2 ranks, --fsdp, digits: rank 0 reports, and its checkpoint (whole tensors, the
     one-process format) loads into unsharded networks in this process, which measure the same
     accuracies rank 0 measured on its gathered replicas."""
-    from mpl_fast.train import _build_streams, accuracy, build_mpl
+    from mpl_fast.train import accuracy, build_mpl, build_streams
 
     tmp, results = ranks
     summary = results[0]["trainer"]["full"]
@@ -259,7 +262,7 @@ def test_trainer_under_fsdp_runs_and_writes_a_one_process_checkpoint(ranks):
     state = ckpt.load(str(tmp / "full" / "checkpoint.pt"))
     assert state["config"]["fsdp"] and state["step"] == 10
     cfg = _digits(tmp / "unused", fsdp=False)
-    streams = _build_streams(cfg)
+    streams = build_streams(cfg)
     mpl = build_mpl(cfg, streams)
     mpl.load_state_dict(state["mpl"])  # the format of a one-process checkpoint: loads as is
     for name, model in mpl.models().items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpl_fast.algo import MPL, Schedules, ema as ema_module, guard as guard_module
+from mpl_fast.algo import MPL, MPLConfig, Schedules, ema as ema_module, guard as guard_module
 from mpl_fast.algo.ema import ModelEMA
 from mpl_fast.algo.guard import StepGuard
 from mpl_testing import assert_state_unchanged, toy_batches
@@ -23,7 +23,7 @@ def _mpl() -> MPL:
     opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)  # noqa: E731
     sched = Schedules(total_steps=100, teacher_lr=0.1, student_lr=0.1, teacher_schedule="constant",
                       student_schedule="constant", uda_weight=1.0)
-    return MPL(teacher, student, opt(teacher), opt(student), sched, ema_decay=0.9, uda_threshold=0.0)
+    return MPL(teacher, student, opt(teacher), opt(student), sched, MPLConfig(ema_decay=0.9, uda_threshold=0.0))
 
 
 @pytest.fixture(params=["host", "device"])

@@ -1,6 +1,6 @@
 """Model-parallel MPL (mpl_fast.parallel.model_parallel): the teacher half and the student half of
-the step joined by a link. Layout (a), one process and two devices, must equal the
-single-device step; layout (b), two gloo processes (rank 0 the teacher, rank 1 the student),
+the step joined by a link. Two devices in one process (two-devices) must equal the
+single-device step; a rank pair (two gloo processes: rank 0 the teacher, rank 1 the student)
 must match the single-process step; bad placements are refused before any work."""
 
 import json
@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.algo import MPL, Schedules
-from mpl_fast.config import preset
+from mpl_fast.algo import MPL, MPLConfig, Schedules
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
 from mpl_fast.parallel.distributed import shutdown
@@ -28,7 +28,7 @@ HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 def _net() -> nn.Module:
     # BatchNorm (batch statistics and running buffers travel through guard, EMA, feedback) but no
-    # dropout: the two processes of layout (b) draw no random numbers the one process would not.
+    # dropout: the two processes of a rank pair draw no random numbers the one process would not.
     return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, CLASSES))
 
 
@@ -53,12 +53,13 @@ def _mpl(feedback: str, kind: str = "hard", role: str = "both", link=None, devic
         teacher = None
     schedules = Schedules(total_steps=10, teacher_lr=0.1, student_lr=0.2, student_wait=1, uda_weight=1.0)
     opt = lambda m: None if m is None else FusedSGD(m.parameters(), **HPARAMS)  # noqa: E731
-    return MPL(teacher, student, opt(teacher), opt(student), schedules, method="mpl", feedback=feedback,
-               pseudo_label_kind=kind, uda_threshold=0.0, label_smoothing=0.1, ema_decay=0.9, link=link)
+    return MPL(teacher, student, opt(teacher), opt(student), schedules,
+               MPLConfig(feedback=feedback, pseudo_labels=kind, uda_threshold=0.0, label_smoothing=0.1, ema_decay=0.9),
+               method="mpl", link=link)
 
 
 class RecordingLink(InProcessLink):
-    """Layout (a) on the CPU, with every crossing value cloned (no aliasing across the link) and
+    """Two devices on the CPU, with every crossing value cloned (no aliasing across the link) and
     its kind recorded, so the test sees that the halves talk only through the link."""
 
     def __init__(self):
@@ -113,7 +114,7 @@ def test_layout_a_equals_the_single_device_step(feedback, kind):
     assert len(link.crossed) == 1 + 3 * 3
 
 
-# ----------------------------------------------------------------------------- layout (b)
+# ----------------------------------------------------------------------------- rank pair
 
 CASES = [("grad-dot", "hard"), ("update-dot", "soft"), ("finite-diff", "hard")]
 STEPS = 4
@@ -251,7 +252,7 @@ def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
         for key in want:
             assert torch.equal(got[key], want[key]), (half, key)
     assert teacher_rank["resumed"]["test_top1"] == full["test_top1"]
-    # One file with both halves: the finished two-process run reopens in one process (layout (a)).
+    # One file with both halves: the finished two-process run reopens in one process (two devices).
     reopened = run(None, resume=str(tmp_path / "full"), progress=False, quiet=True)
     assert reopened["steps"] == 12
     assert all(reopened["test_top1"][k] == full["test_top1"][k] for k in ("student", "ema", "teacher"))
@@ -283,13 +284,13 @@ def test_bad_placements_are_refused_before_any_work(argv, expect, tmp_path):
 
 def test_amp_follows_the_teachers_device(tmp_path):
     """--amp autocasts the teacher's forward where the teacher lives: bf16 on a CPU teacher (fp16,
-    ~100x slower on a CPU, is refused there by mpl_fast.parallel.precision)."""
-    from mpl_fast.train import _build_streams, _placement, build_mpl
+    ~100x slower on a CPU, is refused there by mpl_fast.train.precision)."""
+    from mpl_fast.train import build_mpl, build_streams, resolve_topology
 
     cfg = _tiny_cfg(str(tmp_path), True)
     cfg.amp, cfg.teacher_device, cfg.student_device = True, "cpu", "cpu"
-    placement = _placement(cfg)
-    streams = _build_streams(cfg, device=str(placement.data_device))
+    placement = resolve_topology(cfg).placement
+    streams = build_streams(cfg, device=str(placement.data_device))
     mpl = build_mpl(cfg, streams, placement)
     with mpl.autocast():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
@@ -306,7 +307,7 @@ def test_default_gpu_placement_needs_two_gpus():
 
 @pytest.mark.parametrize("world_size", [3, 5])
 def test_torchrun_world_size_must_be_even(world_size):
-    """2k ranks run layout (c) (tests/test_model_parallel_groups.py); an odd number has no pairs."""
+    """2k ranks run rank groups (tests/test_model_parallel_groups.py); an odd number has no pairs."""
     with pytest.raises(ValueError, match=f"even number of processes, got WORLD_SIZE={world_size}"):
         resolve_placement(True, "cpu", world_size=world_size, rank=0, local_rank=0)
 
@@ -314,7 +315,7 @@ def test_torchrun_world_size_must_be_even(world_size):
 def test_torchrun_ranks_take_the_two_roles():
     teacher = resolve_placement(True, "cpu", world_size=2, rank=0, local_rank=0)
     student = resolve_placement(True, "cpu", world_size=2, rank=1, local_rank=1)
-    assert (teacher.layout, teacher.role, student.role) == ("ranks", "teacher", "student")
+    assert (teacher.layout, teacher.role, student.role) == ("rank-pair", "teacher", "student")
     assert teacher.student_device is None and student.teacher_device is None
 
 

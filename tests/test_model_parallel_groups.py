@@ -1,4 +1,4 @@
-"""Layout (c), model parallel x data parallel: 4 gloo ranks, ranks 0-1 the teacher, ranks 2-3 the
+"""Rank groups (model parallel x data parallel): 4 gloo ranks, ranks 0-1 the teacher, ranks 2-3 the
 student; teacher rank i and student rank 2+i read shard i of the global batch and exchange
 y_hat, (h, loss) and ok; each half averages its gradients within its own group (or, with
 FSDP2, shards its network over its group). The step must equal one process on the global batch.
@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.algo import MPL, Schedules
-from mpl_fast.config import preset
+from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules
+from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
 from mpl_testing import (init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields, spawn_ranks,
@@ -57,9 +57,9 @@ def _toy_mpl(feedback: str, groups: HalfGroups | None = None, fsdp: bool = False
     opt = lambda m: None if m is None else FusedSGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,  # noqa: E731
                                                     weight_decay=5e-4)
     schedules = Schedules(total_steps=10, teacher_lr=0.3, student_lr=0.5, teacher_warmup=1, uda_weight=1.0)
-    return MPL(teacher, student, opt(teacher), opt(student), schedules, method="mpl", feedback=feedback,
-               uda_threshold=0.3, label_smoothing=0.1, ema_decay=0.9, grad_clip_teacher=0.5,
-               grad_clip_student=0.5, grad_sync=grad_sync, link=link, ema_module=ema_module)
+    return MPL(teacher, student, opt(teacher), opt(student), schedules,
+               MPLConfig(feedback=feedback, uda_threshold=0.3, label_smoothing=0.1, ema_decay=0.9), method="mpl",
+               clip=GradClip(teacher=0.5, student=0.5), grad_sync=grad_sync, link=link, ema_module=ema_module)
 
 
 def _batches(step: int, index: int | None = None, student: bool = True):
@@ -143,7 +143,7 @@ def _rank_main(rank: int, init_file: str, tmp: str):
             returned["steps"][variant, feedback] = _run_steps(mpl, groups.index, groups.role == "student",
                                                               lambda s: copy.deepcopy(full_state_dict(s)))
             if variant == "fsdp":
-                from mpl_fast.parallel.sharding import local
+                from mpl_fast.shards import local
 
                 returned["steps"][variant, feedback]["local_numel"] = sum(
                     local(p).numel() for m in mpl.models().values() for p in m.parameters())
@@ -369,7 +369,7 @@ def test_torchrun_four_processes_model_parallel_fsdp_digits(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_torchrun_four_gpus_model_parallel(tmp_path, fsdp):
-    """Layout (c) on 4 GPUs with NCCL (written for a lent multi-GPU machine; not run on the CPU VM)."""
+    """Rank groups on 4 GPUs with NCCL (written for a lent multi-GPU machine; not run on the CPU VM)."""
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs")
     out = tmp_path / "tr"

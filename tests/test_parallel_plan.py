@@ -3,7 +3,7 @@ import timm
 import torch
 from torch import nn
 
-from mpl_fast.parallel.plan import NetworkFootprint, measure_footprint, plan_mpl_memory
+from mpl_fast.train.plan import NetworkFootprint, measure_footprint, plan_mpl_memory
 
 
 def test_footprint_counts_parameters_and_leaf_outputs():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mpl_fast.parallel.precision import resolve_precision
+from mpl_fast.train.precision import resolve_precision
 
 
 def test_default_on_cpu_is_bf16_without_scaling():
@@ -39,7 +39,7 @@ def test_fp16_on_cuda_scales_losses():
 def test_fp16_student_only_on_the_policys_device_type():
     """A CPU student beside an fp16 GPU teacher stays fp32 and has no loss scaler (no GPU needed
     to build the policy)."""
-    from mpl_fast.parallel.precision import PrecisionPolicy
+    from mpl_fast.train.precision import PrecisionPolicy
 
     gpu_fp16 = PrecisionPolicy(enabled=True, dtype=torch.float16, device_type="cuda")
     with gpu_fp16.student_autocast("cpu")():

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mpl_fast.algo import MPL, Schedules
+from mpl_fast.algo import MPL, MPLConfig, Schedules
 from mpl_fast.models import WideResNet
 from mpl_fast.models.speed import compile_modules, use_channels_last
 from mpl_fast.optim import FusedSGD
@@ -68,8 +68,8 @@ def _small_mpl(seed: int = 0) -> MPL:
     opt = lambda m: FusedSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)  # noqa: E731
     sched = Schedules(total_steps=20, teacher_lr=0.05, student_lr=0.08, teacher_schedule="constant",
                       student_schedule="constant", uda_weight=8.0)
-    return MPL(teacher, student, opt(teacher), opt(student), sched, uda_threshold=0.3, label_smoothing=0.15,
-               ema_decay=0.995)
+    return MPL(teacher, student, opt(teacher), opt(student), sched,
+               MPLConfig(uda_threshold=0.3, label_smoothing=0.15, ema_decay=0.995))
 
 
 def _batches(step: int, b: int = 4, u: int = 12):

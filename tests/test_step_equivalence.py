@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import WideResNet  # noqa: E402
 from mpl_fast.models.speed import to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
@@ -52,8 +52,8 @@ def _fast(optimizer: str, wait: int, channels_last: bool = False) -> MPL:
         teacher, student = to_channels_last(teacher), to_channels_last(student)
     opt = (lambda m: FusedSGD(m.parameters(), **HPARAMS)) if optimizer == "fused" else \
           (lambda m: torch.optim.SGD(m.parameters(), **HPARAMS))
-    return MPL(teacher, student, opt(teacher), opt(student), _schedules(wait), method="mpl",
-               feedback="grad-dot", baseline="off", **KW)
+    return MPL(teacher, student, opt(teacher), opt(student), _schedules(wait),
+               MPLConfig(feedback="grad-dot", baseline="off", **KW), method="mpl")
 
 
 def _plain(wait: int) -> PlainMPL:

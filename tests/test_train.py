@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 from mpl_fast.train import TrainingStopped, build_parser, config_from_args, main, run
 from mpl_testing import set_fields
 
@@ -54,10 +54,10 @@ def test_cli_bad_values_list_the_choices(argv, expect, capsys):
 
 
 def test_amp_runs_the_teacher_and_the_students_update_in_bf16_and_the_feedback_in_fp32(tmp_path):
-    from mpl_fast.train import build_mpl, _build_streams
+    from mpl_fast.train import build_mpl, build_streams
 
     cfg = _tiny(tmp_path, amp=True)
-    mpl = build_mpl(cfg, _build_streams(cfg))
+    mpl = build_mpl(cfg, build_streams(cfg))
     seen = {}
 
     def record(name):
@@ -68,7 +68,7 @@ def test_amp_runs_the_teacher_and_the_students_update_in_bf16_and_the_feedback_i
     for name, model in (("teacher", mpl.teacher), ("student", mpl.student)):
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(record(name))
-    streams = _build_streams(cfg)
+    streams = build_streams(cfg)
     labeled, unlabeled = next(streams.labeled), next(streams.unlabeled)
     mpl.step(labeled, unlabeled, clock=cfg.mpl.student_wait_steps)
     b, u = labeled[0].shape[0], unlabeled[0].shape[0]
@@ -143,12 +143,13 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     """A real signal in a real process: the run saves and says how to continue."""
     out = tmp_path / "sig"
     code = ("import os, signal, mpl_fast.train as t\n"
-            "orig = t.MPL.step\n"
+            "from mpl_fast.algo import MPL\n"
+            "orig = MPL.step\n"
             "def step(self, *a, **k):\n"
             "    r = orig(self, *a, **k)\n"
             "    if k['clock'] == 6: os.kill(os.getpid(), signal.SIGTERM)\n"
             "    return r\n"
-            "t.MPL.step = step\n"
+            "MPL.step = step\n"
             f"t.main(['--steps', '20', '--output-dir', {str(out)!r}, '--finetune.steps', '2', '--threads', '1'])\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "checkpoint saved" in proc.stdout, proc.stdout + proc.stderr
@@ -184,7 +185,7 @@ def test_default_digits_mpl_beats_supervised(tmp_path):
 
 @pytest.mark.parametrize("name", ["digits", "two-moons", "cifar10-4k", "svhn-1k", "imagenet-10pct", "imagenet-l2"])
 def test_every_preset_is_a_valid_config(name):
-    from mpl_fast.config import validate
+    from mpl_fast.train.config import validate
 
     validate(preset(name))
 

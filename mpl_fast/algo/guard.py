@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mpl_fast.parallel.sharding import local
+from mpl_fast.shards import local
 
 
 def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:

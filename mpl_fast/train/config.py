@@ -1,60 +1,28 @@
 """The whole configuration of a run: one dataclass tree, and named presets that fill it.
 
 Every number of a recipe lives here, so that the CLI can override any of them by flag
-(``--teacher.lr 0.1`` style flags are generated from this tree in ``mpl_fast.train``).
+(``--teacher.lr 0.1`` style flags are generated from this tree in mpl_fast.train.cli). The
+algorithm's own settings (MPLConfig, OptimConfig, the method/feedback/pseudo-label choices as
+Literal types) live with the algorithm, in mpl_fast.algo.config; the data's in
+mpl_fast.data.config.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
+from mpl_fast.algo.config import Method, MPLConfig, OptimConfig, check_choices
 from mpl_fast.data.config import DataConfig
-
-METHODS = ("mpl", "uda", "pseudo-labels", "supervised")
-FEEDBACK_MODES = ("grad-dot", "update-dot", "finite-diff")
-PSEUDO_LABEL_KINDS = ("hard", "soft", "sample")
-
-
-@dataclass
-class OptimConfig:
-    """SGD (Nesterov) with linear warm-up then cosine decay (or a constant rate)."""
-
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
-    schedule: str = "cosine"        # "cosine" | "constant"
-    min_lr_ratio: float = 0.0       # cosine ends at lr * min_lr_ratio
-    grad_clip: float = 0.0          # global-norm clip (0 = off)
+from mpl_fast.train.precision import AmpDtype
 
 
 @dataclass
 class ModelConfig:
     name: str = "digits-cnn"        # see mpl_fast.models.MODEL_NAMES, or any timm name
     dropout: float = 0.0
-
-
-@dataclass
-class MPLConfig:
-    """The MPL step: pseudo labels, feedback h, UDA on the teacher, label smoothing."""
-
-    feedback: str = "grad-dot"      # one of FEEDBACK_MODES
-    pseudo_labels: str = "hard"     # one of PSEUDO_LABEL_KINDS (same label for student and MPL term)
-    soft_temperature: float = 0.5   # soft pseudo labels = softmax(T(x_strong) / soft_temperature)
-    baseline: str = "auto"          # subtract a moving average of h: "on" | "off" | "auto" (finite-diff only)
-    baseline_decay: float = 0.99    # decay of that moving average
-    mpl_weight: float = 1.0         # multiplies the MPL term h * CE(y_hat, T(x_strong))
-    sup_weight: float = 1.0         # multiplies the teacher's supervised CE (0: feedback-only teacher)
-    uda_weight: float = 8.0         # 0 disables UDA consistency on the teacher
-    uda_ramp_steps: int = 5000      # linear ramp of the UDA weight
-    uda_temperature: float = 0.7
-    uda_threshold: float = 0.6
-    label_smoothing: float = 0.15   # on the teacher's supervised CE
-    student_wait_steps: int = 3000  # the student (and so h) starts after this many steps
-    ema_decay: float = 0.995        # student EMA (0 disables)
 
 
 @dataclass
@@ -71,7 +39,7 @@ class FinetuneConfig:
 @dataclass
 class TrainConfig:
     preset: str = "digits"
-    method: str = "mpl"             # one of METHODS
+    method: Method = "mpl"
     steps: int = 300_000
     seed: int = 0
     device: str = "cpu"
@@ -82,7 +50,7 @@ class TrainConfig:
     max_nonfinite: int = 10         # this many skipped steps in a row stop the run
     threads: int = 0                # torch CPU threads (0 = torch's default)
     amp: bool = False               # autocast of the teacher's forward (bf16 where supported)
-    amp_dtype: str | None = None    # with --amp: bf16 or fp16 (loss-scaled; GPU only); default bf16 if supported
+    amp_dtype: AmpDtype | None = None  # with --amp: bf16 or fp16 (loss-scaled; GPU only); default bf16 if supported
     amp_student: bool = True        # --amp: also the student's forward on the unlabeled batch (g_u; fp16: own scaler)
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
     teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
@@ -143,7 +111,7 @@ def _two_moons() -> TrainConfig:
 
 
 def _cifar10_4k() -> TrainConfig:
-    """The paper's CIFAR-10-4K recipe (WRN-28-2), see DESIGN.md."""
+    """The paper's CIFAR-10-4K recipe (WRN-28-2)."""
     opt = OptimConfig(lr=0.05, warmup_steps=5000, weight_decay=5e-4)
     return TrainConfig(
         preset="cifar10-4k", steps=300_000, log_every=100, eval_every=1000, checkpoint_every=5000,
@@ -216,14 +184,10 @@ def validate(cfg: TrainConfig) -> None:
         if not cond:
             raise ValueError(msg)
 
-    need(cfg.method in METHODS, f"method must be one of {METHODS}, got {cfg.method!r}")
-    need(cfg.mpl.feedback in FEEDBACK_MODES, f"mpl.feedback must be one of {FEEDBACK_MODES}, got {cfg.mpl.feedback!r}")
-    need(cfg.mpl.pseudo_labels in PSEUDO_LABEL_KINDS,
-         f"mpl.pseudo_labels must be one of {PSEUDO_LABEL_KINDS}, got {cfg.mpl.pseudo_labels!r}")
+    check_choices(cfg)  # every Literal-typed field: method, mpl.feedback, teacher.schedule, ...
     need(cfg.steps >= 0, "steps must be >= 0")
     need(0.0 <= cfg.mpl.ema_decay < 1.0, "mpl.ema_decay must be in [0, 1)")
     need(0.0 <= cfg.mpl.baseline_decay < 1.0, "mpl.baseline_decay must be in [0, 1)")
-    need(cfg.mpl.baseline in ("auto", "on", "off"), f"mpl.baseline must be 'auto', 'on' or 'off', got {cfg.mpl.baseline!r}")
     need(cfg.mpl.soft_temperature > 0, "mpl.soft_temperature must be > 0")
     need(cfg.log_every > 0 and cfg.eval_every > 0, "log_every and eval_every must be > 0")
     need(cfg.max_nonfinite > 0, "max_nonfinite must be > 0")
@@ -234,8 +198,18 @@ def validate(cfg: TrainConfig) -> None:
     need(not (cfg.fsdp and cfg.compile), "--fsdp with --compile is not supported: leave one of them off")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
-        need(opt.schedule in ("cosine", "constant"), f"{name}.schedule must be 'cosine' or 'constant'")
         need(opt.lr >= 0, f"{name}.lr must be >= 0")
+
+
+def leaves(cls, prefix: str = ""):
+    """(dotted name, type, field) of every leaf field of a config dataclass, in tree order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaves(hints[f.name], name + ".")
+        else:
+            yield name, hints[f.name], f
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -1,7 +1,7 @@
 """Memory planning before renting GPUs: build a network on the meta device (no memory, no
 download), count its parameters, and estimate the per-device memory of an MPL step.
 
-What one MPL step keeps alive at its peak (see DESIGN.md, "The algorithm"):
+What one MPL step keeps alive at its peak (the step: docs/algorithm.md):
 - for each network: fp32 parameters, their gradients, the SGD momentum buffer;
 - the student's saved pseudo-label gradient g_u (one more parameter-sized buffer);
 - the teacher's activations over labeled + weak + strong batches, B * (1 + 2 * mu) images: the
@@ -144,7 +144,7 @@ _DRY_RUN_SHAPES = {"digits": (10, (1, 8, 8)), "two-moons": (2, (2,)), "cifar10":
 def dry_run_report(cfg, fsdp_devices: int = 8, model_parallel_ranks: int = 2, sharded_halves: bool = False) -> str:
     """``--dry-run``: parameter counts and per-device memory of one MPL step for ``cfg`` (a
     TrainConfig), from meta-device models. ``model_parallel_ranks`` (2k, under torchrun with
-    --model-parallel) plans layout (c); ``sharded_halves`` with --fsdp."""
+    --model-parallel) plans rank groups; ``sharded_halves`` with --fsdp."""
     from mpl_fast.models import create_model  # noqa: PLC0415 - models import timm: only when asked
     from mpl_fast.models.checkpointing import find_checkpoint_units  # noqa: PLC0415
 
@@ -194,5 +194,5 @@ def dry_run_report(cfg, fsdp_devices: int = 8, model_parallel_ranks: int = 2, sh
                      "--student-device ...) or on two torchrun ranks (rank 0 the teacher, rank 1 the student)")
     lines.append("fsdp (--fsdp under torchrun): the training step's share per rank; for evaluation rank 0 also "
                  "holds one whole fp32 copy each of student, EMA and teacher, and one network's forward")
-    lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/parallel/plan.py")
+    lines.append("an estimate (leaf-module outputs, no allocator slack or workspaces); see mpl_fast/train/plan.py")
     return "\n".join(lines)

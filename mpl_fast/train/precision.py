@@ -1,18 +1,21 @@
 """Mixed precision policy: which autocast dtype, and whether fp16 loss scaling is needed.
 
 bf16 runs on CPUs (fast with AMX) and GPUs without loss scaling; fp16 needs a GradScaler and
-only makes sense on a GPU: on a CPU it runs 5-12x slower than fp32 (benchmarks/bench_amp_fp16.py;
-issue 8 quotes ~100x from another measurement), so it is refused.
+only makes sense on a GPU: on a CPU it is several times slower than fp32 (benchmarks/RESULTS.md,
+bench_amp_fp16), so it is refused there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-AMP_DTYPES = ("bf16", "fp16")
+AmpDtype = Literal["bf16", "fp16"]
+AMP_DTYPES: tuple[str, ...] = typing.get_args(AmpDtype)
 
 
 @dataclass(frozen=True)

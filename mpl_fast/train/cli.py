@@ -1,23 +1,16 @@
 """The command line of ``python -m mpl_fast.train``: one flag per leaf of the config tree
-(``--teacher.lr``, ``--mpl.uda-weight``, ...), defaults from ``--preset``, choices listed."""
+(``--teacher.lr``, ``--mpl.uda-weight``, ...), defaults from ``--preset`` (or ``--config
+FILE``), choices taken from the fields' Literal types."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import typing
 
-from mpl_fast.config import FEEDBACK_MODES, METHODS, PRESETS, PSEUDO_LABEL_KINDS, TrainConfig, preset
-from mpl_fast.data.config import EMBEDDED_DATASETS, FILE_DATASETS
-from mpl_fast.parallel.precision import AMP_DTYPES
+from mpl_fast.algo.config import literal_choices
+from mpl_fast.train.config import PRESETS, TrainConfig, leaves, preset
+from mpl_fast.train.config_file import read_config_file
 
-CHOICES = {
-    "method": METHODS, "mpl.feedback": FEEDBACK_MODES, "mpl.pseudo_labels": PSEUDO_LABEL_KINDS,
-    "teacher.schedule": ("cosine", "constant"), "student.schedule": ("cosine", "constant"),
-    "data.dataset": EMBEDDED_DATASETS + FILE_DATASETS, "data.loader": ("auto", "torch", "dali"),
-    "data.randaug_policy": ("mpl", "torchvision"), "mpl.baseline": ("auto", "on", "off"),
-    "amp_dtype": AMP_DTYPES,
-}
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
 # Extra help for flags whose meaning depends on how the run is launched.
@@ -49,20 +42,11 @@ HELP_NOTES = {
 }
 
 
-def _leaves(cls, prefix: str = ""):
-    """(dotted name, type, default) of every leaf field of a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from _leaves(hints[f.name], name + ".")
-        else:
-            yield name, hints[f.name], f
-
-
 def _parse_type(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
+    base = args[0] if args and typing.get_origin(tp) is not typing.Literal else tp
+    if literal_choices(tp) is not None:  # a choice (argparse checks it against the Literal's values)
+        base = str
     if base is bool:
         return bool
     nullable = type(None) in typing.get_args(tp)
@@ -85,10 +69,16 @@ def _get(cfg, dotted: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mpl_fast.train",
-        description="Meta Pseudo Labels and its baselines. Defaults come from --preset; any flag overrides them.",
+        description="Meta Pseudo Labels and its baselines. Defaults come from --preset (or --config FILE); "
+                    "any flag overrides them.",
     )
     digits = preset("digits")
-    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="named recipe (default: digits)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="named recipe (default: the --config file's, else digits)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="start from a saved config: a run's config.json or your own JSON file with any "
+                             "part of that tree (the rest from its preset); flags override it. A run's own "
+                             "config.json does not reuse that run's output folder")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
     parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -97,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="build teacher and student on the meta device (no memory, no data), print their "
                              "parameter counts and a per-device memory estimate of one MPL step, and exit")
-    for name, tp, _field in _leaves(TrainConfig):
+    for name, tp, _field in leaves(TrainConfig):
         if name == "preset":
             continue
         flag = "--" + name.replace("_", "-")
@@ -108,16 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
         if _parse_type(tp) is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(*flags, type=_parse_type(tp), choices=CHOICES.get(name), **kwargs)
+            parser.add_argument(*flags, type=_parse_type(tp), choices=literal_choices(tp), **kwargs)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = preset(args.preset)
-    for name, _tp, _field in _leaves(TrainConfig):
-        value = getattr(args, name, None) if name != "preset" else None
-        if value is None:
+    """The run's config: the preset, then the --config file's values, then the flags given.
+    A bad --config file raises ValueError with one sentence naming it."""
+    saved = read_config_file(args.config) if getattr(args, "config", None) else {}
+    cfg = preset(args.preset or saved.get("preset") or "digits")
+    for name, _tp, _field in leaves(TrainConfig):
+        value = getattr(args, name, None)
+        if name == "preset" or (value is None and name not in saved):
             continue
+        if value is None:  # the file's value, null included (a flag left out says nothing)
+            value = saved[name]
         obj = cfg
         *path, leaf = name.split(".")
         for part in path:
