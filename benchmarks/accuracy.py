@@ -22,9 +22,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpl_fast.train.config import METHODS, preset  # noqa: E402
-from mpl_fast.train import run  # noqa: E402
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.train import run  # noqa: E402
+from mpl_fast.train.config import METHODS, preset  # noqa: E402
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons"}
 

@@ -40,12 +40,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import RECIPE, STEP_KW, add_common_flags, apply_threads, make_batches, print_table, sync, write_results  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.checkpointing import enable_activation_checkpointing, saved_activation_bytes  # noqa: E402
 from mpl_fast.models.speed import to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import RECIPE, STEP_KW, add_common_flags, apply_threads, make_batches, print_table, sync, write_results  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CASES = ("plain", "ckpt")
 MODELS = {"wrn28-2": dict(size=32, dropout=0.2), "resnet50": dict(size=224, dropout=0.0)}

@@ -30,10 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CASES = ("fp32", "fp32+scaler", "bf16", "fp16+scaler")
 SHAPES = {"digits-cnn": (1, 8, 10), "wrn28-2": (3, 32, 10)}  # in_channels, side, classes

@@ -25,8 +25,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mpl_fast import augment, ops  # noqa: E402
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast import augment, ops  # noqa: E402
 
 CUTOUT = 16
 
@@ -126,7 +127,7 @@ def _time_ours(images: torch.Tensor, repeats: int, device: str = "cpu") -> float
 
 def _time_dali(size: int, batch: int) -> float | None:
     try:
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def
         from nvidia.dali.auto_aug import rand_augment
     except ImportError:
         return None

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpl_fast.data.dali_pipeline import (DaliTrainBatches, _train_pipeline,  # noqa: E402
-                                         dali_unavailable_reason)
-from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.data.dali_pipeline import DaliTrainBatches, _train_pipeline, dali_unavailable_reason  # noqa: E402
+from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
 
 
 def batches_from(files, args, checkpointing=True):

@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.data import DataConfig, build_streams  # noqa: E402
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason  # noqa: E402
 from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
-import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -181,7 +182,8 @@ def main():
                         for r in rows])
     if reason is not None and args.dataset == "imagefolder":
         print(f"DALI skipped: {reason}")
-    out = {"machine_note": args.machine, "dataset": args.dataset, "size": args.size, "workers": args.workers, "unlabeled_batch": 7 * args.batch,
+    out = {"machine_note": args.machine, "dataset": args.dataset, "size": args.size, "workers": args.workers,
+           "unlabeled_batch": 7 * args.batch,
            "files": len(files), "quick": args.quick,
            "strong_view": strong_impl(), "main_threads": args.threads, "rounds": args.rounds,
            "batches_timed": batches, "rows": rows}

@@ -210,7 +210,9 @@ def main() -> None:
                      "bytes_per_rank_dp": [r["dp_bytes"] for r in per_rank.values()],
                      "bytes_per_rank_fsdp": [r["fsdp_bytes"] for r in per_rank.values()]})
     poll_s = max(r["stop_poll_s"] for r in per_rank.values())
-    print(f"\n{args.preset} ({cfg.model.name}, {'channels_last' if args.channels_last else 'NCHW'}), per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
+    layout = 'channels_last' if args.channels_last else 'NCHW'
+    print(f"\n{args.preset} ({cfg.model.name}, {layout}), per-rank labeled batch {args.batch} "
+          f"(+{cfg.data.mu}x unlabeled), {args.steps} steps, "
           f"median step time; CPU, gloo; ratio: ours / baseline (the cost)")
     common.print_table([{"case": r["case"], "baseline": r["baseline_s"] * 1e3, "ours": r["ours_s"] * 1e3,
                          "ratio": r["ratio"]} for r in rows], unit=" ms")

@@ -35,12 +35,13 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 from mpl_fast.parallel.data_parallel import GradientAverager  # noqa: E402
 from mpl_fast.parallel.model_parallel import HalfGroups  # noqa: E402
-import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 WARMUP = 3
 

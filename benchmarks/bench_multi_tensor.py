@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast import ops  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 # Peak memory bandwidth (GB/s) of cards the project runs on, by name fragment.
 PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}

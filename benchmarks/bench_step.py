@@ -27,7 +27,7 @@ difference of any teacher/student parameter from the plain path's after the firs
 cases agree to round-off; bf16 does not); "|dθ| end" = the same after all steps: round-off
 differences of ~1e-7 in the teacher grow by ~100-1000x per step at these learning rates (a
 random-init WRN in train-mode BatchNorm is that sensitive), so only the first is a correctness
-check (tests/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
+check (tests/algo/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
 fast path, NCHW and channels_last (PHASE_CASES), with torch.profiler ranges (teacher fwd/bwd,
 student fwd/bwd, feedback fwd/bwd/dot, optimizers, EMA, the fast path's non-finite guard;
 "other" = losses, concat, schedules) and the convolution ops' share of the step; compiled cases
@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import RECIPE, STEP_KW, add_common_flags, apply_threads, make_batches, step_schedules, sync, write_results  # noqa: E402 - benchmarks/ is on the path when run as a script
 from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 
 from mpl_fast.algo import MPL, MPLConfig, StepPrecision  # noqa: E402
@@ -64,9 +65,6 @@ from mpl_fast.algo import feedback as fb  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.speed import compile_modules, to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import RECIPE, STEP_KW, add_common_flags, apply_threads, make_batches, step_schedules, sync, write_results  # noqa: E402 - benchmarks/ is on the path when run as a script
-
-
 
 # ------------------------------------------------------------------ building the cases
 

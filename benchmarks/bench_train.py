@@ -30,8 +30,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mpl_fast.data.tiny import write_tiny_cifar  # noqa: E402
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.data.tiny import write_tiny_cifar  # noqa: E402
 
 
 def overrides(data_dir: str, steps: int, batch: int, out_dir: str) -> list[str]:

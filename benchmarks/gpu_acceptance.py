@@ -81,7 +81,7 @@ def stage_build(report: Report, dry: bool):
 
 
 def stage_tests(report: Report, dry: bool):
-    files = ["tests/test_multi_tensor_dot.py", "tests/test_fused_sgd.py", "tests/test_augment.py"]
+    files = ["tests/ops/test_multi_tensor_dot.py", "tests/ops/test_fused_sgd.py", "tests/ops/test_augment.py"]
     if dry:  # collected, not run: the marker selects what a GPU would run
         proc = _run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "cuda", "-p", "no:cacheprovider",
                      *files], report, "tests", STAGE_TIMEOUT_S["tests"])

@@ -28,14 +28,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
 from mpl_fast.data.embedded import _load, _per_class_split  # noqa: E402
 from mpl_fast.models.small import TwoMoonsMLP  # noqa: E402
-import common  # noqa: E402 - benchmarks/ is on the path when run as a script
-
 
 LABELED = "random"  # or "spread": on each moon the training points nearest its two tips and its middle
 

@@ -20,7 +20,7 @@ parameter's strides). Every parameter is checked before any tensor is written.
   so a skipped first step leaves them equivalent to "not initialised" (exact for dampening 0).
 
 With AMP, ``scaler.step(opt)`` works as for any optimizer (GradScaler then reads its inf flag
-on the host once). The sync-free sequence (tested in tests/test_fused_sgd.py)::
+on the host once). The sync-free sequence (tested in tests/ops/test_fused_sgd.py)::
 
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from mpl_fast.ops.fused_sgd import fused_sgd_, is_dense
-from mpl_fast.parallel.sharding import local
+from mpl_fast.shards import local
 
 
 class FusedSGD(torch.optim.Optimizer):

@@ -11,7 +11,7 @@ Optionally (always for finite-diff by default, as the official code) a moving av
 is subtracted: h <- h - b, b updated only on applied steps.
 
 By Taylor, CE_l(theta_S') ~ CE_l(theta_S) - <g_l, theta_S - theta_S'>, so all three agree in
-sign to first order (tests/test_algo.py pins it: test_feedback_modes_agree_in_sign_and_value_at_small_lr).
+sign to first order (tests/algo/test_algo.py pins it: test_feedback_modes_agree_in_sign_and_value_at_small_lr).
 
 All labeled forwards of the feedback run in ``deterministic_forward``: dropout and drop-path
 off, BatchNorm normalising with the batch's own statistics but without touching its running

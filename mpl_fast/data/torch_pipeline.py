@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mpl_fast.data.bad_data import record_corrupt
 from mpl_fast.data.source import LabeledSet
-from mpl_fast.data.views import (Normalize, pad_crop_flip, resize_center_crop,
-                                 resized_crop_flip, strong_view)
+from mpl_fast.data.views import Normalize, pad_crop_flip, resize_center_crop, resized_crop_flip, strong_view
 
 LABELED, UNLABELED, EVAL = "labeled", "unlabeled", "eval"
 _STREAM_IDS = {LABELED: 1, UNLABELED: 2}

@@ -12,8 +12,8 @@
   than it saves).
 
 Neither changes the math: channels_last changes the order of the convolutions' sums (round-off,
-checked against the plain step in tests/test_step_equivalence.py); compile fuses elementwise
-ops (round-off too, tests/test_speed_options.py).
+checked against the plain step in tests/algo/test_step_equivalence.py); compile fuses elementwise
+ops (round-off too, tests/train/test_speed_options.py).
 """
 
 from __future__ import annotations

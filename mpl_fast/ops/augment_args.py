@@ -2,7 +2,7 @@
 math that turns a plan's magnitudes (torchvision's units) into kernel parameters.
 
 No randomness here: a plan is given (``mpl_fast.augment`` draws them). The kernel op codes
-mirror ``enum OpCode`` in csrc/augment.h, the source of truth; tests/test_augment_args.py parses
+mirror ``enum OpCode`` in csrc/augment.h, the source of truth; tests/ops/test_extension.py parses
 that enum and checks ``KernelCode`` against it.
 """
 

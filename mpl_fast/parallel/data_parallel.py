@@ -38,7 +38,8 @@ from mpl_fast.algo.interfaces import NoGradientSync
 
 
 class GradientAverager(NoGradientSync):
-    """mpl_fast.algo.interfaces.GradientSync over torchrun ranks. Averages tensors in place over the ranks of ``group``: one all_reduce per call.
+    """mpl_fast.algo.interfaces.GradientSync over torchrun ranks. Averages tensors in place over the
+    ranks of ``group``: one all_reduce per call.
 
     The tensors of each dtype are copied into one flat buffer (kept between calls for the same
     list of shapes: the student's g_u and g_l' share one, the teacher's gradients another; this

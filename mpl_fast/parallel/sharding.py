@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mpl_fast.checkpoint import map_tensors
-from mpl_fast.shards import is_dtensor, local  # noqa: F401 - local: mpl_fast.optim imports it from here
+from mpl_fast.shards import is_dtensor
 
 
 def is_sharded(model: nn.Module | None) -> bool:

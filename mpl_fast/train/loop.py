@@ -138,7 +138,8 @@ def log_interval(sess: Session, step: int, clock: dict, bar) -> None:
     if values[-1] >= cfg.max_nonfinite:
         raise TrainingStopped(
             f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had a non-finite loss or h"
-            f"{' or overflowing fp16 gradients' if mpl.grad_scaler or mpl.student_grad_scaler else ''} (all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
+            f"{' or overflowing fp16 gradients' if mpl.grad_scaler or mpl.student_grad_scaler else ''} "
+            f"(all of them skipped; {int(values[-2])} skipped in total). Lower the learning rates "
             f"or check the data; the last checkpoint holds the last finite state.")
 
 

@@ -17,7 +17,7 @@ from mpl_fast import export as export_tool
 from mpl_fast import plot as plot_tool
 from mpl_fast import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # torchvision warns at every decoded file that its decoders are deprecated (the trainer's decoder,
 # mpl_fast.data.torch_pipeline.decode_file, which load and evaluate reuse).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")

@@ -15,15 +15,22 @@ import signal
 import pytest
 import torch
 import torch.distributed as dist
+from mpl_testing import (
+    init_gloo_rank,
+    rank_slice,
+    save_rank_result_and_leave,
+    set_fields,
+    spawn_ranks,
+    torchrun_trainer,
+    toy_batches,
+)
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules
-from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel.model_parallel import HalfGroups, resolve_placement
-from mpl_testing import (init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields, spawn_ranks,
-                          torchrun_trainer, toy_batches)
+from mpl_fast.train.config import preset
 
 WORLD, K = 4, 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -32,7 +39,7 @@ VARIANTS = ("averaged", "fsdp")
 
 
 def _toy_mpl(feedback: str, groups: HalfGroups | None = None, fsdp: bool = False) -> MPL:
-    """BN-free MLPs (as tests/test_fsdp.py) with UDA, label smoothing, clipping, Nesterov, weight
+    """BN-free MLPs (as tests/parallel/test_fsdp.py) with UDA, label smoothing, clipping, Nesterov, weight
     decay and EMA on. ``groups``: this rank's half only, data parallel within its group."""
     from mpl_fast.parallel.data_parallel import GradientAverager, ShardedSync
     from mpl_fast.parallel.sharding import device_mesh, shard_model

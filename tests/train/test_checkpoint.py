@@ -14,7 +14,7 @@ import torch
 
 from mpl_fast import checkpoint as ckpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _state(step: int) -> dict:

@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mpl_testing import free_port
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, MPLConfig, Schedules
-from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
-from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
 from mpl_fast.parallel.distributed import shutdown
+from mpl_fast.parallel.model_parallel import DistributedLink, InProcessLink, resolve_placement
 from mpl_fast.train import main, run
-from mpl_testing import free_port
+from mpl_fast.train.config import preset
 
 CLASSES, FEATURES, B, U = 3, 6, 4, 8
 HPARAMS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -307,7 +307,7 @@ def test_default_gpu_placement_needs_two_gpus():
 
 @pytest.mark.parametrize("world_size", [3, 5])
 def test_torchrun_world_size_must_be_even(world_size):
-    """2k ranks run rank groups (tests/test_model_parallel_groups.py); an odd number has no pairs."""
+    """2k ranks run rank groups (tests/parallel/test_model_parallel_groups.py); an odd number has no pairs."""
     with pytest.raises(ValueError, match=f"even number of processes, got WORLD_SIZE={world_size}"):
         resolve_placement(True, "cpu", world_size=world_size, rank=0, local_rank=0)
 

@@ -1,7 +1,7 @@
 """bf16 --amp on the student's update (issue #8/#9): the student's forward on the unlabeled batch
 (g_u) runs under bf16 autocast, the feedback's labeled forward (g_l') stays fp32;
 --no-amp-student keeps the whole student in fp32 (fp16 with the student's own loss scaler:
-tests/test_amp_fp16.py)."""
+tests/train/test_amp_fp16.py)."""
 
 import contextlib
 import copy
@@ -93,8 +93,7 @@ def test_policy_gives_the_student_the_amp_dtype_unless_disabled():
 
 
 def test_no_amp_student_flag_reaches_the_step():
-    from mpl_fast.train import build_parser, config_from_args
-    from mpl_fast.train import build_mpl, build_streams
+    from mpl_fast.train import build_mpl, build_parser, build_streams, config_from_args
 
     for argv, expect in ((["--amp"], torch.bfloat16), (["--amp", "--no-amp-student"], torch.float32)):
         cfg = config_from_args(build_parser().parse_args(argv))

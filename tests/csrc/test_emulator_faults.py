@@ -5,11 +5,11 @@ The variants are compiled in parallel, once per source text (build/emulated/ cac
 
 from concurrent.futures import ThreadPoolExecutor
 
+import emulated_build
 import pytest
 import torch
-
-import emulated_build
 from emulated_build import EmulatorError
+
 from mpl_fast import ops
 
 MT = "cuda/multi_tensor_kernels.cuh"

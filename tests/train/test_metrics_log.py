@@ -10,10 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from mpl_fast.metrics_log import (MetricsFileError, MetricsLog, MetricsWarning, keep_through_step,
-                                  read_metrics, to_json_line)
+from mpl_fast.metrics_log import MetricsFileError, MetricsLog, MetricsWarning, keep_through_step, read_metrics, to_json_line
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _strict_loads(line: str):

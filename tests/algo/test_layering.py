@@ -4,7 +4,7 @@ and imports nothing from the layers that implement or drive it (parallel/, train
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mpl_fast"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mpl_fast"
 FORBIDDEN_IN_ALGO = ("mpl_fast.parallel", "mpl_fast.train", "mpl_fast.cli", "mpl_fast.config")
 
 

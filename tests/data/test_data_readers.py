@@ -11,8 +11,7 @@ import torch
 from mpl_fast.data.cifar import load_cifar
 from mpl_fast.data.imagefolder import load_imagefolder, quick_check
 from mpl_fast.data.svhn import load_svhn
-from mpl_fast.data.tiny import (write_python2_pickle, write_tiny_cifar, write_tiny_imagefolder,
-                                write_tiny_svhn)
+from mpl_fast.data.tiny import write_python2_pickle, write_tiny_cifar, write_tiny_imagefolder, write_tiny_svhn
 
 # torchvision 0.29 deprecates its image decoders (for TorchCodec); they still work and are used.
 pytestmark = pytest.mark.filterwarnings(

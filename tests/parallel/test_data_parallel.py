@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mpl_testing import free_port, set_fields, tiny_dali_config, torchrun_trainer
 
 from mpl_fast import checkpoint as ckpt
-from mpl_fast.train.config import preset
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.train import run
-from mpl_testing import free_port, set_fields, tiny_dali_config, torchrun_trainer
+from mpl_fast.train.config import preset
 
 WORLD = 2
 

@@ -12,12 +12,12 @@ import os
 
 import pytest
 import torch
+from mpl_testing import assert_state_unchanged, toy_batches
 from torch import nn
 
 from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules, StepPrecision
 from mpl_fast.optim import FusedSGD
 from mpl_fast.train import main, run
-from mpl_testing import assert_state_unchanged, toy_batches
 
 INIT_SCALE = 2.0 ** 16  # GradScaler's default
 
@@ -316,8 +316,7 @@ def test_trainer_runs_fp16_on_cpu_when_tests_allow_it(extra, tmp_path, monkeypat
 
 @pytest.mark.parametrize("argv,dtype", [([], torch.float16), (["--no-amp-student"], torch.float32)])
 def test_trainer_builds_the_fp16_student_and_its_scaler_unless_no_amp_student(argv, dtype, monkeypatch):
-    from mpl_fast.train import build_parser, config_from_args
-    from mpl_fast.train import build_mpl, build_streams
+    from mpl_fast.train import build_mpl, build_parser, build_streams, config_from_args
 
     monkeypatch.setenv("MPL_FAST_ALLOW_CPU_FP16", "1")
     cfg = config_from_args(build_parser().parse_args(["--amp", "--amp-dtype", "fp16", "--device", "cpu", *argv]))
@@ -412,9 +411,9 @@ def _layout_b_rank(rank: int, init_file: str, tmp: str):
     from types import SimpleNamespace
 
     import torch.distributed as dist
+    from mpl_testing import init_gloo_rank
 
     from mpl_fast.parallel.model_parallel import DistributedLink, RankSync
-    from mpl_testing import init_gloo_rank
 
     torch.set_num_threads(1)
     init_gloo_rank(rank, 2, init_file)

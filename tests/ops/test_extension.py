@@ -11,7 +11,7 @@ import mpl_fast
 from mpl_fast import ops
 from mpl_fast.ops import extension
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_extension_is_loaded_here():

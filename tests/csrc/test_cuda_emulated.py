@@ -9,12 +9,12 @@ scheduler seeds). What the emulator checks is in docs/cuda_testing.md.
 
 import types
 
+import emulated_build
 import pytest
 import torch
-
-import emulated_build
-from mpl_fast import augment, ops
 from sample_images import op_magnitudes, photos
+
+from mpl_fast import augment, ops
 
 SEEDS = (1, 2, 3)  # scheduler seeds: thread order, block order, shared-memory garbage
 CHUNK, CUDA_CHUNK = 1 << 15, 1 << 16

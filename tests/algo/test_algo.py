@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from mpl_testing import assert_state_unchanged, toy_batches
+from torch import nn
 
 from mpl_fast.algo import MPL, MPLConfig, Schedules, deterministic_forward, pseudo_labels, uda_consistency
 from mpl_fast.algo.schedules import delayed, warmup_cosine
-from mpl_testing import assert_state_unchanged, toy_batches
 
 MODES = ("grad-dot", "update-dot", "finite-diff")
 

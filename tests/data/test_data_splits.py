@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from mpl_fast.data.files import resolve_split
 from mpl_fast.data.config import DataConfig
-from mpl_fast.data.splits import (draw_split, read_split_file, save_split, split_from_record,
-                                  split_record)
+from mpl_fast.data.files import resolve_split
+from mpl_fast.data.splits import draw_split, read_split_file, save_split, split_from_record, split_record
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ def test_short_class_warns(labels):
 
 def test_record_round_trip_by_index_and_by_path(tmp_path, labels):
     s = draw_split(labels, 10, seed=5, labels_per_class=3, val_per_class=2)
-    for keys in (list(range(len(labels))), [f"train/c{l}/img{i}.jpg" for i, l in enumerate(labels)]):
+    for keys in (list(range(len(labels))), [f"train/c{c}/img{i}.jpg" for i, c in enumerate(labels)]):
         record = split_record(s, keys, dataset="x", seed=5)
         assert record["unlabeled"] == "rest"
         path = str(tmp_path / "split.json")

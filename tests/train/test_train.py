@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-
-from mpl_fast import checkpoint as ckpt
-from mpl_fast.train.config import preset
-from mpl_fast.train import TrainingStopped, build_parser, config_from_args, main, run
 from mpl_testing import set_fields
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mpl_fast import checkpoint as ckpt
+from mpl_fast.train import TrainingStopped, build_parser, config_from_args, main, run
+from mpl_fast.train.config import preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny(tmp_path, name="run", **kw):

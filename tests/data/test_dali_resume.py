@@ -3,12 +3,12 @@ with the same weights as an uninterrupted one (the DALI streams save their posit
 
 import pytest
 import torch
+from mpl_testing import tiny_dali_config
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason
 from mpl_fast.data.tiny import write_tiny_imagefolder
 from mpl_fast.train import run
-from mpl_testing import tiny_dali_config
 
 pytestmark = [
     pytest.mark.skipif(dali_unavailable_reason() is not None,

@@ -11,14 +11,22 @@ import os
 
 import pytest
 import torch
+from mpl_testing import (
+    assert_state_unchanged,
+    init_gloo_rank,
+    rank_slice,
+    save_rank_result_and_leave,
+    set_fields,
+    spawn_ranks,
+    torchrun_trainer,
+    toy_batches,
+)
 from torch import nn
 
 from mpl_fast import checkpoint as ckpt
 from mpl_fast.algo import MPL, GradClip, MPLConfig, Schedules, StepPrecision
-from mpl_fast.train.config import preset
 from mpl_fast.optim import FusedSGD
-from mpl_testing import (assert_state_unchanged, init_gloo_rank, rank_slice, save_rank_result_and_leave, set_fields,
-                          spawn_ranks, torchrun_trainer, toy_batches)
+from mpl_fast.train.config import preset
 
 WORLD = 2
 FEEDBACKS = ("grad-dot", "update-dot", "finite-diff")
@@ -72,8 +80,8 @@ def _run_steps(mpl: MPL, rank: int | None, full_state) -> dict:
 # ----------------------------------------------------------------------------- in the ranks
 
 def _step_scenarios(rank: int) -> dict:
-    from mpl_fast.shards import local
     from mpl_fast.parallel.sharding import device_mesh, full_state_dict, is_sharded
+    from mpl_fast.shards import local
 
     mesh = device_mesh("cpu")
     results = {}
@@ -140,8 +148,8 @@ def _trainer_scenarios(tmp: str) -> dict:
 def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
     """fp16 loss scaling: rank 1 alone finds an inf in its shard of the teacher's gradients at
     step 2. Returns per step whether this rank skipped, and the states around that step."""
-    from mpl_fast.shards import local
     from mpl_fast.parallel.sharding import full_state_dict
+    from mpl_fast.shards import local
 
     mpl = _toy_mpl("grad-dot", mesh, grad_scaler=scaler)
     mpl.clip = GradClip(teacher=0.0, student=mpl.clip.student)  # (a clip's norm is global: it would spread the inf to every rank)
@@ -168,8 +176,8 @@ def _overflow_on_one_rank(rank: int, mesh, scaler) -> dict:
 def _rank_main(rank: int, init_file: str, tmp: str):
     init_gloo_rank(rank, WORLD, init_file)
     torch.set_num_threads(1)
-    from mpl_fast.train.precision import resolve_precision
     from mpl_fast.parallel.sharding import device_mesh
+    from mpl_fast.train.precision import resolve_precision
 
     returned = {"steps": _step_scenarios(rank), "trainer": _trainer_scenarios(tmp)}
     policy = resolve_precision(True, "fp16", "cpu", allow_cpu_fp16=True)  # the GPU's fp16 path, on the CPU
@@ -326,7 +334,7 @@ def test_an_fp16_overflow_in_one_ranks_shard_skips_the_step_on_every_rank(ranks)
 # ----------------------------------------------------------------------------- refusals
 
 def test_fsdp_with_compile_is_refused(capsys):
-    """(--fsdp with --model-parallel shards each half over its group: tests/test_model_parallel_groups.py)"""
+    """(--fsdp with --model-parallel shards each half over its group: tests/parallel/test_model_parallel_groups.py)"""
     from mpl_fast.train import main
 
     with pytest.raises(SystemExit) as exc:

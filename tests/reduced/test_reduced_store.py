@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from mpl_fast.reduced.store import (MANIFEST, StoreError, TeacherLabelStore, bytes_per_image, merge_ranges,
-                                    missing_ranges, spread_topk)
+from mpl_fast.reduced.store import (
+    MANIFEST,
+    StoreError,
+    TeacherLabelStore,
+    bytes_per_image,
+    merge_ranges,
+    missing_ranges,
+    spread_topk,
+)
 
 DATASET = {"name": "toy", "num_images": 10, "sha256": "ab" * 32}
 

@@ -8,20 +8,24 @@ import copy
 import pytest
 import torch
 import torchvision
+from mpl_testing import set_fields
 from torch import nn
 
 from mpl_fast import checkpoint as run_checkpoint
 from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision
 from mpl_fast.algo.feedback import deterministic_forward
 from mpl_fast.models import DigitsCNN, TwoMoonsMLP, WideResNet, create_model
-from mpl_fast.models.checkpointing import (checkpointed_units, enable_activation_checkpointing,
-                                           find_checkpoint_units, saved_activation_bytes)
-from mpl_fast.train.config import preset
+from mpl_fast.models.checkpointing import (
+    checkpointed_units,
+    enable_activation_checkpointing,
+    find_checkpoint_units,
+    saved_activation_bytes,
+)
 from mpl_fast.optim import FusedSGD
-from mpl_fast.train.plan import measure_footprint
 from mpl_fast.train import build as train_build
 from mpl_fast.train import main, run
-from mpl_testing import set_fields
+from mpl_fast.train.config import preset
+from mpl_fast.train.plan import measure_footprint
 
 
 class _DropoutBlockNet(nn.Module):

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mpl_testing import free_port
 
 from mpl_fast.parallel.distributed import DistContext, init_from_env, shutdown
-from mpl_testing import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, results):

@@ -5,12 +5,14 @@ import copy
 
 import pytest
 import torch
+from mpl_testing import assert_state_unchanged, toy_batches
 from torch import nn
 
-from mpl_fast.algo import MPL, MPLConfig, Schedules, ema as ema_module, guard as guard_module
+from mpl_fast.algo import MPL, MPLConfig, Schedules
+from mpl_fast.algo import ema as ema_module
+from mpl_fast.algo import guard as guard_module
 from mpl_fast.algo.ema import ModelEMA
 from mpl_fast.algo.guard import StepGuard
-from mpl_testing import assert_state_unchanged, toy_batches
 
 
 def _net(seed: int) -> nn.Module:
