@@ -400,7 +400,7 @@ class MPL:
         precision, and also the student's forward on the unlabeled batch (``student_autocast``:
         g_u; fp16 with the student's own loss scaler), which moves h only slightly and keeps its
         sign. The feedback's labeled forward (g_l') stays fp32: in bf16 too it flips the sign of
-        h (benchmarks/RESULTS.md, bench_step).
+        h (docs/amp.md; benchmarks/RESULTS.md, bench_step).
         """
         with self.autocast():
             return self.teacher(x).float()

@@ -74,7 +74,7 @@ class FiniteBatches(Sampler):
 def decode_file(path: str) -> torch.Tensor:
     """uint8 RGB (3, H, W) of a JPEG/PNG file (grey, palette, alpha and 16-bit converted).
 
-    torchvision.io (libjpeg-turbo, ~30% faster than PIL here); it is deprecated since
+    torchvision.io (libjpeg-turbo, faster than PIL); it is deprecated since
     torchvision 0.29 in favour of TorchCodec, so PIL takes over once it is gone.
     """
     if _tv_decode is None:

@@ -53,7 +53,7 @@ class TrainConfig:
     amp_dtype: AmpDtype | None = None  # with --amp: bf16 or fp16 (loss-scaled; GPU only); default bf16 if supported
     amp_student: bool = True        # --amp: also the student's forward on the unlabeled batch (g_u; fp16: own scaler)
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
-    teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
+    teacher_device: str | None = None  # with --model-parallel in one process (default: docs/parallel.md, two-devices)
     student_device: str | None = None
     fsdp: bool = False              # torchrun: shard teacher and student over all ranks (FSDP2)
     compile: bool = False           # torch.compile of the teacher's and student's forwards
@@ -68,11 +68,11 @@ class TrainConfig:
 
 
 def _digits() -> TrainConfig:
-    """The embedded default: 8x8 digits from scikit-learn, few labels, a small CNN, CPU, ~1 min."""
+    """The embedded default: 8x8 digits from scikit-learn, few labels, a small CNN, CPU."""
     opt = OptimConfig(lr=0.05, warmup_steps=100, weight_decay=5e-4)
     return TrainConfig(
         # One thread: for a model this small, more threads add synchronisation, and on a shared
-        # 2-core machine oversubscription made a run 2-12x slower (measured).
+        # machine they oversubscribe its cores and a run slows down several times.
         preset="digits", steps=1500, log_every=25, eval_every=250, checkpoint_every=500, threads=1,
         data=DataConfig(dataset="digits", labels_per_class=3, val_per_class=5, batch_size=16, mu=4,
                         eval_batch_size=512),
@@ -87,15 +87,11 @@ def _digits() -> TrainConfig:
 def _two_moons() -> TrainConfig:
     """Paper section 3.1: 2000 points, 6 labeled, MLP 2x8 sigmoid, plain SGD.
 
-    Departures from the paper's numbers, measured here: at lr 0.1 this MLP (U(-0.1, 0.1) init)
-    does not converge in a few thousand steps even with every point labeled (88% after 3k
-    steps), so both rates are 1.0. Pseudo labels are sampled from the teacher (the paper's
-    y_hat ~ T(x)); small unlabeled batches (12). The MPL term has its paper weight 1: weighting
-    it 20x with a baseline on h (tried before) gave the same students over 5 seeds.
-    MPL does not find the moons with this preset, nor with any feedback we measured (the exact
-    meta-gradient included): the student's CE on the 6 labeled points (the signal MPL's teacher descends) falls faster when
-    the student learns a supervised teacher's near-linear labels than the true moons
-    (benchmarks/moons_probe.py objective; RESULTS.md, "two-moons").
+    Departures from the paper: both learning rates are 1.0 (at the paper's 0.1 this MLP, with
+    its U(-0.1, 0.1) init, does not converge in a few thousand steps even fully labeled); pseudo
+    labels are sampled from the teacher (the paper's y_hat ~ T(x)); small unlabeled batches
+    (12); the MPL term keeps its paper weight 1. MPL does not find the moons with this preset;
+    why, and what was tried: docs/two_moons.md.
     """
     opt = OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
     return TrainConfig(
