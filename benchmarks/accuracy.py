@@ -8,7 +8,7 @@ Every method runs the same preset (same data, split, model, steps, schedules) an
 only in --method; the number reported per run is the method's headline model (summary.json
 "headline": MPL/pseudo-labels/supervised: the best-on-validation student, finetuned when the
 preset finetunes; UDA: its teacher). Prints a mean +- std table and writes the same numbers
-as JSON (--json, default benchmarks/results/accuracy.json).
+as JSON (--json, default benchmarks/results/accuracy/<date>_<data sets>.json).
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpl_fast.config import METHODS, preset  # noqa: E402
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.train import run  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+from mpl_fast.train.config import METHODS, preset  # noqa: E402
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons"}
 
 
 def run_one(dataset: str, method: str, seed: int, steps: int | None, out_root: str, threads: int,
-            profile: str | None = None, amp: bool = False) -> dict:
+            profile: str | None = None, amp: bool = False, device: str = "cpu") -> dict:
     cfg = preset(PRESET_OF[dataset])
-    cfg.method, cfg.seed, cfg.threads, cfg.amp = method, seed, threads, amp
+    cfg.method, cfg.seed, cfg.threads, cfg.amp, cfg.device = method, seed, threads, amp, device
     if steps is not None:
         cfg.steps = steps
     cfg.checkpoint_every = 0
@@ -58,22 +59,21 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="override the presets' step counts")
-    parser.add_argument("--quick", action="store_true", help="2 seeds")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--json", default=os.path.join("benchmarks", "results", "accuracy.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler Chrome trace per run")
-    parser.add_argument("--amp", action="store_true", help="train with --amp (bf16 teacher forward)")
+    common.add_common_flags(parser, quick="2 seeds", device="cpu", threads=1, threads_help="torch threads per run",
+                            profile="write a torch.profiler Chrome trace per run")
+    parser.add_argument("--amp", action="store_true", help="train with --amp (bf16 autocast, see docs/amp.md)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args(argv)
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
     out_root = args.out or tempfile.mkdtemp(prefix="mpl-accuracy-")
 
-    results: dict = {"seeds": seeds, "machine": "2-core CPU dev VM, no GPU", "amp": args.amp, "runs": [], "table": {}}
+    results: dict = {"seeds": seeds, "amp": args.amp, "runs": [], "table": {}}
     for dataset in args.datasets:
         for method in args.methods:
             for seed in seeds:
                 t0 = time.perf_counter()
-                s = run_one(dataset, method, seed, args.steps, out_root, args.threads, args.profile, args.amp)
+                s = run_one(dataset, method, seed, args.steps, out_root, args.threads, args.profile, args.amp,
+                            args.device)
                 row = {"dataset": dataset, "method": method, "seed": seed,
                        "headline_model": s["headline"]["model"], "test_top1": s["headline"]["test_top1"],
                        "all_test_top1": s["test_top1"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
             results["table"].setdefault(dataset, {})[method] = {"mean": mean, "std": std, "n": len(accs)}
             cells.append(f"{mean:6.2f} ± {std:5.2f}")
         print(f"| {dataset:<9} | " + " | ".join(f"{c:>15}" for c in cells) + " |")
-    write_json(args.json, results)
-    print(f"\nwritten to {args.json}")
+    print()
+    common.write_results(args, "accuracy", results, tag="_".join(args.datasets) + ("_amp" if args.amp else ""))
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,12 +40,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+from common import RECIPE, STEP_KW, add_common_flags, apply_threads, make_batches, print_table, sync, write_results  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.checkpointing import enable_activation_checkpointing, saved_activation_bytes  # noqa: E402
 from mpl_fast.models.speed import to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import RECIPE, STEP_KW, make_batches, sync, write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CASES = ("plain", "ckpt")
 MODELS = {"wrn28-2": dict(size=32, dropout=0.2), "resnet50": dict(size=224, dropout=0.0)}
@@ -66,7 +66,7 @@ def build_step(model: str, checkpointing: bool, device: torch.device) -> MPL:
     schedules = Schedules(total_steps=10_000, teacher_lr=RECIPE["lr"], student_lr=RECIPE["lr"],
                           teacher_schedule="constant", student_schedule="constant", uda_weight=8.0)
     return MPL(teacher, student, FusedSGD(teacher.parameters(), **RECIPE), FusedSGD(student.parameters(), **RECIPE),
-               schedules, method="mpl", feedback="grad-dot", baseline="off", **STEP_KW)
+               schedules, MPLConfig(feedback="grad-dot", baseline="off", **STEP_KW), method="mpl")
 
 
 def timed_step(mpl: MPL, batch, i: int, device: torch.device) -> float:
@@ -175,9 +175,9 @@ def bench_model(model: str, batch: int, mu: int, steps: int, warmup: int, device
         rows.append({"case": "peak MiB", "plain": peaks["plain"]["peak_mib"], "ckpt": peaks["ckpt"]["peak_mib"],
                      "ratio": peaks["plain"]["peak_mib"] / max(peaks["ckpt"]["peak_mib"], 1e-9),
                      "note": f"plain / ckpt ({peaks['plain']['kind']})"})
-    print(f"{'case':<20} {'plain':>10} {'ckpt':>10} {'ratio':>7}  note")
-    for r in rows:
-        print(f"{r['case']:<20} {r['plain']:>10.3f} {r['ckpt']:>10.3f} {r['ratio']:>7.2f}  {r['note']}")
+    print("baseline: plain, ours: checkpointed")
+    print_table([{"case": f"{r['case']} ({r['note']})", "baseline": r["plain"], "ours": r["ckpt"], "ratio": r["ratio"]}
+                 for r in rows])
     print(f"max |dθ| ckpt vs plain after {warmup + steps} steps: {diff:.1e}")
     return {"model": model, "image_size": size, "batch": batch, "mu": mu, "teacher_images": images,
             "warmup_steps": warmup, "timed_steps": steps, "times_s": times, "rows": rows,
@@ -186,7 +186,9 @@ def bench_model(model: str, batch: int, mu: int, steps: int, warmup: int, device
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="WRN-28-2 only, B=4, 2 timed steps")
+    add_common_flags(parser, quick="WRN-28-2 only, B=4, 2 timed steps", threads=0,
+                     threads_help="torch threads (0: torch's default)",
+                     profile="write a Chrome trace of one step per case here")
     parser.add_argument("--batch", type=int, default=16, help="labeled batch for WRN-28-2")
     parser.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * batch (each view)")
     parser.add_argument("--resnet-batch", type=int, default=2)
@@ -194,16 +196,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--models", default="wrn28-2,resnet50", help="which models (--quick: wrn28-2 only)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                       "bench_activation_checkpointing.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="write a Chrome trace of one step per case here")
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.peak_child:
         model, case, batch, mu, device = args.peak_child.split(",")
         print(json.dumps(peak_child(model, case, int(batch), int(mu), device)))
@@ -211,18 +207,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.quick:
         args.batch, args.steps, args.models = 4, 2, "wrn28-2"
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpu_threads": torch.get_num_threads(), "device": str(device),
-                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                           "torch": torch.__version__},
-               "models": []}
+    results = {"models": []}
     for model in args.models.split(","):
         batch, mu = (args.batch, args.mu) if model == "wrn28-2" else (args.resnet_batch, args.resnet_mu)
         steps = args.steps if model == "wrn28-2" else max(3, args.steps // 2)
         results["models"].append(bench_model(model, batch, mu, steps, args.warmup, device, args.profile,
                                              not args.no_peak, args.threads))
-    write_json(args.json, results)
-    print(f"\nwrote {args.json}")
+    print()
+    write_results(args, "activation_checkpointing", results, tag=args.models.replace(",", "_"))
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,10 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.algo import MPL, MPLConfig, Schedules, StepPrecision  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 CASES = ("fp32", "fp32+scaler", "bf16", "fp16+scaler")
 SHAPES = {"digits-cnn": (1, 8, 10), "wrn28-2": (3, 32, 10)}  # in_channels, side, classes
@@ -50,8 +50,9 @@ def build(case: str, model: str, device: torch.device, seed: int = 0) -> MPL:
     dtype = {"bf16": torch.bfloat16, "fp16+scaler": torch.float16}.get(case)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if case.endswith("+scaler") else None
-    return MPL(teacher, student, *opts, sched, autocast=autocast, grad_scaler=scaler, ema_decay=0.995,
-               uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15)
+    return MPL(teacher, student, *opts, sched,
+               MPLConfig(ema_decay=0.995, uda_temperature=0.7, uda_threshold=0.6, label_smoothing=0.15),
+               precision=StepPrecision(autocast=autocast, grad_scaler=scaler))
 
 
 def batches(model: str, batch: int, mu: int, n: int, device: torch.device, seed: int = 1):
@@ -73,16 +74,14 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 warm-up and 3 timed steps")
+    common.add_common_flags(parser, quick="2 warm-up and 3 timed steps", device="cpu",
+                            profile="write a torch.profiler Chrome trace per case")
     parser.add_argument("--model", default="digits-cnn", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--mu", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (after 3 warm-up steps)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                       "bench_amp_fp16.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler Chrome trace per case")
     args = parser.parse_args()
+    common.apply_threads(args.threads)
     device = torch.device(args.device)
     warmup, steps = (2, 3) if args.quick else (3, args.steps)
     mpls = {case: build(case, args.model, device) for case in CASES}
@@ -111,13 +110,12 @@ def main() -> None:
                      "scale": mpl.grad_scaler.get_scale() if mpl.grad_scaler is not None else None})
     print(f"MPL step, {args.model}, batch {args.batch} + 2x{args.mu * args.batch} unlabeled, {device}, "
           f"median of {steps} steps ({torch.get_num_threads()} threads)")
-    print(f"{'case':14s} {'s/step':>9s} {'ratio':>7s} {'skipped':>8s} {'scale':>9s}")
-    for r in rows:
-        scale = "-" if r["scale"] is None else f"{r['scale']:.0f}"
-        print(f"{r['case']:14s} {r['s_per_step']:9.4f} {r['ratio_vs_fp32']:7.2f} {r['skipped']:8d} {scale:>9s}")
-    write_json(args.json, {"machine": platform.processor() or platform.machine(), "device": str(device),
-                           "model": args.model, "batch": args.batch, "mu": args.mu, "steps": steps,
-                           "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows})
+    print("s/step; baseline: fp32")
+    common.print_table([{"case": f"{r['case']} (skipped {r['skipped']}, scale "
+                                 f"{'-' if r['scale'] is None else format(r['scale'], '.0f')})",
+                         "baseline": base, "ours": r["s_per_step"], "ratio": r["ratio_vs_fp32"]} for r in rows])
+    common.write_results(args, "amp_fp16", {"model": args.model, "batch": args.batch, "mu": args.mu, "steps": steps,
+                                            "rows": rows}, tag=args.model)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Cases: 32x32 (CIFAR) and 224x224 images (real photos: scikit-image's bundled ast
 chelsea, rocket, resized). Baselines: torchvision's RandAugment(2, 9) plus a 16-px cutout applied
 one image at a time, to PIL images (transforms.RandAugment), to uint8 tensors
 (transforms.RandAugment) and to uint8 tensors with transforms.v2.RandAugment. Ours:
-mpl_fast.ops.rand_augment(batch, 2, 9, cutout=16) on the whole batch. "1 thread": everything on
+mpl_fast.augment.rand_augment(batch, 2, 9, cutout=16) on the whole batch. "1 thread": everything on
 one core (torch.set_num_threads(1)), timed as this thread's CPU time (time.thread_time), so that
 other jobs on a shared machine do not count; "all threads": ours with torch's intra-op threads,
 the baselines in a pool of worker processes (how a DataLoader would run them), wall time. The
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 
@@ -31,8 +30,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mpl_fast import ops  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast import augment, ops  # noqa: E402
 
 CUTOUT = 16
 
@@ -106,7 +106,7 @@ def _time_ours_once(images: torch.Tensor, repeats: int, g: torch.Generator, devi
     sync()
     start = clock()
     for _ in range(repeats):
-        ops.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
+        augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
     sync()
     return (clock() - start) / repeats
 
@@ -127,7 +127,7 @@ def _compare(images: torch.Tensor, workers: int, pool, repeats: int, rounds: int
     g = torch.Generator().manual_seed(0)
     clock = time.thread_time if workers == 1 else time.perf_counter
     out = torch.empty_like(images)
-    ops.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)  # warm-up
+    augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)  # warm-up
     for kind in BASELINES:
         _time_baseline_once(kind, arrays[: max(workers, len(arrays) // 8)], workers, pool)
     times = {key: [] for key in ("ours", "copy") + BASELINES}
@@ -145,14 +145,14 @@ def _compare(images: torch.Tensor, workers: int, pool, repeats: int, rounds: int
 def _time_ours(images: torch.Tensor, repeats: int, device: str = "cpu") -> float:
     g = torch.Generator().manual_seed(0)
     images = images.to(device)
-    ops.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
+    augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
     best = min(_time_ours_once(images, repeats, g, device) for _ in range(3))
     return images.shape[0] / best
 
 
 def _time_dali(size: int, batch: int) -> float | None:
     try:
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def
         from nvidia.dali.auto_aug import rand_augment
     except ImportError:
         return None
@@ -175,12 +175,14 @@ def _time_dali(size: int, batch: int) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small batches, for a smoke run")
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_augment.json"))
-    parser.add_argument("--profile", default=None, help="write a torch.profiler Chrome trace of ours here")
+    common.add_common_flags(parser, quick="small batches, for a smoke run", devices=("cpu", "cuda"),
+                            threads=os.cpu_count() or 1,
+                            threads_help="the 'all threads' case: ours with this many torch threads, the "
+                                         "baselines in this many worker processes (default: all cores)",
+                            profile="write a torch.profiler Chrome trace of ours here")
     args = parser.parse_args()
 
-    threads = os.cpu_count() or 1
+    threads = args.threads
     cases = [(32, 256 if args.quick else 1024), (224, 16 if args.quick else 64)]
     rows = []
     ctx = mp.get_context("fork")
@@ -198,7 +200,7 @@ def main() -> None:
                 rows.append({"case": f"{size}x{size} N={batch} {label}", "baseline": "limit: copy (1 read+1 write)",
                              "baseline_img_s": rates["copy"], "ours_img_s": rates["ours"],
                              "ratio": rates["ours"] / rates["copy"]})
-            if torch.cuda.is_available():
+            if args.device == "cuda":
                 ours = _time_ours(images, repeats, "cuda")
                 try:  # untested here (no GPU on the dev VM): report a failure instead of crashing
                     dali = _time_dali(size, batch)
@@ -215,11 +217,8 @@ def main() -> None:
         span = f"{r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}" if r.get("ratio_range") else ""
         print(f"{r['case']:<34} {r['baseline']:<30} {base:>15} {r['ours_img_s']:>12.0f} {ratio:>8} {span:>13}")
 
-    machine = {"platform": platform.platform(), "cpu_count": threads, "torch": torch.__version__,
-               "backend": ops.backend(),
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    write_json(args.json, {"machine": machine, "quick": args.quick, "rows": rows})
-    print(f"wrote {args.json}")
+    common.write_results(args, "augment", {"backend": ops.backend(), "quick": args.quick, "rows": rows},
+                         tag=args.device)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -229,7 +228,7 @@ def main() -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
             for _ in range(5):
-                ops.rand_augment(images, 2, 9, generator=torch.Generator().manual_seed(0), cutout=CUTOUT)
+                augment.rand_augment(images, 2, 9, generator=torch.Generator().manual_seed(0), cutout=CUTOUT)
         path = os.path.join(args.profile, "bench_augment_trace.json")
         prof.export_chrome_trace(path)
         print(f"wrote {path}")

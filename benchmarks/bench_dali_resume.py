@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mpl_fast.data.dali_pipeline import (DaliTrainBatches, _train_pipeline,  # noqa: E402
-                                         dali_unavailable_reason)
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.data.dali_pipeline import DaliTrainBatches, _train_pipeline, dali_unavailable_reason  # noqa: E402
 from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 
 def batches_from(files, args, checkpointing=True):
@@ -49,16 +48,14 @@ def images_per_s(stream, batches, warmup):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few batches, for a smoke run")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                       "results", "dali_resume.json"))
-    parser.add_argument("--profile", default=None, help="write a Chrome trace of a resume here")
+    common.add_common_flags(parser, quick="few batches, for a smoke run", devices=("cpu",), threads=2,
+                            threads_help="DALI threads (default 2)", profile="write a Chrome trace of a resume here")
     parser.add_argument("--batch", type=int, default=56)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", type=int, default=None, help="batches consumed before the resume")
     parser.add_argument("--rounds", type=int, default=2, help="best of this many rounds per case")
-    parser.add_argument("--machine", default="2-core CPU dev VM, no GPU")
+    parser.add_argument("--machine", default=None,
+                        help="a note on the machine's state (e.g. 'quiet'), kept in the JSON")
     args = parser.parse_args()
     reason = dali_unavailable_reason()
     if reason is not None:
@@ -104,17 +101,12 @@ def main():
             {"case": "state_dict() (DALI checkpoint), ms", "baseline": None, "ours": 1e3 * min(save_s),
              "ratio": None}]
     print(f"\nDALI CPU pipeline, {len(files)} JPEGs, {args.size}x{args.size}, batch {args.batch}, "
-          f"{args.threads} threads, best of {args.rounds}; {args.machine}")
-    print(f"{'case':62s} {'baseline':>10s} {'ours':>10s} {'ratio':>7s}")
-    for r in rows:
-        base = "-" if r["baseline"] is None else f"{r['baseline']:.3f}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        print(f"{r['case']:62s} {base:>10s} {r['ours']:10.3f} {ratio:>7s}")
-    write_json(args.json, {"machine": args.machine, "platform": platform.platform(),
-                           "torch": torch.__version__, "quick": args.quick, "files": len(files),
-                           "size": args.size, "batch": args.batch, "threads": args.threads,
-                           "skip": args.skip, "rounds": args.rounds, "rows": rows})
-    print(f"wrote {args.json}")
+          f"{args.threads} threads, best of {args.rounds}")
+    common.print_table(rows)
+    common.write_results(args, "dali_resume", {"machine_note": args.machine, "quick": args.quick,
+                                               "files": len(files), "size": args.size, "batch": args.batch,
+                                               "dali_threads": args.threads, "skip": args.skip,
+                                               "rounds": args.rounds, "rows": rows}, tag="cpu")
 
 
 if __name__ == "__main__":

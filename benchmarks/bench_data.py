@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,10 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.data import DataConfig, build_streams  # noqa: E402
 from mpl_fast.data.dali_pipeline import dali_unavailable_reason  # noqa: E402
 from mpl_fast.data.tiny import write_tiny_imagefolder  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -80,28 +80,23 @@ def time_batches(stream, batches, warmup):
 
 
 def strong_impl():
-    import mpl_fast.ops as ops
-    return "mpl_fast.ops.rand_augment" if hasattr(ops, "rand_augment") else \
-        "torchvision v2 RandAugment per image (fallback until the batched op lands)"
+    return "mpl_fast.augment.rand_augment"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few batches, for a smoke run")
-    parser.add_argument("--json", default=None,
-                        help="default benchmarks/results/data.json (data_cifar10.json for --dataset cifar10)")
-    parser.add_argument("--profile", default=None, help="write a Chrome trace of the torch pipeline here")
-    parser.add_argument("--device", default="cpu")
+    common.add_common_flags(parser, quick="few batches, for a smoke run", device="cpu", threads=1,
+                            threads_help="torch threads of the main process (the workers use 1 each)",
+                            profile="write a Chrome trace of the torch pipeline here")
     parser.add_argument("--dataset", choices=("imagefolder", "cifar10"), default="imagefolder",
                         help="imagefolder: real JPEGs at --size; cifar10: 32x32 arrays in memory")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the main process (the workers use 1 each)")
     parser.add_argument("--batch", type=int, default=8, help="labeled batch; unlabeled = 7x")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--magnitude", type=int, default=9)
     parser.add_argument("--rounds", type=int, default=2, help="best of this many rounds per case")
-    parser.add_argument("--machine", default="2-core CPU dev VM, no GPU")
+    parser.add_argument("--machine", default=None,
+                        help="a note on the machine's state (e.g. 'quiet'), kept in the JSON")
     args = parser.parse_args()
     batches, warmup = (3, 1) if args.quick else (12, 2)
     torch.set_num_threads(args.threads)
@@ -180,24 +175,19 @@ def main():
           f"{args.workers} workers, {args.threads} main thread(s), unlabeled batch {7 * args.batch}, "
           f"device {args.device}")
     print(f"strong view: {strong_impl()}")
-    print(f"{'case':58s} {'baseline':>10s} {'ours':>10s} {'ratio':>7s}")
-    rows = []
-    for case, rate in results.items():
-        ratio = rate / baseline
-        print(f"{case:58s} {baseline:10.1f} {rate:10.1f} {ratio:6.2f}x")
-        rows.append({"case": case, "baseline_img_s": baseline, "img_s": rate, "ratio": ratio})
+    rows = [{"case": case, "baseline_img_s": baseline, "img_s": rate, "ratio": rate / baseline}
+            for case, rate in results.items()]
+    print("images/s (ratio: ours / baseline)")
+    common.print_table([{"case": r["case"], "baseline": r["baseline_img_s"], "ours": r["img_s"], "ratio": r["ratio"]}
+                        for r in rows])
     if reason is not None and args.dataset == "imagefolder":
         print(f"DALI skipped: {reason}")
-    out = {"machine": args.machine, "platform": platform.platform(), "torch": torch.__version__,
-           "dataset": args.dataset, "size": args.size, "workers": args.workers, "unlabeled_batch": 7 * args.batch,
-           "files": len(files), "device": args.device, "quick": args.quick,
+    out = {"machine_note": args.machine, "dataset": args.dataset, "size": args.size, "workers": args.workers,
+           "unlabeled_batch": 7 * args.batch,
+           "files": len(files), "quick": args.quick,
            "strong_view": strong_impl(), "main_threads": args.threads, "rounds": args.rounds,
            "batches_timed": batches, "rows": rows}
-    if args.json is None:
-        name = "data.json" if args.dataset == "imagefolder" else f"data_{args.dataset}.json"
-        args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    write_json(args.json, out)
-    print(f"wrote {args.json}")
+    common.write_results(args, "data", out, tag=f"{args.dataset}-{args.size if args.dataset == 'imagefolder' else 32}")
 
 
 if __name__ == "__main__":

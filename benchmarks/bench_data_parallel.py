@@ -37,13 +37,13 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 WORLD = 2
 
 
 def _config(preset_name: str, batch: int, model: str | None = None, channels_last: bool = True):
-    from mpl_fast.config import preset
+    from mpl_fast.train.config import preset
 
     cfg = preset(preset_name)
     cfg.data.batch_size = batch
@@ -70,7 +70,7 @@ def _time_steps(mpl, streams, steps: int, clock0: int) -> list[float]:
 def _state_bytes(mpl) -> int:
     """This rank's bytes of parameters, gradients and momentum of teacher and student, and of the
     EMA's parameters (its shards under --fsdp)."""
-    from mpl_fast.parallel.sharding import local
+    from mpl_fast.shards import local
 
     tensors = []
     for net, opt in ((mpl.teacher, mpl.teacher_opt), (mpl.student, mpl.student_opt)):
@@ -110,13 +110,13 @@ def _time_fsdp(args, cfg, streams, dp_mpl, averager, clock: int) -> dict:
 def _rank(rank: int, args, init_file: str, results):
     from mpl_fast.parallel.data_parallel import GradientAverager, NoGradientSync, StopAgreement, broadcast_from_rank0
     from mpl_fast.parallel.distributed import DistContext
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_mpl, build_streams
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     cfg = _config(args.preset, args.batch, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
-    streams = _build_streams(cfg, DistContext(rank=rank, world_size=WORLD))
+    streams = build_streams(cfg, DistContext(rank=rank, world_size=WORLD))
     averager = GradientAverager()
     mpl = build_mpl(cfg, streams, grad_sync=averager)
     broadcast_from_rank0(mpl.models().values())
@@ -158,12 +158,12 @@ def _rank(rank: int, args, init_file: str, results):
 
 def _single_process(args, threads: int) -> float:
     """Median seconds of the single-process step on the global batch (2 x B)."""
-    from mpl_fast.train import _build_streams, build_mpl
+    from mpl_fast.train import build_mpl, build_streams
 
     torch.set_num_threads(threads)
     cfg = _config(args.preset, args.batch * WORLD, args.model, args.channels_last)
     torch.manual_seed(cfg.seed)
-    streams = _build_streams(cfg)
+    streams = build_streams(cfg)
     mpl = build_mpl(cfg, streams)
     _time_steps(mpl, streams, 3, 0)
     return statistics.median(_time_steps(mpl, streams, args.steps, 3))
@@ -171,6 +171,9 @@ def _single_process(args, threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_flags(parser, quick="10 steps", devices=("cpu",), threads=1,
+                            threads_help="torch threads per rank (default 1)",
+                            profile="write a Chrome trace of 3 DP steps (rank 0)")
     parser.add_argument("--preset", default="digits", choices=("digits", "two-moons"))
     parser.add_argument("--model", default=None, help="override the preset's model (e.g. wrn28-2)")
     parser.add_argument("--batch", type=int, default=16, help="labeled batch per rank (unlabeled: mu x that)")
@@ -178,9 +181,6 @@ def main() -> None:
                         help="NHWC conv layout for the unsharded runs (the trainer's default; --fsdp is always NCHW)")
     parser.add_argument("--fsdp", action="store_true", help="also time the --fsdp (FSDP2-sharded) step against DP")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="10 steps")
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_data_parallel.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="write a Chrome trace of 3 DP steps (rank 0)")
     args = parser.parse_args()
     if args.quick:
         args.steps = 10
@@ -199,7 +199,8 @@ def main() -> None:
     ]
     for threads, single_s in single.items():
         rows.append({"case": f"global batch {WORLD * args.batch}: 1 process ({threads} thread(s)) vs 2 ranks "
-                             f"(1 thread each)", "baseline_s": single_s, "ours_s": sync_s, "ratio": sync_s / single_s,
+                             f"({args.threads} thread(s) each)", "baseline_s": single_s, "ours_s": sync_s,
+                     "ratio": sync_s / single_s,
                      "images_per_s_single": images / single_s, "images_per_s_dp": images / sync_s})
     if args.fsdp:
         dp_s = max(r["dp_s"] for r in per_rank.values())
@@ -209,11 +210,12 @@ def main() -> None:
                      "bytes_per_rank_dp": [r["dp_bytes"] for r in per_rank.values()],
                      "bytes_per_rank_fsdp": [r["fsdp_bytes"] for r in per_rank.values()]})
     poll_s = max(r["stop_poll_s"] for r in per_rank.values())
-    print(f"\n{args.preset} ({cfg.model.name}, {'channels_last' if args.channels_last else 'NCHW'}), per-rank labeled batch {args.batch} (+{cfg.data.mu}x unlabeled), {args.steps} steps, "
-          f"median step time; 2-core CPU, gloo")
-    print(f"{'case':<72} {'baseline':>10} {'ours':>10} {'ratio':>7}")
-    for row in rows:
-        print(f"{row['case']:<72} {row['baseline_s'] * 1e3:8.2f}ms {row['ours_s'] * 1e3:8.2f}ms {row['ratio']:7.2f}")
+    layout = 'channels_last' if args.channels_last else 'NCHW'
+    print(f"\n{args.preset} ({cfg.model.name}, {layout}), per-rank labeled batch {args.batch} "
+          f"(+{cfg.data.mu}x unlabeled), {args.steps} steps, "
+          f"median step time; CPU, gloo; ratio: ours / baseline (the cost)")
+    common.print_table([{"case": r["case"], "baseline": r["baseline_s"] * 1e3, "ours": r["ours_s"] * 1e3,
+                         "ratio": r["ratio"]} for r in rows], unit=" ms")
     print("images/s of the global batch (labeled + weak + strong): data parallel "
           f"{rows[1]['images_per_s_dp']:.0f}; single process " +
           ", ".join(f"{r['images_per_s_single']:.0f} ({t} thread(s))" for t, r in zip(single, rows[1:])))
@@ -225,11 +227,12 @@ def main() -> None:
               + " (--fsdp runs NCHW: FSDP2 shards contiguous parameters only)")
     print(f"trainer's per-step stop flag (StopAgreement.poll, async gloo all_reduce): {poll_s * 1e6:.0f} us "
           f"({100 * poll_s / sync_s:.2f}% of a data-parallel step)")
-    write_json(args.json, {"stop_poll_s": poll_s, "preset": args.preset, "model": cfg.model.name,
+    common.write_results(args, "data_parallel", {"stop_poll_s": poll_s, "preset": args.preset, "model": cfg.model.name,
                            "channels_last": args.channels_last,
                            "batch_per_rank": args.batch,
                            "steps": args.steps,
-                           "world_size": WORLD, "per_rank": per_rank, "rows": rows})
+                           "world_size": WORLD, "per_rank": per_rank, "rows": rows},
+                         tag=("fsdp_" if args.fsdp else "") + (args.model or args.preset), threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@ costs.
 
 Cases (same seeded models, same batches, same number of CPU threads per network):
   one process   mpl_fast.algo.MPL with the default in-process link (both networks here)
-  two ranks     layout (b): rank 0 the teacher, rank 1 the student, gloo send/recv of y_hat,
+  two ranks     the rank-pair layout: rank 0 the teacher, rank 1 the student, gloo send/recv of y_hat,
                 (h, loss_student) and ok each step (torch.multiprocessing, file rendezvous)
-  four ranks    layout (c), k = 2: ranks 0-1 the teacher, 2-3 the student, each rank on half of
+  four ranks    the rank-groups layout, k = 2: ranks 0-1 the teacher, 2-3 the student, each rank on half of
                 the same global batch, each half averaging its gradients over its 2 ranks
                 (--groups-world to change 2k; 0 skips the case)
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,12 +35,13 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpl_fast.algo import MPL, Schedules  # noqa: E402
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
+from mpl_fast.algo import MPL, MPLConfig, Schedules  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
 from mpl_fast.parallel.data_parallel import GradientAverager  # noqa: E402
 from mpl_fast.parallel.model_parallel import HalfGroups  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 WARMUP = 3
 
@@ -72,7 +72,7 @@ def _mpl(setup: dict, role: str = "both", link=None, grad_sync=None) -> MPL:
     student, teacher = (None if role == "teacher" else student), (None if role == "student" else teacher)
     opt = lambda m: None if m is None else FusedSGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # noqa: E731
     schedules = Schedules(total_steps=1000, teacher_lr=0.05, student_lr=0.05, uda_weight=1.0)
-    return MPL(teacher, student, opt(teacher), opt(student), schedules, ema_decay=0.99, link=link,
+    return MPL(teacher, student, opt(teacher), opt(student), schedules, MPLConfig(ema_decay=0.99), link=link,
                grad_sync=grad_sync)
 
 
@@ -102,7 +102,7 @@ def _time_steps(mpl: MPL, batches, profile_path: str | None = None) -> list[floa
 
 
 def _rank(rank: int, world: int, init_file: str, setup: dict, steps: int, out_dir: str, profile_dir: str | None):
-    torch.set_num_threads(1)
+    torch.set_num_threads(setup["threads"])
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     groups = HalfGroups.create(world, rank)
     k = groups.per_half
@@ -123,18 +123,17 @@ def _ranks(world: int, setup: dict, steps: int, profile_dir: str | None) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="digits CNN at 8x8 (link latency dominates)")
+    common.add_common_flags(parser, quick="digits CNN at 8x8 (link latency dominates)", devices=("cpu",), threads=1,
+                            threads_help="torch threads per network (default 1)",
+                            profile="write torch.profiler Chrome traces here")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after 3 warm-up steps)")
     parser.add_argument("--groups-world", type=int, default=4,
-                        help="2k ranks for the layout (c) case (k per network, batch / k each); 0 skips it")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                       "bench_model_parallel.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler Chrome traces here")
+                        help="2k ranks for the rank-groups case (k per network, batch / k each); 0 skips it")
     args = parser.parse_args()
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
-    torch.set_num_threads(1)
-    setup = _setup(args)
+    torch.set_num_threads(args.threads)
+    setup = {**_setup(args), "threads": args.threads}
     steps = args.steps + WARMUP
     batches = _batches(setup, steps)
 
@@ -157,22 +156,20 @@ def main() -> None:
         many = statistics.median(groups[0]["times"])
         rows.append((f"{args.groups_world} ranks (k={args.groups_world // 2})", many))
     print(f"{setup['model']} {setup['shape']}, labeled {setup['batch']}, unlabeled {u} (weak + strong), "
-          f"1 CPU thread per network, {args.steps} timed steps; {platform.processor() or platform.machine()}")
-    print(f"{'case':<22} {'ms/step':>9} {'vs one':>7}")
-    for name, t in rows:
-        print(f"{name:<22} {1e3 * t:9.2f} {one / t:7.2f}")
+          f"{args.threads} CPU thread(s) per network, {args.steps} timed steps; baseline: one process (median of both)")
+    common.print_table([{"case": name, "baseline": 1e3 * one, "ours": 1e3 * t} for name, t in rows], unit=" ms")
     print(f"across the link per step: {link_bytes} bytes (y_hat {u} x int64, h and the student's loss, ok); "
           f"summed h one process {h_one:+.6e}, two ranks {h_two:+.6e}"
           + (f", {args.groups_world} ranks {groups[0]['h']:+.6e}" if groups is not None else ""))
-    write_json(args.json, {
-        "setup": setup, "steps": args.steps, "threads_per_network": 1,
+    common.write_results(args, "model_parallel", {
+        "setup": setup, "steps": args.steps, "threads_per_network": args.threads,
         "one_process_ms": {"before": 1e3 * statistics.median(before), "after": 1e3 * statistics.median(after)},
         "two_ranks_ms": 1e3 * two, "ratio_two_ranks_vs_one": two / one, "link_bytes_per_step": link_bytes,
         "h_sum": {"one_process": h_one, "two_ranks": h_two,
                   **({f"{args.groups_world}_ranks": groups[0]["h"]} if groups is not None else {})},
         **({"groups_world": args.groups_world, "groups_ms": 1e3 * many, "ratio_groups_vs_one": many / one}
            if groups is not None else {}),
-    })
+    }, tag=setup["model"], threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast import ops  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 # Peak memory bandwidth (GB/s) of cards the project runs on, by name fragment.
 PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
@@ -193,29 +194,22 @@ def machine(device) -> str:
 
 
 def print_table(rows):
-    header = f"{'op':5} {'case':16} {'baseline':32} {'base ms':>9} {'ours ms':>9} {'ratio':>7} {'% limit':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        pct = f"{r['pct_limit']:.0f}%" if "pct_limit" in r else ""
-        print(f"{r['op']:5} {r['case']:16} {r['baseline']:32} {r['baseline_ms']:9.3f} {r['ours_ms']:9.3f} "
-              f"{r['ratio']:7.2f} {pct:>8}")
+    common.print_table([{"case": f"{r['op']} {r['case']} vs {r['baseline']}", "baseline": r["baseline_ms"],
+                         "ours": r["ours_ms"], "ratio": r["ratio"], "pct_limit": r.get("pct_limit")} for r in rows],
+                       unit=" ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small cases, few repeats, no torch.compile")
+    common.add_common_flags(parser, quick="small cases, few repeats, no torch.compile",
+                            threads_help="torch.set_num_threads (CPU)",
+                            profile="write a torch.profiler Chrome trace of one call of each op here")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_multi_tensor.json"))
-    parser.add_argument("--profile", default=None, help="write a torch.profiler Chrome trace of one call of each op here")
     parser.add_argument("--peak-gbps", type=float, default=None, help="GPU peak memory bandwidth (default: by card name)")
     args = parser.parse_args()
     repeats = args.repeats or (5 if args.quick else 15)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.apply_threads(args.threads)
     peak = None
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
@@ -233,9 +227,8 @@ def main() -> None:
     print("== all ==")
     print_table(rows)
 
-    write_json(args.json, {"machine": machine(args.device), "device": args.device, "torch": torch.__version__,
-                           "peak_GBps": peak, "rows": rows})
-    print(f"wrote {args.json}")
+    common.write_results(args, "multi_tensor", {"peak_GBps": peak, "rows": rows},
+                         tag=f"{args.device}_{torch.get_num_threads()}thread")
 
     if args.profile:
         shapes = wrn_28_2_shapes()

@@ -27,7 +27,7 @@ difference of any teacher/student parameter from the plain path's after the firs
 cases agree to round-off; bf16 does not); "|dθ| end" = the same after all steps: round-off
 differences of ~1e-7 in the teacher grow by ~100-1000x per step at these learning rates (a
 random-init WRN in train-mode BatchNorm is that sensitive), so only the first is a correctness
-check (tests/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
+check (tests/algo/test_step_equivalence.py is the real one). The per-phase breakdown profiles plain and the fused
 fast path, NCHW and channels_last (PHASE_CASES), with torch.profiler ranges (teacher fwd/bwd,
 student fwd/bwd, feedback fwd/bwd/dot, optimizers, EMA, the fast path's non-finite guard;
 "other" = losses, concat, schedules) and the convolution ops' share of the step; compiled cases
@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,16 +57,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import RECIPE, STEP_KW, add_common_flags, apply_threads, make_batches, step_schedules, sync, write_results  # noqa: E402 - benchmarks/ is on the path when run as a script
 from plain_mpl import PlainMPL, plain_sgd  # noqa: E402
 
-from mpl_fast.algo import MPL  # noqa: E402
+from mpl_fast.algo import MPL, MPLConfig, StepPrecision  # noqa: E402
 from mpl_fast.algo import feedback as fb  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.models.speed import compile_modules, to_channels_last  # noqa: E402
 from mpl_fast.optim import FusedSGD  # noqa: E402
-from common import RECIPE, STEP_KW, make_batches, step_schedules, sync, write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
-
-
 
 # ------------------------------------------------------------------ building the cases
 
@@ -123,8 +120,8 @@ def build_cases(model: str, num_classes: int, dropout: float, device: torch.devi
             student_autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16student" in parts
                                 else contextlib.nullcontext)
             stepper = MPL(teacher, student, opt(teacher.parameters(), **RECIPE), opt(student.parameters(), **RECIPE),
-                          step_schedules(), method="mpl", feedback="grad-dot", baseline="off",
-                          student_autocast=student_autocast, **STEP_KW)
+                          step_schedules(), MPLConfig(feedback="grad-dot", baseline="off", **STEP_KW), method="mpl",
+                          precision=StepPrecision(student_autocast=student_autocast))
         if "compile" in parts:  # in place, after the EMA copy was taken: the step object keeps its modules
             compile_modules(teacher, student)
         cases.append(Case(variant, stepper, autocast=torch.bfloat16 if "bf16" in parts else None,
@@ -385,7 +382,9 @@ def bench_model(model: str, size: int, batch: int, mu: int, steps: int, warmup: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="WRN-28-2 only, fewer cases")
+    add_common_flags(parser, quick="WRN-28-2 only, fewer cases", threads=0,
+                     threads_help="torch threads (0: torch's default)",
+                     profile="write Chrome traces of the profiled steps here")
     parser.add_argument("--batch", type=int, default=16, help="labeled batch for WRN-28-2")
     parser.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * batch (each view)")
     parser.add_argument("--resnet-batch", type=int, default=2)
@@ -396,16 +395,11 @@ def main(argv=None) -> int:
                         help=f"also time the combined fast path {COMBINED} (torch.compile: slow to compile)")
     parser.add_argument("--cases", default=None, help="comma-separated WRN cases (default: all)")
     parser.add_argument("--models", default="wrn28-2,resnet50", help="which models (--quick: wrn28-2 only)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
     parser.add_argument("--nvtx", action="store_true",
                         help="emit NVTX ranges for every op and phase (for Nsight Systems: nsys profile -t cuda,nvtx,osrt)")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_step.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="write Chrome traces of the profiled steps here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     device = torch.device(args.device)
     wrn_cases = ["plain", "fast", "fast+fusedsgd", "fast+fusedsgd+bf16", "fast+fusedsgd+cl"]
     if args.quick:
@@ -414,11 +408,7 @@ def main(argv=None) -> int:
         wrn_cases = args.cases.split(",")
     if args.compile:
         wrn_cases.append(COMBINED)
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpu_threads": torch.get_num_threads(), "device": str(device),
-                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                           "torch": torch.__version__},
-               "models": []}
+    results = {"models": []}
     models = ["wrn28-2"] if args.quick else args.models.split(",")
     nvtx = torch.autograd.profiler.emit_nvtx() if args.nvtx else contextlib.nullcontext()
     nvtx.__enter__()
@@ -431,8 +421,8 @@ def main(argv=None) -> int:
                                              1, ["plain", "fast+fusedsgd", "fast+fusedsgd+cl", "fast+fusedsgd+bf16"], device,
                                              dropout=0.0, profile_dir=args.profile, phases=not args.no_phases))
     nvtx.__exit__(None, None, None)
-    write_json(args.json, results)
-    print(f"\nwrote {args.json}")
+    print()
+    write_results(args, "step", results, tag="_".join(models))
     return 0
 
 

@@ -7,7 +7,7 @@
    (batch shrunk to ``--batch`` for a CPU, student active from step 0 so every step is a full
    MPL step, no finetuning, a small validation split so the final evaluation stays short) and
    reads steps/s from its metrics.jsonl (whole run wall time reported too).
-3. In process, with the trainer's own builders (``mpl_fast.train._build_streams`` and
+3. In process, with the trainer's own builders (``mpl_fast.train.build_streams`` and
    ``build_mpl``): times ``next()`` on the two streams and the step separately, and the streams
    alone (no step: what the data pipeline delivers when nothing competes with it).
 
@@ -30,8 +30,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
+
 from mpl_fast.data.tiny import write_tiny_cifar  # noqa: E402
-from common import write_json  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 
 def overrides(data_dir: str, steps: int, batch: int, out_dir: str) -> list[str]:
@@ -70,7 +71,7 @@ def run_split(data_dir: str, steps: int, batch: int, work: str, profile_dir: str
     args = train.build_parser().parse_args(overrides(data_dir, steps, batch, os.path.join(work, "split")))
     cfg = train.config_from_args(args)
     torch.manual_seed(cfg.seed)
-    streams = train._build_streams(cfg)
+    streams = train.build_streams(cfg)
     mpl = train.build_mpl(cfg, streams)
     data_s, step_s = [], []
     warmup = 2
@@ -117,10 +118,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="trainer steps (CLI run) and timed in-process steps")
     parser.add_argument("--batch", type=int, default=16, help="labeled batch (unlabeled = 7x per view)")
     parser.add_argument("--per-class", type=int, default=600, help="training images per class to generate")
-    parser.add_argument("--quick", action="store_true", help="5 steps, batch 4")
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_train.json"))
-    parser.add_argument("--profile", default=None, metavar="DIR", help="Chrome trace of the in-process loop")
+    common.add_common_flags(parser, quick="5 steps, batch 4", devices=("cpu",),
+                            threads_help="torch threads of the in-process part (the CLI run keeps its own)",
+                            profile="Chrome trace of the in-process loop")
     args = parser.parse_args(argv)
+    common.apply_threads(args.threads)
     if args.quick:
         args.steps, args.batch = 5, 4
     with tempfile.TemporaryDirectory() as work:
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     images = args.batch * 15
     print(f"\ncifar10-4k preset, B={args.batch} + 2 x {7 * args.batch} unlabeled ({images} images/step), "
           f"{args.steps} steps, torch threads {torch.get_num_threads()}")
-    print(f"{'measure':<44} {'value':>10}")
+    print(f"{'measure':<44} {'value':>10}")  # no baseline: what the trainer does, not a comparison
     rows = [("CLI steps/s (after the first log interval)", cli["steps_per_s"]),
             ("CLI steps/s (first interval)", cli["steps_per_s_first_interval"]),
             ("CLI images/s", round(cli["steps_per_s"] * images, 1)),
@@ -143,9 +145,8 @@ def main(argv=None) -> int:
             ("streams alone images/s", split["streams_alone_images_per_s"])]
     for name, value in rows:
         print(f"{name:<44} {value:>10}")
-    write_json(args.json, {"batch": args.batch, "steps": args.steps, "cli": cli, "split": split,
-                           "torch_threads": torch.get_num_threads()})
-    print(f"wrote {args.json}")
+    common.write_results(args, "train", {"batch": args.batch, "steps": args.steps, "cli": cli, "split": split},
+                         tag="cifar10-4k")
     return 0
 
 

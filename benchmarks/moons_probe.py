@@ -28,13 +28,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, grad, jvp  # noqa: E402
 
 from mpl_fast.data.embedded import _load, _per_class_split  # noqa: E402
 from mpl_fast.models.small import TwoMoonsMLP  # noqa: E402
-
 
 LABELED = "random"  # or "spread": on each moon the training points nearest its two tips and its middle
 
@@ -308,22 +308,21 @@ def main(argv=None):
     ap.add_argument("--log", action="store_true")
     ap.add_argument("--labeled", default="random", choices=["random", "spread"],
                     help="random: 3 per class drawn by the seed (the presets); spread: fixed tips and middles")
-    ap.add_argument("--quick", action="store_true", help="seed 0 only, 1000 steps")
-    ap.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler Chrome trace of the runs")
-    ap.add_argument("--json", default=None, help="default benchmarks/results/moons_probe_<what>.json")
+    common.add_common_flags(ap, quick="seed 0 only, 1000 steps", devices=("cpu",), threads=1,
+                            threads_help="torch threads (default 1)",
+                            profile="write a torch.profiler Chrome trace of the runs")
     a = ap.parse_args(argv)
     global LABELED
     LABELED = a.labeled
     if a.quick:
         a.seeds, a.steps = [0], 1000
-    a.json = a.json or os.path.join("benchmarks", "results", f"moons_probe_{a.what}.json")
     profiler = None
     if a.profile:
         import torch.profiler as tp  # noqa: PLC0415
 
         profiler = tp.profile(activities=[tp.ProfilerActivity.CPU])
         profiler.__enter__()
-    torch.set_num_threads(1)
+    common.apply_threads(a.threads)
     rows = []
     for seed in a.seeds:
         t0 = time.perf_counter()
@@ -351,10 +350,8 @@ def main(argv=None):
         profiler.__exit__(None, None, None)
         os.makedirs(a.profile, exist_ok=True)
         profiler.export_chrome_trace(os.path.join(a.profile, f"moons_probe_{a.what}.json"))
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as fh:
-        json.dump({"args": vars(a), "machine": "2-core CPU dev VM, no GPU", "runs": rows}, fh, indent=1)
-    print(f"written to {a.json}")
+    common.write_results(a, "moons_probe", {"args": vars(a), "runs": rows},
+                         tag=a.what + (f"_{a.credit}" if a.what == "train" else ""))
 
 
 if __name__ == "__main__":

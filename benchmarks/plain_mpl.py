@@ -15,7 +15,7 @@ What makes it "plain": per-tensor Python loops (dot, EMA, gradient copies), sing
 optimizers (``foreach=False``), h read to the host with ``.item()`` and multiplied in as a Python
 float, and the losses read with ``.item()`` every step for logging. None of this changes the
 numbers (``.item()`` of an fp32 scalar is exact), so both paths agree to round-off
-(tests/test_step_equivalence.py). What it leaves out: the fast path's non-finite guard (a no-op
+(tests/algo/test_step_equivalence.py). What it leaves out: the fast path's non-finite guard (a no-op
 when every value is finite), the other feedback modes and methods, gradient clipping.
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpl_fast.algo.feedback import deterministic_forward
-from mpl_fast.algo.mpl import Schedules
+from mpl_fast.algo.schedules import Schedules
 
 
 def plain_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool) -> torch.optim.SGD:

@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mpl_fast import checkpoint as ckpt  # noqa: E402
-from mpl_fast.config import preset  # noqa: E402
 from mpl_fast.data import build_streams  # noqa: E402
 from mpl_fast.models import create_model  # noqa: E402
 from mpl_fast.train import run  # noqa: E402
+from mpl_fast.train.config import preset  # noqa: E402
 
 METHODS = (("supervised", "Supervised"), ("pseudo-labels", "Pseudo Labels"), ("mpl", "Meta Pseudo Labels"))
 
@@ -56,7 +56,6 @@ def main(argv=None) -> int:
     cfg = preset("two-moons")
     streams = build_streams(cfg.data, seed=args.seed)
     x_test = torch.cat([x for x, _ in streams.test])
-    y_test = torch.cat([y for _, y in streams.test])
     from mpl_fast.data.embedded import _load  # noqa: PLC0415
 
     x_train, y_train = _load("two-moons")[:2]

@@ -1,3 +1,5 @@
-from mpl_fast.train import main
 import sys
+
+from mpl_fast.train import main
+
 sys.exit(main())

@@ -5,17 +5,22 @@ torch.optim.SGD, so state dicts load in both directions. Two additions for MPL a
 
 - ``keep_update=True``: after each step, ``state[p]["last_update"]`` (or
   :meth:`FusedSGD.last_updates`) holds the applied update Δθ = θ_new − θ_old of every parameter
-  (zero for a parameter that had no gradient or a skipped step). The MPL ``update-dot`` feedback
-  reads it. It is written by the same fused pass (no extra kernel) and is left out of
-  ``state_dict()`` (it is recomputed by the next step). For the ``grad-dot`` feedback the trainer
-  keeps g_u itself: the step does not modify ``p.grad``.
+  (zero for a parameter that had no gradient or a skipped step), for code that needs the
+  update a step really applied (momentum and weight decay included). It is written by the same
+  fused pass (no extra kernel) and is left out of ``state_dict()`` (it is recomputed by the next
+  step). The trainer does not use it: its ``update-dot`` feedback takes Δθ from its own copy of
+  θ before the step, and the step never modifies ``p.grad``.
 - ``step(found_inf=flag)``: a one-element float32 device tensor; when it is non-zero the step
   is a no-op on the device (no host sync), e.g. a flag filled by ``multi_tensor_dot`` or by
   ``torch._amp_foreach_non_finite_check_and_unscale_``. Momentum buffers are created as zeros,
   so a skipped first step leaves them equivalent to "not initialised" (exact for dampening 0).
 
+Anything torch.optim.SGD steps, this steps: sparse gradients (as their dense equivalent),
+non-dense parameters (through a dense copy), layouts changed after steps (buffers follow the
+parameter's strides). Every parameter is checked before any tensor is written.
+
 With AMP, ``scaler.step(opt)`` works as for any optimizer (GradScaler then reads its inf flag
-on the host once). The sync-free sequence (tested in tests/test_fused_sgd.py)::
+on the host once). The sync-free sequence (tested in tests/ops/test_fused_sgd.py)::
 
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
@@ -33,8 +38,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from mpl_fast.ops.fused_sgd import fused_sgd_
-from mpl_fast.parallel.sharding import local
+from mpl_fast.ops.fused_sgd import fused_sgd_, is_dense
+from mpl_fast.shards import local
 
 
 class FusedSGD(torch.optim.Optimizer):
@@ -67,7 +72,6 @@ class FusedSGD(torch.optim.Optimizer):
                     "foreach": foreach, "differentiable": differentiable, "fused": fused}
         super().__init__(params, defaults)
         self.keep_update = keep_update
-        self.register_state_dict_post_hook(_drop_last_update)
 
     def __getstate__(self):
         # torch.optim.Optimizer pickles only defaults, state and param_groups: keep our flag too
@@ -75,7 +79,8 @@ class FusedSGD(torch.optim.Optimizer):
         return {**super().__getstate__(), "keep_update": self.keep_update}
 
     def __setstate__(self, state):
-        state.setdefault("keep_update", False)
+        # load_state_dict() calls this with torch's two keys only: keep the flag this object has.
+        state.setdefault("keep_update", getattr(self, "keep_update", False))
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
@@ -83,16 +88,6 @@ class FusedSGD(torch.optim.Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, then gives every momentum buffer its parameter's layout (the fused pass
-        walks them in the same memory order)."""
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                buf = self.state.get(p, {}).get("momentum_buffer")
-                if buf is not None and buf.stride() != p.stride():
-                    self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
     def last_updates(self, params: Optional[Iterable[torch.Tensor]] = None) -> list[Optional[torch.Tensor]]:
         """Δθ of the last step for ``params`` (default: every parameter, in group order);
@@ -104,14 +99,25 @@ class FusedSGD(torch.optim.Optimizer):
             params = [p for group in self.param_groups for p in group["params"]]
         return [self.state[p].get("last_update") if p in self.state else None for p in params]
 
+    def state_dict(self) -> dict:
+        """As torch's, without ``last_update`` (scratch for the feedback, recomputed by the next
+        step). A method rather than a hook: hooks are not copied by deepcopy, pickle or torch.save."""
+        return _drop_last_update(super().state_dict())
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None, *,
              found_inf: Optional[torch.Tensor] = None):
-        """One SGD step over every parameter with a gradient (skipped on device if ``found_inf``)."""
+        """One SGD step over every parameter with a gradient (skipped on device if ``found_inf``).
+
+        Every parameter is checked before any tensor is written, so a refused step leaves the
+        parameters and the state as they were."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                _check_param(p, f"param_groups[{g}]['params'][{i}]")
         for group in self.param_groups:
             self._step_group(group, found_inf)
         return loss
@@ -120,6 +126,7 @@ class FusedSGD(torch.optim.Optimizer):
         momentum = group["momentum"]
         # One fused call per (device, first step or not): the kernel handles mixed dtypes.
         batches: dict = defaultdict(lambda: ([], [], [], []))
+        write_back = []  # (parameter, its dense working copy) for non-dense parameters
         for p in group["params"]:
             # Like torch.optim.SGD, touch self.state only for what is stored (an empty entry
             # would show up in state_dict()).
@@ -131,22 +138,32 @@ class FusedSGD(torch.optim.Optimizer):
                     else:
                         state["last_update"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("FusedSGD does not support sparse gradients")
+            # The kernel walks a parameter, its buffers and Δθ in one memory order: a non-dense
+            # parameter steps through a dense copy, written back after the pass.
+            work = local(p)
+            if not is_dense(work):
+                work = work.contiguous()
+                write_back.append((local(p), work))
+            # A sparse gradient (nn.Embedding(sparse=True)) steps as its dense equivalent: SGD
+            # with the zeros made explicit is the same arithmetic torch.optim.SGD does.
+            grad = local(p.grad).to_dense() if p.grad.is_sparse else local(p.grad)
             first = False
-            if momentum != 0 and state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                first = True
+            if momentum != 0:
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    first = True
+                state["momentum_buffer"] = _in_layout_of(work, state["momentum_buffer"])
+            params, grads, bufs, updates = batches[(p.device, first)]
             # FSDP2 (--fsdp): parameters, gradients and buffers are DTensors; the fused pass
             # updates this rank's shards in place (local() is a view; a plain tensor as is).
-            params, grads, bufs, updates = batches[(p.device, first)]
-            params.append(local(p))
-            grads.append(local(p.grad))
+            params.append(work)
+            grads.append(grad)
             if momentum != 0:
                 bufs.append(local(state["momentum_buffer"]))
             if self.keep_update:
                 if "last_update" not in state:
                     state["last_update"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                state["last_update"] = _in_layout_of(work, state["last_update"])
                 updates.append(local(state["last_update"]))
         for (device, first), (params, grads, bufs, updates) in batches.items():
             flag = found_inf
@@ -156,10 +173,33 @@ class FusedSGD(torch.optim.Optimizer):
                        dampening=group["dampening"], weight_decay=group["weight_decay"],
                        nesterov=group["nesterov"], maximize=group["maximize"], first_step=first,
                        update_out=updates or None, found_inf=flag)
+        for p, work in write_back:
+            p.copy_(work)
 
 
-def _drop_last_update(optimizer: FusedSGD, state_dict: dict) -> dict:
-    """state_dict post-hook: Δθ is scratch for the feedback, not optimizer state worth saving."""
+def _check_param(p: torch.Tensor, where: str) -> None:
+    """Refuses what torch.optim.SGD cannot step either, naming the parameter."""
+    if p.grad is None:
+        return
+    if torch._debug_has_internal_overlap(local(p)) == 1:
+        raise ValueError(f"FusedSGD: {where} overlaps itself in memory (an expanded view), so an in-place "
+                         "update is undefined; torch.optim.SGD refuses it too. Pass a parameter that owns "
+                         "its elements (e.g. .clone()).")
+    if p.grad.shape != p.shape:
+        raise ValueError(f"FusedSGD: {where} has shape {tuple(p.shape)} but its .grad has shape "
+                         f"{tuple(p.grad.shape)}")
+
+
+def _in_layout_of(work: torch.Tensor, state_tensor: torch.Tensor) -> torch.Tensor:
+    """``state_tensor`` with the strides of ``work``: a copy only after a layout change, e.g.
+    ``model.to(memory_format=torch.channels_last)`` once buffers exist (a DTensor is kept)."""
+    if local(state_tensor) is not state_tensor or state_tensor.stride() == work.stride():
+        return state_tensor
+    return torch.empty_like(work).copy_(state_tensor)
+
+
+def _drop_last_update(state_dict: dict) -> dict:
+    """Δθ is scratch for the feedback, not optimizer state worth saving."""
     # The packed per-parameter dicts are the live state objects: copy, never pop from them.
     state_dict["state"] = {key: {name: value for name, value in param_state.items() if name != "last_update"}
                            for key, param_state in state_dict["state"].items()}

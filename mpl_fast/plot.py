@@ -140,7 +140,7 @@ def plot_runs(run_dirs: list[str], out: str) -> dict:
         if not drawn:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
     if len(run_dirs) > 1:
-        fig.legend(handles=[Line2D([], [], color=c, label=l) for c, l in zip(colours, labels)],
+        fig.legend(handles=[Line2D([], [], color=c, label=name) for c, name in zip(colours, labels)],
                    loc="outside lower center", ncol=min(len(labels), 4), fontsize=9)
     fig.suptitle(labels[0] if len(labels) == 1 else f"{len(labels)} runs")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -39,12 +39,8 @@ class RunError(ValueError):
 
 
 def config_module():
-    """The module with TrainConfig's from_dict: mpl_fast.config today; mpl_fast.train.config
-    once the trainer is a package without the old module."""
-    try:
-        from mpl_fast import config as module  # noqa: PLC0415
-    except ImportError:
-        from mpl_fast.train import config as module  # noqa: PLC0415
+    """The module with TrainConfig's from_dict (the trainer's config)."""
+    from mpl_fast.train import config as module  # noqa: PLC0415 - keeps `import mpl_fast` light
     return module
 
 

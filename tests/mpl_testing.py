@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mpl_fast.config import preset
+from mpl_fast.train.config import preset
 
 
 def toy_batches(seed: int, b: int = 8, u: int = 24):

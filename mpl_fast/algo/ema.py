@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mpl_fast.algo.guard import host_flag
-from mpl_fast.parallel.sharding import load_module_state, local
+from mpl_fast.shards import load_module_state, local
 
 
 class ModelEMA:

@@ -11,7 +11,7 @@ Optionally (always for finite-diff by default, as the official code) a moving av
 is subtracted: h <- h - b, b updated only on applied steps.
 
 By Taylor, CE_l(theta_S') ~ CE_l(theta_S) - <g_l, theta_S - theta_S'>, so all three agree in
-sign to first order (tests/test_algo_feedback.py pins it).
+sign to first order (tests/algo/test_algo.py pins it: test_feedback_modes_agree_in_sign_and_value_at_small_lr).
 
 All labeled forwards of the feedback run in ``deterministic_forward``: dropout and drop-path
 off, BatchNorm normalising with the batch's own statistics but without touching its running
@@ -59,7 +59,7 @@ def grad_dot(lr: float, g_new_labeled: Sequence[torch.Tensor], g_unlabeled: Sequ
     """h = lr_S * <g_l', g_u> (one fused pass over every tensor when the extension is built).
 
     ``sum_partial``: when the tensors are this rank's shards (--fsdp), sums the rank's partial
-    dot product over the ranks (mpl_fast.parallel.data_parallel.ShardedSync.sum_partial_)."""
+    dot product over the ranks (GradientSync.sum_partial_, mpl_fast.algo.interfaces)."""
     return sum_partial(multi_tensor_dot(g_new_labeled, g_unlabeled)) * lr
 
 

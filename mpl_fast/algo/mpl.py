@@ -1,6 +1,6 @@
 """One training step of MPL and of the baselines that share its pipeline.
 
-The MPL step (Pham et al. 2021, with DESIGN.md's "The algorithm, precisely"):
+The MPL step (Pham et al. 2021; stated precisely in docs/algorithm.md):
 
   1. teacher T on [x_l, x_u weak, x_u strong] in ONE forward; y_hat_u from T(x_u strong)
   2. student S steps on CE(y_hat_u, S(x_u strong))                    -> theta_S'
@@ -19,63 +19,30 @@ h are not finite is undone on the device (teacher, student, momentum, EMA, basel
 counted; the schedule clock the trainer passes in is the number of applied steps.
 
 The teacher half (1., 4.) and the student half (2., 3.) meet through a *link*
-(mpl_fast.parallel.model_parallel): y_hat goes to the student, h and the student's loss come
-back, the verdict ``ok`` goes to the student. One device, two devices in one process, two
-processes, or 2k processes (each half data parallel over its k ranks, with a gradient sync over
-its own group): the same step code, only the link and the sync differ.
+(mpl_fast.algo.interfaces.Link): y_hat goes to the student, h and the student's loss come
+back, the verdict ``ok`` goes to the student. One device, two devices in one process, a
+teacher rank and a student rank, or a teacher rank group and a student rank group (each data
+parallel over its k ranks, with a gradient sync over its own group): the same step code, only
+the link and the sync differ (mpl_fast.parallel implements them for torchrun ranks).
 """
 
 from __future__ import annotations
-
-import contextlib
-from dataclasses import dataclass
-from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
 from mpl_fast.algo import feedback as fb
+from mpl_fast.algo.config import METHODS, Method, MPLConfig, check_choices
 from mpl_fast.algo.ema import ModelEMA
 from mpl_fast.algo.guard import StepGuard
+from mpl_fast.algo.interfaces import GradientSync, InProcessLink, Link, NoGradientSync
 from mpl_fast.algo.losses import cross_entropy, pseudo_labels
-from mpl_fast.algo.schedules import delayed, linear_ramp, set_lr, warmup_cosine
+from mpl_fast.algo.schedules import Schedules, set_lr
 from mpl_fast.algo.uda import uda_consistency
-from mpl_fast.config import FEEDBACK_MODES, METHODS
-from mpl_fast.optim import FusedSGD
-from mpl_fast.parallel.data_parallel import NoGradientSync
-from mpl_fast.parallel.model_parallel import InProcessLink
-from mpl_fast.parallel.sharding import load_module_state, load_optimizer_state, local
+from mpl_fast.algo.update import GradClip, StepPrecision, clip_, clip_and_step, enabled_scaler
+from mpl_fast.shards import load_module_state, load_optimizer_state, local
 
 LOG_KEYS = ("loss_teacher", "loss_sup", "loss_uda", "uda_mask", "loss_mpl", "loss_student", "h", "skipped")
-
-
-@dataclass
-class Schedules:
-    """Base rates and shapes of the two learning-rate schedules and of the UDA ramp."""
-
-    total_steps: int
-    teacher_lr: float
-    student_lr: float
-    teacher_warmup: int = 0
-    student_warmup: int = 0
-    teacher_schedule: str = "cosine"
-    student_schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    student_wait: int = 0
-    uda_weight: float = 0.0
-    uda_ramp: int = 0
-
-    def teacher(self, clock: int) -> float:
-        return warmup_cosine(clock, self.total_steps, self.teacher_lr, self.teacher_warmup,
-                             self.teacher_schedule, self.min_lr_ratio)
-
-    def student(self, clock: int) -> float:
-        return delayed(clock, self.student_wait, self.total_steps, self.student_lr,
-                       warmup_steps=self.student_warmup, schedule=self.student_schedule,
-                       min_lr_ratio=self.min_lr_ratio)
-
-    def uda(self, clock: int) -> float:
-        return linear_ramp(clock, self.uda_ramp, self.uda_weight)
 
 
 class MPL:
@@ -84,6 +51,9 @@ class MPL:
     ``step(labeled, unlabeled, clock)`` runs one step and returns nothing; the per-step values
     (``LOG_KEYS``) are summed on the device into ``self.totals`` for the trainer to read.
 
+    ``config`` (MPLConfig) holds the step's choices and numbers, ``clip`` (GradClip) each
+    network's gradient clip, ``precision`` (StepPrecision) the autocast contexts and fp16 loss
+    scalers; ``grad_sync`` (a GradientSync) averages over data-parallel ranks (default: none).
     ``link`` joins the teacher half and the student half (default: an in-process link between
     the teacher's and the student's devices). A process whose link holds only one half passes
     None for the other network and its optimizer; its totals hold zeros for the other half's
@@ -91,20 +61,13 @@ class MPL:
     """
 
     def __init__(self, teacher: nn.Module | None, student: nn.Module | None, teacher_opt: torch.optim.Optimizer | None,
-                 student_opt: torch.optim.Optimizer | None, schedules: Schedules, *, method: str = "mpl",
-                 feedback: str = "grad-dot", pseudo_label_kind: str = "hard", soft_temperature: float = 0.5,
-                 baseline: str = "auto", baseline_decay: float = 0.99, mpl_weight: float = 1.0, sup_weight: float = 1.0, uda_temperature: float = 0.7,
-                 uda_threshold: float = 0.6, label_smoothing: float = 0.0, ema_decay: float = 0.0,
-                 grad_clip_teacher: float = 0.0, grad_clip_student: float = 0.0,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 student_autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 grad_scaler: torch.amp.GradScaler | None = None,
-                 student_grad_scaler: torch.amp.GradScaler | None = None,
-                 grad_sync: NoGradientSync | None = None, link=None, ema_module: nn.Module | None = None):
+                 student_opt: torch.optim.Optimizer | None, schedules: Schedules, config: MPLConfig | None = None, *,
+                 method: Method = "mpl", clip: GradClip = GradClip(), precision: StepPrecision = StepPrecision(),
+                 grad_sync: GradientSync | None = None, link: Link | None = None, ema_module: nn.Module | None = None):
+        config = config if config is not None else MPLConfig()
+        check_choices(config)
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if feedback not in FEEDBACK_MODES:
-            raise ValueError(f"feedback must be one of {FEEDBACK_MODES}, got {feedback!r}")
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         if link is None:
             link = InProcessLink(_device_of(teacher if teacher is not None else student), _device_of(student))
         if method == "supervised" and not (link.holds_teacher and link.holds_student):
@@ -114,7 +77,7 @@ class MPL:
         if link.holds_student and (student is None or student_opt is None):
             raise ValueError("the student half needs the student and its optimizer")
         if grad_sync is not None and grad_sync.active and not (link.holds_teacher and link.holds_student):
-            # Layout (c): a half is data parallel within its own group only (its peers in the
+            # Rank groups: a half is data parallel within its own group only (its peers in the
             # other half hold another network: averaging with them would mix the two).
             half_group = getattr(link, "half_group", None)
             if half_group is None or grad_sync.group is not half_group:
@@ -125,31 +88,26 @@ class MPL:
         self.teacher, self.student = teacher, student
         self.teacher_opt, self.student_opt = teacher_opt, student_opt
         self.schedules = schedules
-        self.method, self.feedback = method, feedback
-        self.pseudo_label_kind, self.soft_temperature = pseudo_label_kind, soft_temperature
-        if baseline not in ("auto", "on", "off"):
-            raise ValueError(f"baseline must be 'auto', 'on' or 'off', got {baseline!r}")
+        self.method, self.config = method, config
+        self.feedback = config.feedback
         # "auto": the official code's choice, a baseline for finite-diff only.
-        self.use_baseline = baseline == "on" or (baseline == "auto" and feedback == "finite-diff")
-        self.baseline_decay, self.mpl_weight = baseline_decay, mpl_weight
-        self.uda_temperature, self.uda_threshold = uda_temperature, uda_threshold
-        self.label_smoothing = label_smoothing
-        self.sup_weight = sup_weight
-        self.grad_clip_teacher, self.grad_clip_student = grad_clip_teacher, grad_clip_student
-        self.autocast = autocast  # e.g. bf16 torch.autocast, for the teacher's forward
+        self.use_baseline = config.baseline == "on" or (config.baseline == "auto" and config.feedback == "finite-diff")
+        self.clip = clip
+        self.autocast = precision.autocast  # e.g. bf16 torch.autocast, for the teacher's forward
         # bf16/fp16 for the student's forward on the unlabeled batch (its update); never for the
         # feedback's labeled forward: see _teacher_forward and _student_step_and_feedback.
-        self.student_autocast = student_autocast
+        self.student_autocast = precision.student_autocast
         # fp16 autocast: each network's loss has its own scaler (the teacher's on its side, the
         # student's on the student's); a disabled scaler is dropped so that the fp32/bf16 step
         # has no scaler calls at all.
-        self.grad_scaler = _enabled(grad_scaler)
-        self.student_grad_scaler = _enabled(student_grad_scaler)
-        # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel.data_parallel).
+        self.grad_scaler = enabled_scaler(precision.grad_scaler)
+        self.student_grad_scaler = enabled_scaler(precision.student_grad_scaler)
+        # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel implements it).
         self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
         # ema_module: the EMA's copy made by the caller (a sharded student cannot be deep-copied)
-        self.ema = ModelEMA(student, ema_decay, ema_module) if ema_decay > 0 and student is not None else None
+        self.ema = (ModelEMA(student, config.ema_decay, ema_module) if config.ema_decay > 0 and student is not None
+                    else None)
         # Counters and log totals live with the teacher when this process has it: it receives h.
         device = _device_of(teacher if link.holds_teacher and teacher is not None else student)
         self._device = device
@@ -282,11 +240,11 @@ class MPL:
         x_l, y_l = labeled
         self.student_guard.save()
         self.student.train()
-        loss = cross_entropy(self.student(x_l), y_l, self.label_smoothing)
+        loss = cross_entropy(self.student(x_l), y_l, self.config.label_smoothing)
         self.student_opt.zero_grad(set_to_none=True)
         loss.backward()
         (loss,) = self.grad_sync.average_grads_and_values(self.student, [loss])
-        _clip(self.student, self.grad_clip_student)
+        clip_(self.student, self.clip.student)
         self.student_opt.step()
         ok = torch.isfinite(loss)
         skipped = self._finish(ok, student_stepped=True)
@@ -308,7 +266,7 @@ class MPL:
         h, loss_student, y_hat = zero, zero, None
         if student_active:
             if link.holds_teacher:
-                y_hat = pseudo_labels(t_us, self.pseudo_label_kind, self.soft_temperature)
+                y_hat = pseudo_labels(t_us, self.config.pseudo_labels, self.config.soft_temperature)
             y_hat_student = link.pseudo_labels(y_hat, x_us.shape[0])
             if link.holds_student:                                                      # 2. and 3.
                 h, loss_student = self._student_step_and_feedback(*link.student_inputs(x_l, y_l, x_us),
@@ -340,12 +298,12 @@ class MPL:
         b, u = x_l.shape[0], x_uw.shape[0]
         self.teacher.train()
         t_l, t_uw, t_us = self._teacher_forward(torch.cat([x_l, x_uw, x_us])).split([b, u, u])
-        loss_sup = cross_entropy(t_l, y_l, self.label_smoothing)
-        loss_teacher = self.sup_weight * loss_sup
+        loss_sup = cross_entropy(t_l, y_l, self.config.label_smoothing)
+        loss_teacher = self.config.sup_weight * loss_sup
         zero = torch.zeros((), device=loss_sup.device)
         loss_uda, uda_mask = zero, zero
         if self.use_uda:
-            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.uda_temperature, self.uda_threshold)
+            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.config.uda_temperature, self.config.uda_threshold)
             loss_teacher = loss_teacher + uda_weight * loss_uda
         return t_us, {"loss_teacher": loss_teacher, "loss_sup": loss_sup, "loss_uda": loss_uda,
                       "uda_mask": uda_mask, "loss_mpl": zero}
@@ -360,14 +318,14 @@ class MPL:
         the scale is updated here, once per step, from that flag. Without one: returns None."""
         if y_hat is not None and self.method == "mpl":
             terms["loss_mpl"] = cross_entropy(t_us, y_hat)
-            terms["loss_teacher"] = terms["loss_teacher"] + self.mpl_weight * h.detach() * terms["loss_mpl"]
+            terms["loss_teacher"] = terms["loss_teacher"] + self.config.mpl_weight * h.detach() * terms["loss_mpl"]
         scaler = self.grad_scaler
         self.teacher_opt.zero_grad(set_to_none=True)
         (terms["loss_teacher"] if scaler is None else scaler.scale(terms["loss_teacher"])).backward()
         # (3) data parallel: the teacher's gradients and every logged loss, averaged in one all_reduce.
         # (Scaled gradients average the same way: every rank has the same scale.)
         terms.update(zip(terms, self.grad_sync.average_grads_and_values(self.teacher, list(terms.values()))))
-        return _clip_and_step(self.teacher, self.teacher_opt, scaler, self.grad_clip_teacher)
+        return clip_and_step(self.teacher, self.teacher_opt, scaler, self.clip.teacher)
 
     def _student_step_and_feedback(self, x_l, y_l, x_us, y_hat, lr_s: float):
         """2. and 3.: the student's step on y_hat, then the feedback h (0 unless method is mpl)."""
@@ -405,7 +363,7 @@ class MPL:
             h = fb.update_dot([local(g) for g in g_l_new], self._student_params_before, self._student_locals,
                               sum_partial=sum_partial)
         if self.use_baseline:
-            h, self._new_baseline = fb.subtract_baseline(h, self.baseline, self.baseline_decay)
+            h, self._new_baseline = fb.subtract_baseline(h, self.baseline, self.config.baseline_decay)
         return _flag_student_overflow(h, loss_student, found_inf)
 
     def _student_update(self, loss_student: torch.Tensor) -> torch.Tensor | None:
@@ -420,7 +378,7 @@ class MPL:
         (loss_student if scaler is None else scaler.scale(loss_student)).backward()
         self.grad_sync.average_grads_([p.grad for p in self._student_params])  # (1) g_u
         # (unscaled in place: .grad is then g_u; the student's scale is its own, not the teacher's)
-        return _clip_and_step(self.student, self.student_opt, scaler, self.grad_clip_student)
+        return clip_and_step(self.student, self.student_opt, scaler, self.clip.student)
 
     def _labeled_gradient(self, new_loss: torch.Tensor, g_u: list[torch.Tensor]) -> list[torch.Tensor]:
         """g_l' by backward() into cleared .grad (g_u is kept aside and put back after): under
@@ -440,37 +398,12 @@ class MPL:
 
         The teacher's forward (its largest cost: labeled + weak + strong) runs in reduced
         precision, and also the student's forward on the unlabeled batch (``student_autocast``:
-        g_u; in bf16 measured to move h by 0-8 % with its sign kept, 9 batches on WRN-28-2; in
-        fp16 with the student's own loss scaler). The feedback's labeled forward (g_l') stays fp32: with it in bf16 too
-        (whole-step bf16) h at step 1 went from -0.062 to +0.056 (benchmarks/bench_step.py).
+        g_u; fp16 with the student's own loss scaler), which moves h only slightly and keeps its
+        sign. The feedback's labeled forward (g_l') stays fp32: in bf16 too it flips the sign of
+        h (docs/amp.md; benchmarks/RESULTS.md, bench_step).
         """
         with self.autocast():
             return self.teacher(x).float()
-
-
-def _clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   max_norm: float) -> torch.Tensor | None:
-    """One network's update after its (averaged) backward: clip and step; with an fp16 loss
-    scaler, first unscale the gradients in place (filling the scaler's inf/nan flags), step only
-    where they are finite and update the scale (halved after an overflow) -- all on the device.
-    Returns the scaler's inf/nan flag (nonzero: the caller skips the whole MPL step), or None."""
-    if scaler is None:
-        _clip(model, max_norm)
-        opt.step()
-        return None
-    scaler.unscale_(opt)
-    found_inf = sum(scaler._found_inf_per_device(opt).values())
-    _clip(model, max_norm)
-    if isinstance(opt, FusedSGD):
-        opt.step(found_inf=found_inf)  # a no-op on the device when flagged
-    else:
-        opt.step()  # the step guard undoes it when flagged
-    scaler.update()
-    return found_inf
-
-
-def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
-    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _flag_student_overflow(h: torch.Tensor, loss_student: torch.Tensor,
@@ -481,7 +414,7 @@ def _flag_student_overflow(h: torch.Tensor, loss_student: torch.Tensor,
     travels as loss_student := NaN with h := 0 (on the device, no host sync): the step is skipped
     and both guards restore teacher and student, while the teacher's loss and gradients stay
     finite (h = 0 drops the MPL term), so the teacher's scale is not halved for the student's
-    overflow. The same pair crosses every link (in-process, and torchrun layouts (b) and (c))."""
+    overflow. The same pair crosses every link (in one process, and between a teacher rank and a student rank)."""
     if found_inf is None:
         return h, loss_student
     overflow = found_inf != 0
@@ -494,7 +427,3 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _clip(model: nn.Module, max_norm: float) -> None:
-    if max_norm > 0:
-        # foreach norm + scale with a device-side coefficient: no host sync.
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=None)

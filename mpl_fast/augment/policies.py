@@ -45,8 +45,8 @@ Sources of the numbers
       (RandAugment.distort); otherwise Identity.
     - Fill 128 for geometric ops and Cutout (``replace_value = [128] * 3``).
     - MPL then applies a final cutout of pad_size = image_size // 4 (16 px squares on 32x32
-      CIFAR): ``rand_augment(..., cutout=16)`` or ``mpl_fast.ops.cutout(images, 16)``.
-    Ops with no torchvision counterpart: Cutout (ours, see mpl_fast.ops.cutout). MPL's op
+      CIFAR): ``rand_augment(..., cutout=16)`` or ``mpl_fast.augment.cutout(images, 16)``.
+    Ops with no torchvision counterpart: Cutout (ours, see mpl_fast.augment.cutout). MPL's op
     list has no Identity (Identity only appears when an op is skipped by its probability).
 """
 

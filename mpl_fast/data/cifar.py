@@ -1,13 +1,17 @@
 """CIFAR-10 and CIFAR-100 from their python pickle batches (cifar-10-python.tar.gz,
-cifar-100-python.tar.gz, extracted). Nothing is downloaded."""
+cifar-100-python.tar.gz, extracted). Nothing is downloaded.
+
+The batches are pickles, so they are read with mpl_fast.data.safe_pickle: only dicts, lists,
+strings, numbers and numpy arrays come back, and a file that asks for anything else (a crafted
+file that would run code under ``pickle.load``) is refused with its name."""
 
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 
+from mpl_fast.data.safe_pickle import UnsafePickleError, load_plain_data
 from mpl_fast.data.source import DatasetSource, LabeledSet, check_labels
 
 # Per-channel statistics of the training images, in [0, 1].
@@ -35,11 +39,21 @@ def _resolve_dir(data_dir: str, layout: dict) -> str:
         "from https://www.cs.toronto.edu/~kriz/cifar.html and extract it there")
 
 
+def _read_pickle(path: str):
+    """The pickled object, keys as str (the batches hold Python 2 str keys; a file re-pickled by
+    Python 3 may hold bytes keys)."""
+    obj = load_plain_data(path)
+    if isinstance(obj, dict):
+        obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return obj
+
+
 def _read_batch(path: str, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = _read_pickle(path)
         data, labels = entry["data"], entry[label_key]
+    except UnsafePickleError:
+        raise
     except Exception as e:  # unpickling garbage raises many kinds of errors
         raise ValueError(f"{path} is not a readable CIFAR python batch with 'data' and "
                          f"'{label_key}' ({type(e).__name__}: {e}); re-extract the archive") from None
@@ -56,10 +70,11 @@ def _read_batch(path: str, label_key: str, num_classes: int) -> tuple[np.ndarray
 
 def _read_names(path: str, key: str, num_classes: int) -> list[str]:
     try:
-        with open(path, "rb") as f:
-            names = list(pickle.load(f, encoding="latin1")[key])
+        names = list(_read_pickle(path)[key])
         if len(names) == num_classes:
-            return [str(n) for n in names]
+            return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    except UnsafePickleError:
+        raise  # cosmetic names, but a crafted file is refused, never skipped quietly
     except Exception:
         pass  # class names are cosmetic: fall back to numbers
     return [str(i) for i in range(num_classes)]

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-EMBEDDED_DATASETS = ("digits", "two-moons")
-FILE_DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
+EmbeddedDataset = Literal["digits", "two-moons"]
+FileDataset = Literal["cifar10", "cifar100", "svhn", "imagefolder"]
+Dataset = Literal[EmbeddedDataset, FileDataset]
+Loader = Literal["auto", "torch", "dali"]
+RandAugmentPolicy = Literal["mpl", "torchvision"]
+
+EMBEDDED_DATASETS: tuple[str, ...] = typing.get_args(EmbeddedDataset)
+FILE_DATASETS: tuple[str, ...] = typing.get_args(FileDataset)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"                 # one of EMBEDDED_DATASETS + FILE_DATASETS
+    dataset: Dataset = "digits"
     data_dir: str | None = None             # file-based data sets only; nothing is downloaded
     labels_per_class: int | None = None     # labeled examples per class (CIFAR-10-4K: 400)
     labeled_fraction: float | None = None   # or a fraction of the training set (ImageNet-10%: 0.1)
@@ -22,8 +30,8 @@ class DataConfig:
     image_size: int | None = None           # resize/crop target; None = the data set's own
     randaug_num_ops: int = 2                # strong view: RandAugment ops per image
     randaug_magnitude: int = 16             # strong view: (maximum) magnitude
-    randaug_policy: str = "mpl"             # "mpl" or "torchvision"
+    randaug_policy: RandAugmentPolicy = "mpl"
     cutout: int = 16                        # cutout side in pixels (0 = none)
-    loader: str = "auto"                    # "auto" | "torch" | "dali"
+    loader: Loader = "auto"
     num_workers: int = 2
     strict: bool = False                    # stop on a corrupt image instead of skipping it

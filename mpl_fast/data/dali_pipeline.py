@@ -24,8 +24,7 @@ import torch
 from mpl_fast.data.bad_data import record_corrupt
 from mpl_fast.data.imagefolder import quick_check
 from mpl_fast.data.source import LabeledSet
-from mpl_fast.data.torch_pipeline import (_STREAM_IDS, LABELED, UNLABELED, _Finish, batch_seed,
-                                          strong_generator)
+from mpl_fast.data.torch_pipeline import _STREAM_IDS, LABELED, UNLABELED, _Finish, batch_seed, strong_generator
 from mpl_fast.data.views import strong_view
 
 EVAL_CROP_FRACTION = 0.875

@@ -17,15 +17,46 @@ _LAYOUT_HINT = ("expected an ImageFolder in the ImageNet layout in {dir}: train/
                 "archives there and sort val/ into class folders)")
 
 
-def _class_folders(split_dir: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+def _class_folders(split_dir: str, root_real: str, skipped: dict,
+                   other_split: dict[str, str] | None = None) -> dict[str, str]:
+    """{class folder name: resolved path} of ``split_dir``, sorted by name. A symlinked folder
+    that resolves inside the data root (to its parent, say, which would make a class of every
+    image), above it, or onto the files of another class (of this split or ``other_split``) is
+    left out, with a warning, and listed in ``skipped["symlinked_class"]``: each would put the
+    same image under two labels or in two splits. Symlinks out of the root onto their own files
+    (class folders kept on another disk) are followed."""
+    entries = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
+                     key=lambda e: e.name)
+    # Plain folders first: a symlink never displaces a real class, whatever the names' order.
+    taken = {e.name: os.path.realpath(e.path) for e in entries if not e.is_symlink()}
+    for entry in (e for e in entries if e.is_symlink()):
+        real = os.path.realpath(entry.path)
+        others = [*taken.items(), *((f"train/{n}", r) for n, r in (other_split or {}).items())]
+        clash = next((name for name, other in others if _within(real, other) or _within(other, real)), None)
+        if _within(real, root_real) or _within(root_real, real):
+            why = f"a symlink to {real}, inside (or above) the data root"
+        elif clash is not None:
+            why = f"it resolves to {real}, the files of class {clash!r}"
+        else:
+            taken[entry.name] = real
+            continue
+        skipped.setdefault("symlinked_class", []).append(entry.path)
+        warnings.warn(f"skipped class folder {entry.path}: {why} (its images would repeat under a "
+                      "second label)", stacklevel=3)
+    return dict(sorted(taken.items()))
 
 
-def _scan(root: str, split: str, class_to_index: dict[str, int], skipped: dict) -> LabeledSet:
-    """Image files under ``root/split/<class>/`` (recursively), sorted, with their labels."""
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _scan(root: str, split: str, names: list[str], class_to_index: dict[str, int],
+          skipped: dict) -> LabeledSet:
+    """Image files under ``root/split/<class>/`` (recursively; symlinked sub-folders are not
+    followed), sorted, with their labels."""
     paths, labels, keys = [], [], []
     split_dir = os.path.join(root, split)
-    for name in _class_folders(split_dir):
+    for name in names:
         if name not in class_to_index:
             raise ValueError(f"{split_dir} has a class folder {name!r} that train/ does not have; "
                              "the class folders of train/ and val/ must match")
@@ -49,20 +80,27 @@ def _scan(root: str, split: str, class_to_index: dict[str, int], skipped: dict) 
 def load_imagefolder(data_dir: str, image_size: int | None = None) -> DatasetSource:
     """The train/ and val/ trees under ``data_dir``; val/ serves as the test set.
 
-    Files without a JPEG/PNG extension and empty class folders are left out with one warning
-    each (and listed in ``source.skipped``); an empty class keeps its index so train and val
-    labels agree.
+    Files without a JPEG/PNG extension, empty class folders and symlinked class folders that
+    would repeat images under another label are left out with one warning each (and listed in
+    ``source.skipped``); an empty class keeps its index so train and val labels agree.
     """
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
     if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
         raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ or val/ is missing")
-    classes = _class_folders(train_dir)
+    train_real, val_real = os.path.realpath(train_dir), os.path.realpath(val_dir)
+    if _within(train_real, val_real) or _within(val_real, train_real):
+        raise ValueError(f"{val_dir} and {train_dir} resolve to overlapping folders ({val_real}, "
+                         f"{train_real}): the test images would be training images; give val/ its own images")
+    root_real = os.path.realpath(data_dir)
+    skipped: dict[str, list[str]] = {}
+    train_folders = _class_folders(train_dir, root_real, skipped)
+    classes = list(train_folders)
     if not classes:
         raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ has no class folders")
+    val_classes = list(_class_folders(val_dir, root_real, skipped, other_split=train_folders))
     class_to_index = {c: i for i, c in enumerate(classes)}
-    skipped: dict[str, list[str]] = {}
-    train = _scan(data_dir, "train", class_to_index, skipped)
-    test = _scan(data_dir, "val", class_to_index, skipped)
+    train = _scan(data_dir, "train", classes, class_to_index, skipped)
+    test = _scan(data_dir, "val", val_classes, class_to_index, skipped)
     if len(train) == 0:
         raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ holds no image files")
     if skipped.get("non_image"):

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from mpl_fast.data.bad_data import corrupt_state, restore_corrupt
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -22,6 +24,9 @@ class DataStreams:
     test:      finite iterable of (x, y): reported only, never used to select.
     split:     what reproduces the labeled/unlabeled/val split (indices or file lists);
                saved with the run.
+    stats:     what the pipeline met so far (loader, corrupt images, skipped files); the
+               corrupt-image record goes into a checkpoint through corrupt_state() and comes
+               back through load_corrupt_state().
     """
 
     labeled: Iterator[Batch]
@@ -32,3 +37,17 @@ class DataStreams:
     input_shape: tuple[int, ...]
     split: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)  # e.g. corrupt images skipped
+
+    def corrupt_counts(self) -> dict[str, int]:
+        """{"corrupt_images": distinct corrupt files met, "corrupt_skips": times one was
+        skipped}, for a metrics line (this rank's; zeros for in-memory data)."""
+        state = corrupt_state(self.stats)
+        return {"corrupt_images": state["corrupt_images"], "corrupt_skips": state["corrupt_skips"]}
+
+    def corrupt_state(self) -> dict:
+        """This rank's corrupt-image record, for a checkpoint (ints and strings only)."""
+        return corrupt_state(self.stats)
+
+    def load_corrupt_state(self, state: dict) -> None:
+        """Continues the record of a resumed run (call once, right after building the streams)."""
+        restore_corrupt(self.stats, state)

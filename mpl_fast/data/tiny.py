@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 
 import numpy as np
 
@@ -16,18 +17,76 @@ def _images(rng: np.random.Generator, n: int, labels: np.ndarray) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
+class _Global:
+    """A module-level name to write as it is (a Python 2 numpy's name, not this numpy's)."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # never called: the pickler only writes the name
+        raise TypeError(f"{self.module}.{self.name} is only a name to pickle")
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle (protocol 2) wrote for the CIFAR batches: str as
+    SHORT_BINSTRING/BINSTRING, numpy arrays through numpy.core.multiarray._reconstruct with
+    their raw bytes, dtypes through numpy.dtype; ints, lists, dicts and tuples as usual."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+
+    def save_str(self, obj):  # a Python 2 str holds bytes (latin-1 for the text here)
+        self.save_bytes(obj.encode("latin1"))
+    dispatch[str] = save_str
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_bytes
+
+    def save_name(self, obj):
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("ascii"))
+        self.memoize(obj)
+    dispatch[_Global] = save_name
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):
+            raw = np.ascontiguousarray(obj).tobytes()
+            return (_Global("numpy.core.multiarray", "_reconstruct"),
+                    (_Global("numpy", "ndarray"), (0,), b"b"), (1, obj.shape, obj.dtype, False, raw))
+        if isinstance(obj, np.dtype):
+            if obj.itemsize != 1:
+                raise ValueError("the Python 2 writer here handles byte-sized dtypes only (CIFAR's uint8)")
+            return _Global("numpy", "dtype"), (obj.str[1:], 0, 1), (3, "|", None, None, None, -1, -1, 0)
+        return NotImplemented
+
+
+def write_python2_pickle(obj, path: str) -> None:
+    """``obj`` (dicts, lists, str, ints, uint8 arrays) pickled at ``path`` byte for byte as
+    Python 2 wrote the real CIFAR batches (protocol 2, str keys)."""
+    with open(path, "wb") as f:
+        _Python2Pickler(f).dump(obj)
+
+
 def write_tiny_cifar(root: str, *, num_classes: int = 10, train_per_class: int = 10,
                      test_per_class: int = 3, seed: int = 0) -> str:
     """CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, test, meta)
-    pickles with a few images per class in ``root``; returns ``root``."""
+    pickles with a few images per class in ``root``, written as Python 2 wrote the real ones;
+    returns ``root``."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     label_key = "labels" if num_classes == 10 else "fine_labels"
 
-    def batch(labels):
+    def batch(name, labels):
         images = _images(rng, len(labels), labels)
         data = images.transpose(0, 3, 1, 2).reshape(len(labels), 3072)
-        return {"data": data, label_key: [int(v) for v in labels]}
+        return {"batch_label": f"tiny batch {name}", label_key: [int(v) for v in labels],
+                "data": data, "filenames": [f"{name}_{i:05d}.png" for i in range(len(labels))]}
 
     train = rng.permutation(np.repeat(np.arange(num_classes), train_per_class))
     test = np.repeat(np.arange(num_classes), test_per_class)
@@ -39,10 +98,8 @@ def write_tiny_cifar(root: str, *, num_classes: int = 10, train_per_class: int =
         parts = {"train": train, "test": test}
         meta = ("meta", {"fine_label_names": [f"class{i}" for i in range(num_classes)]})
     for name, labels in parts.items():
-        with open(os.path.join(root, name), "wb") as f:
-            pickle.dump(batch(labels), f)
-    with open(os.path.join(root, meta[0]), "wb") as f:
-        pickle.dump(meta[1], f)
+        write_python2_pickle(batch(name, labels), os.path.join(root, name))
+    write_python2_pickle(meta[1], os.path.join(root, meta[0]))
     return root
 
 

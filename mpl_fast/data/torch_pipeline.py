@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mpl_fast.data.bad_data import record_corrupt
 from mpl_fast.data.source import LabeledSet
-from mpl_fast.data.views import (Normalize, pad_crop_flip, resize_center_crop,
-                                 resized_crop_flip, strong_view)
+from mpl_fast.data.views import Normalize, pad_crop_flip, resize_center_crop, resized_crop_flip, strong_view
 
 LABELED, UNLABELED, EVAL = "labeled", "unlabeled", "eval"
 _STREAM_IDS = {LABELED: 1, UNLABELED: 2}
@@ -75,7 +74,7 @@ class FiniteBatches(Sampler):
 def decode_file(path: str) -> torch.Tensor:
     """uint8 RGB (3, H, W) of a JPEG/PNG file (grey, palette, alpha and 16-bit converted).
 
-    torchvision.io (libjpeg-turbo, ~30% faster than PIL here); it is deprecated since
+    torchvision.io (libjpeg-turbo, faster than PIL); it is deprecated since
     torchvision 0.29 in favour of TorchCodec, so PIL takes over once it is gone.
     """
     if _tv_decode is None:
@@ -91,7 +90,9 @@ def decode_file(path: str) -> torch.Tensor:
 def _pil_decode(path: str) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as im:
+    # Only the formats the readers admit: PIL picks a decoder by content, and some (EPS) run an
+    # external interpreter on the file.
+    with Image.open(path, formats=("JPEG", "PNG")) as im:
         rgb = np.asarray(im.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 

@@ -88,7 +88,8 @@ def strong_view(weak: torch.Tensor, *, num_ops: int, magnitude: int, policy: str
 
     The one place the strong view is computed, by both pipelines.
     """
-    from mpl_fast.ops import cutout as cutout_op, rand_augment
+    from mpl_fast.augment import cutout as cutout_op
+    from mpl_fast.augment import rand_augment
 
     out = rand_augment(weak, num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=31,
                        policy=policy, generator=generator)  # fill: the policy's own

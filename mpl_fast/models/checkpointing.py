@@ -21,7 +21,7 @@ back when the recompute ends (``_BN_RESTORE``): a checkpointed step equals a pla
 done by hooks that receive the module (not by closures over it), so ``copy.deepcopy`` of a
 checkpointed model (the student's EMA, the finetuned copy) stays correct.
 
-torch.compile: refused together with checkpointing (mpl_fast.config.validate). Dynamo accepts a
+torch.compile: refused together with checkpointing (mpl_fast.train.config.validate). Dynamo accepts a
 checkpoint's context only as a TorchDispatchMode pair, which the BatchNorm guard is not, and a
 compiled WRN with these hooks failed here (torch 2.14.1, CPU) in its first backward with
 "CheckpointError: Recomputed values ... have different metadata than during the forward pass".

@@ -7,8 +7,8 @@ dropout before the classifier.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 _BN_MOMENTUM = 0.01
 

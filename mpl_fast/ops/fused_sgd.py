@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 from mpl_fast.ops.multi_tensor_dot import _FLOAT_DTYPES, _check_flag
 
 _OP = "fused_sgd_"
@@ -47,6 +47,22 @@ _OP = "fused_sgd_"
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"mpl_fast.{_OP}: {msg}")
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """The elements fill one block of memory with no gaps and no overlap, in any dimension
+    order: what the kernel updates in place."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Strides equal wherever they matter (a dimension of size 1 never moves through memory)."""
+    return a.dim() == b.dim() and all(s == 1 or x == y for s, x, y in zip(a.shape, a.stride(), b.stride()))
 
 
 def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
@@ -95,6 +111,27 @@ def _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov,
                 raise _err(f"`{name}[{i}]` must have the dtype of `params[{i}]` ({p.dtype}), got {t.dtype}")
             if t.device != device:
                 raise _err(f"`{name}[{i}]` is on {t.device} but the first tensor of the lists is on {device}")
+        # The kernel's layout rules, so that both backends accept the same calls.
+        if not is_dense(p):
+            raise _err(f"`params[{i}]` must be non-overlapping and dense (it is updated in place), got strides "
+                       f"{p.stride()}")
+        for name, ts in lists[1:]:
+            if not _same_strides(ts[i], p):
+                raise _err(f"`{name}[{i}]` must have the dtype ({p.dtype}) and strides {p.stride()} of "
+                           f"`params[{i}]`, got {ts[i].dtype} with strides {ts[i].stride()}")
+
+
+def _check_not_autograd_leaves(params, bufs, updates) -> None:
+    """torch's in-place ops refuse to write a leaf that requires grad while autograd records:
+    the op writes in place, so it refuses the same (optimizers step under torch.no_grad())."""
+    if not torch.is_grad_enabled():
+        return
+    for name, ts in (("params", params), ("momentum_buffers", bufs), ("update_out", updates)):
+        for i, t in enumerate(ts):
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
+                raise RuntimeError(f"mpl_fast.{_OP}: `{name}[{i}]` is a leaf tensor that requires grad, which an "
+                                   "in-place op may not write while autograd records; call it under "
+                                   "torch.no_grad() (as optimizers do)")
 
 
 def fused_sgd_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -109,6 +146,7 @@ def fused_sgd_reference_(params: Sequence[torch.Tensor], grads: Sequence[torch.T
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
     _check_args(params, grads, bufs, updates, lr, momentum, dampening, nesterov, found_inf, found_inf_out)
+    _check_not_autograd_leaves(params, bufs, updates)
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     for i, p in enumerate(params):
         acc = torch.promote_types(p.dtype, torch.float32)
@@ -159,7 +197,8 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     params, grads = list(params), list(grads)
     bufs = list(momentum_buffers or [])
     updates = list(update_out or [])
-    if params and isinstance(params[0], torch.Tensor) and _extension.use_kernel(params[0].device):
+    _check_not_autograd_leaves(params, bufs, updates)
+    if params and isinstance(params[0], torch.Tensor) and extension.use_kernel(params[0].device):
         lr_value, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
         try:
             torch.ops.mpl_fast.fused_sgd_.default(
@@ -181,7 +220,7 @@ def fused_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                          found_inf_out=found_inf_out)
 
 
-@_extension.register_fake(_OP)
+@extension.register_fake(_OP)
 def _fused_sgd_fake(params, grads, momentum_buffers, update_out, *, lr, lr_tensor=None, momentum=0.0,
                     dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
                     found_inf=None, found_inf_out=None):

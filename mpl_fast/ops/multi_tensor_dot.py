@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mpl_fast.ops import _extension
+from mpl_fast.ops import extension
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -95,10 +95,16 @@ def multi_tensor_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
     index for lists of different lengths, shape or device mismatches and non-float dtypes.
     """
     xs, ys = list(xs), list(ys)
-    if xs and len(xs) == len(ys) and isinstance(xs[0], torch.Tensor) and _extension.use_kernel(xs[0].device):
+    if xs and len(xs) == len(ys) and isinstance(xs[0], torch.Tensor) and extension.use_kernel(xs[0].device):
         try:
             if found_inf is None:
                 return torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *ys)):
+                # The flag overload writes in place, so autograd cannot be registered for it:
+                # the differentiable overload, then the flag from its result (the same rule).
+                out = torch.ops.mpl_fast.multi_tensor_dot.default(xs, ys)
+                found_inf.masked_fill_(~torch.isfinite(out.detach()), 1.0)
+                return out
             return torch.ops.mpl_fast.multi_tensor_dot.found_inf(xs, ys, found_inf)
         except RuntimeError as exc:
             # The op's argument parser names the list but not the element (e.g. a None gradient):
@@ -133,5 +139,26 @@ def _multi_tensor_dot_fake(xs, ys, found_inf=None):
     return xs[0].new_empty((), dtype=torch.float32)
 
 
-_extension.register_fake("multi_tensor_dot")(_multi_tensor_dot_fake)
-_extension.register_fake("multi_tensor_dot.found_inf")(_multi_tensor_dot_fake)
+extension.register_fake("multi_tensor_dot")(_multi_tensor_dot_fake)
+extension.register_fake("multi_tensor_dot.found_inf")(_multi_tensor_dot_fake)
+
+
+# Autograd of the kernel (the reference gets the same from torch's own ops): the sum of dots
+# is linear in each list, so d/dxs[i] = g * ys[i] and d/dys[i] = g * xs[i], each in its
+# tensor's dtype. found_inf is a flag, not differentiable.
+def _dot_setup_context(ctx, inputs, output) -> None:
+    xs, ys = inputs[0], inputs[1]
+    ctx.save_for_backward(*xs, *ys)
+    ctx.n = len(xs)
+
+
+def _dot_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    xs, ys = saved[:ctx.n], saved[ctx.n:]
+    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_xs = [(grad * y).to(x.dtype) for x, y in zip(xs, ys)] if need_x else None
+    grad_ys = [(grad * x).to(y.dtype) for x, y in zip(xs, ys)] if need_y else None
+    return (grad_xs, grad_ys) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+extension.register_autograd("multi_tensor_dot", _dot_backward, _dot_setup_context)

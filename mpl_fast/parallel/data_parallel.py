@@ -34,32 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-class NoGradientSync:
-    """The single-process averager: every method hands its input back untouched."""
-
-    world_size = 1
-    active = False
-
-    def average_(self, tensors: Iterable[torch.Tensor | None]) -> None:
-        """Nothing to average with one process."""
-
-    def average_grads_(self, grads: Iterable[torch.Tensor | None]) -> None:
-        """Gradients, averaged like ``average_`` (nothing to do with one process)."""
-        self.average_(grads)
-
-    def average_grads_and_values(self, module: nn.Module, values: Sequence[torch.Tensor]) -> tuple:
-        """``values`` as given (the single-process step is unchanged)."""
-        return tuple(values)
-
-    def sum_partial_(self, t: torch.Tensor) -> torch.Tensor:
-        """A dot product over this rank's part of the tensors, summed over ranks: ``t`` itself
-        when every rank holds whole tensors (here, and under GradientAverager)."""
-        return t
+from mpl_fast.algo.interfaces import NoGradientSync
 
 
 class GradientAverager(NoGradientSync):
-    """Averages tensors in place over the ranks of ``group``: one all_reduce per call.
+    """mpl_fast.algo.interfaces.GradientSync over torchrun ranks. Averages tensors in place over the
+    ranks of ``group``: one all_reduce per call.
 
     The tensors of each dtype are copied into one flat buffer (kept between calls for the same
     list of shapes: the student's g_u and g_l' share one, the teacher's gradients another; this

@@ -34,7 +34,7 @@ class DistContext:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
         return default
@@ -49,9 +49,9 @@ def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> DistContext:
 
     ``device`` is "cpu" or "cuda"; under torchrun each rank takes cuda:LOCAL_RANK.
     """
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
     kind = torch.device(device).type
     if kind == "cuda":
         if not torch.cuda.is_available():

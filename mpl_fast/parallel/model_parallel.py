@@ -1,33 +1,25 @@
 """Model-parallel MPL: the teacher and the student on different devices, each with a whole
 device's memory.
 
-The MPL step (mpl_fast.algo.MPL) is written as a teacher half and a student half that meet at
-three points, and a *link* carries what crosses between them:
+The MPL step (mpl_fast.algo.MPL) is a teacher half and a student half joined by a *link*
+(mpl_fast.algo.interfaces.Link: y_hat to the student; h and the student's loss back; the
+verdict ``ok`` to the student). Every layout runs the same step code; only the link differs:
 
-  teacher --y_hat--> student       the pseudo labels of the unlabeled (strong) batch
-  teacher <--h, loss_student-- student    the feedback h and the student's loss (one fp32 pair)
-  teacher --ok--> student          whether the step is applied (both sides skip it together)
+  two-devices   one process, ``--teacher-device cuda:0 --student-device cuda:1``: the one-process
+                link, mpl_fast.algo.interfaces.InProcessLink, moves the values (and the student's
+                inputs) between the devices with ``.to``.
+  rank-pair     torchrun with 2 processes: rank 0 holds the teacher, rank 1 the student
+                (``DistributedLink``); both read the same data streams (same seed), so batches
+                never travel, only the three values above, by torch.distributed send/recv (gloo
+                on CPU, NCCL on GPU; the process group's timeout bounds every wait).
+  rank-groups   torchrun with 2k processes: ranks 0..k-1 hold the teacher, k..2k-1 the student;
+                teacher rank i and student rank k+i are peers that read the same shard i of the
+                global batch and exchange the three values as a rank pair does. Each group is
+                data parallel within its own process group (``HalfGroups``): every student rank
+                computes the same h from the averaged g_u and g_l', every teacher rank the same
+                verdict from the averaged losses. k = 1 is the rank pair.
 
-Every layout runs the same step code; only the link differs:
-
-  InProcessLink       one process; the halves call each other and ``.to(device)`` moves the
-                      values. Teacher and student devices equal: the ordinary single-device step
-                      (the moves are no-ops). ``--teacher-device cuda:0 --student-device cuda:1``:
-                      layout (a). In this layout the student's inputs (x_l, y_l, x_u strong) also
-                      move from the data's device to the student's.
-  DistributedLink     layout (b), under torchrun with 2 processes: rank 0 holds the teacher, rank
-                      1 the student; both read the same data streams (same seed), so batches never
-                      travel, only the three values above, by torch.distributed send/recv (gloo
-                      on CPU, NCCL on GPU; the process group's timeout bounds every wait).
-                      Layout (c) "groups", 2k processes: ranks 0..k-1 hold the teacher, k..2k-1
-                      the student; teacher rank i and student rank k+i are peers that read the same
-                      shard i of the global batch and exchange the three values as in (b). Each
-                      half is data parallel within its own process group (``HalfGroups``): every
-                      student rank computes the same h from the averaged g_u and g_l', every
-                      teacher rank the same verdict from the averaged losses. k = 1 is layout (b).
-
-A link method takes the value where this process computes it (None where it does not) and
-returns it on the side that needs it (None on a process that does not).
+(The trainer names these layouts, and "single-device", in mpl_fast.train.topology.)
 """
 
 from __future__ import annotations
@@ -37,51 +29,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mpl_fast.algo.interfaces import InProcessLink
 from mpl_fast.checkpoint import map_tensors
 
 TEACHER_RANK, STUDENT_RANK = 0, 1
 
 
-class InProcessLink:
-    """Both halves in this process; values cross devices with ``.to``."""
-
-    holds_teacher = True
-    holds_student = True
-
-    def __init__(self, teacher_device: torch.device | str, student_device: torch.device | str):
-        self.teacher_device = torch.device(teacher_device)
-        self.student_device = torch.device(student_device)
-
-    def student_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The student's batch tensors on the student's device."""
-        return tuple(_move(t, self.student_device) for t in tensors)
-
-    def pseudo_labels(self, y_hat: torch.Tensor | None, rows: int) -> torch.Tensor:
-        return _move(y_hat, self.student_device)
-
-    def feedback(self, h: torch.Tensor | None, loss_student: torch.Tensor | None):
-        return _move(h, self.teacher_device), _move(loss_student, self.teacher_device)
-
-    def verdict(self, ok: torch.Tensor | None) -> torch.Tensor:
-        return _move(ok, self.student_device)
-
-
-def _move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; a no-op on its own device. Asynchronous towards a GPU (stream-ordered);
-    towards the CPU it waits for the value (a non-blocking copy to the host could be read before
-    it lands), which is the one host sync a CPU half imposes on a GPU half."""
-    return t.to(device, non_blocking=device.type == "cuda")
-
-
 class DistributedLink:
-    """One half per process, send/recv with the peer rank: layout (b) (rank 0 the teacher, rank 1
-    the student), or a pair of layout (c) (teacher rank i, student rank k+i: pass ``peer``).
+    """One half per process, send/recv with the peer rank: a rank pair (rank 0 the teacher, rank 1
+    the student), or a peer pair of rank groups (teacher rank i, student rank k+i: pass ``peer``).
 
     No host sync beyond what send/recv imply: the received values stay device tensors.
     ``pseudo_label_kind`` and ``num_classes`` fix what the student receives: class indices (int64,
     one per row) for "hard"/"sample", distributions (fp32, rows x num_classes) for "soft".
-    ``peer`` is the other half's global rank (default: layout (b)'s). ``half_group`` is the
-    process group of this process's half in layout (c) (None in (b)): the only group a data-
+    ``peer`` is the other half's global rank (default: the rank pair's). ``half_group`` is the
+    process group of this process's half in rank groups (None in a rank pair): the only group a data-
     parallel gradient averager of this half may use (mpl_fast.algo.MPL checks it).
     """
 
@@ -128,11 +90,11 @@ class DistributedLink:
         return flag[0].bool()
 
 
-# ----------------------------------------------------------------------------- layout (c): groups
+# ----------------------------------------------------------------------------- rank groups
 
 
 class HalfGroups:
-    """Who is who among 2k model-parallel ranks (layout (c); k = 1 is layout (b)).
+    """Who is who among 2k model-parallel ranks (rank groups; k = 1 is the rank pair).
 
     Ranks 0..k-1 hold the teacher, k..2k-1 the student; teacher rank i and student rank k+i are
     peers and read shard ``index`` = i of the global batch. ``create`` makes the process groups
@@ -197,19 +159,19 @@ class HalfGroups:
                                half_group=self.half_group)
 
 
-# ----------------------------------------------------------------------------- layouts
+# ----------------------------------------------------------------------------- placement
 
 
 @dataclass(frozen=True)
 class Placement:
     """Where this process puts what. ``role`` is "both" in one process, else "teacher"/"student"."""
 
-    layout: str                 # "single", "devices" (layout a) or "ranks" (layouts b and c)
+    layout: str                 # "single-device", "two-devices", "rank-pair" or "rank-groups"
     role: str
     teacher_device: torch.device | None
     student_device: torch.device | None
-    per_half: int = 1           # "ranks": k, the ranks holding each network (1: layout b)
-    shard: int = 0              # "ranks": this rank's shard of the global batch (its place in its half)
+    per_half: int = 1           # rank pair/groups: k, the ranks holding each network (1: a rank pair)
+    shard: int = 0              # rank groups: this rank's shard of the global batch (its place in its half)
 
     @property
     def data_device(self) -> torch.device:
@@ -245,19 +207,19 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
     process). Without --model-parallel: both networks on ``device``. With it, in one process:
     ``--teacher-device`` and ``--student-device`` (default: cuda:0 and cuda:1 when ``device`` is
     cuda and two GPUs are visible, else both ``device``). Under torchrun: 2k processes, ranks
-    0..k-1 the teacher, k..2k-1 the student (k = 1: layout (b)), each on ``device`` (cuda: its
+    0..k-1 the teacher, k..2k-1 the student (k = 1: a rank pair), each on ``device`` (cuda: its
     cuda:LOCAL_RANK); an odd number is refused.
     """
-    from mpl_fast.parallel.distributed import _env_int  # noqa: PLC0415 - names a bad variable in its error
+    from mpl_fast.parallel.distributed import env_int  # noqa: PLC0415 - names a bad variable in its error
 
-    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
-    rank = _env_int("RANK", 0) if rank is None else rank
-    local_rank = _env_int("LOCAL_RANK", 0) if local_rank is None else local_rank
+    world_size = env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    rank = env_int("RANK", 0) if rank is None else rank
+    local_rank = env_int("LOCAL_RANK", 0) if local_rank is None else local_rank
     if not model_parallel:
         if teacher_device is not None or student_device is not None:
             raise ValueError("--teacher-device/--student-device place the networks of a --model-parallel run; "
                              "add --model-parallel, or use --device for both")
-        return Placement("single", "both", torch.device(device), torch.device(device))
+        return Placement("single-device", "both", torch.device(device), torch.device(device))
     if world_size > 1:
         if world_size % 2:
             raise ValueError(f"--model-parallel under torchrun runs the teacher on the first half of the ranks and "
@@ -271,9 +233,10 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
         mine = check_device(f"cuda:{local_rank}" if kind == "cuda" else device,
                             "--device" if kind != "cuda" else f"--device cuda (LOCAL_RANK {local_rank})")
         who = HalfGroups(world_size, rank)
+        layout = "rank-pair" if who.per_half == 1 else "rank-groups"
         if who.role == "teacher":
-            return Placement("ranks", "teacher", mine, None, who.per_half, who.index)
-        return Placement("ranks", "student", None, mine, who.per_half, who.index)
+            return Placement(layout, "teacher", mine, None, who.per_half, who.index)
+        return Placement(layout, "student", None, mine, who.per_half, who.index)
     if teacher_device is None and student_device is None and torch.device(device).type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count < 2:
@@ -283,13 +246,13 @@ def resolve_placement(model_parallel: bool, device: str, teacher_device: str | N
         teacher_device, student_device = "cuda:0", "cuda:1"
     teacher = check_device(teacher_device or device, "--teacher-device")
     student = check_device(student_device or device, "--student-device")
-    return Placement("devices", "both", teacher, student)
+    return Placement("two-devices", "both", teacher, student)
 
 
 def make_link(placement: Placement, pseudo_label_kind: str = "hard", num_classes: int = 0,
               groups: HalfGroups | None = None):
-    """The link between the halves for ``placement`` (the process group must exist for "ranks";
-    ``groups``, this rank's HalfGroups, names its peer: default layout (b)'s)."""
+    """The link between the halves for ``placement`` (across ranks the process group must exist;
+    ``groups``, this rank's HalfGroups, names its peer: default the rank pair's)."""
     if placement.role == "both":
         return InProcessLink(placement.teacher_device, placement.student_device)
     device = placement.teacher_device if placement.role == "teacher" else placement.student_device
@@ -311,20 +274,20 @@ STUDENT_STATE_KEYS = ("student", "student_opt", "ema", "baseline", "student_grad
 
 
 class RankSync:
-    """The trainer's few meeting points between the teacher's and the student's ranks in layouts
-    (b) and (c); in one process every method is the identity and ``is_main`` is True.
+    """The trainer's few meeting points between the teacher's and the student's ranks (a rank
+    pair or rank groups); in one process every method is the identity and ``is_main`` is True.
 
     Rank 0 (the teacher's leader) is the main process: it logs, writes the metrics, the
     checkpoint (it gathers the student's half from rank k, the student's leader: one atomic file)
-    and the summary. The leaders (rank 0 and rank k; k = 1 in layout (b)) evaluate the networks
+    and the summary. The leaders (rank 0 and rank k; k = 1 in a rank pair) evaluate the networks
     they hold and merge their lines. Every rank runs the trainer's loop in lockstep; they meet
     only at evaluations (the leaders; with --fsdp each half gathers its network's weights),
     checkpoints and the per-step stop flag.
     """
 
     def __init__(self, placement: Placement, groups: HalfGroups | None = None):
-        self.distributed = placement.layout == "ranks"
-        if self.distributed and groups is None:  # layout (b)
+        self.distributed = placement.role != "both"  # teacher and student on different ranks
+        if self.distributed and groups is None:  # a rank pair
             groups = HalfGroups(2, STUDENT_RANK if placement.role == "student" else TEACHER_RANK)
         self.groups = groups
         self.is_main = not self.distributed or groups.rank == TEACHER_RANK

@@ -3,18 +3,15 @@
 Each rank keeps 1/N of every parameter, gradient and momentum buffer (fp32 always: FSDP2's
 bf16 MixedPrecisionPolicy fails on the CPU for models with BatchNorm; ``--amp`` autocasts the
 teacher's forward instead). Forward and backward all-gather each block's parameters and
-reduce-scatter (and average) its gradients, so the MPL step works on LOCAL shards:
-``local(t)`` is the rank's shard of a DTensor (a view: in-place writes land in the sharded
-parameter) and a plain tensor itself, so the one-process code path is unchanged.
+reduce-scatter (and average) its gradients, so the MPL step works on LOCAL shards
+(mpl_fast.shards: ``local``, and loading whole tensors into sharded modules).
 
 Whole-network state (checkpoints, evaluation on rank 0) goes through ``full_state_dict``
-(every rank must call it: it all-gathers) and ``load_full_state_dict`` (every rank holds the
-same full tensors and keeps its own shard; no communication).
+(every rank must call it: it all-gathers).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -22,26 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 from mpl_fast.checkpoint import map_tensors
-
-
-def _is_dtensor(t: Any) -> bool:
-    # No DTensor exists until torch.distributed.tensor is imported: the one-process step
-    # (which calls this for every tensor) does not pay for that import (~0.5 s).
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's shard of a DTensor (a detached view of its storage: in-place writes land in
-    the DTensor); any other tensor (or None) as is."""
-    if _is_dtensor(t):
-        return t.detach().to_local()
-    return t
+from mpl_fast.shards import is_dtensor
 
 
 def is_sharded(model: nn.Module | None) -> bool:
     """True when ``model``'s parameters are DTensors (e.g. after ``shard_model``)."""
-    return model is not None and any(_is_dtensor(p) for p in model.parameters())
+    return model is not None and any(is_dtensor(p) for p in model.parameters())
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -105,42 +88,6 @@ def full_state_dict(state: Any) -> Any:
     """A state dict (of a module, an optimizer or a nest of them) whose DTensors are all-gathered
     into whole CPU tensors: the format of an unsharded one-process state dict. Every rank must
     call it, with the same structure (it walks the dicts in their order)."""
-    return map_tensors(state, lambda t: t.full_tensor().cpu() if _is_dtensor(t) else t)
+    return map_tensors(state, lambda t: t.full_tensor().cpu() if is_dtensor(t) else t)
 
 
-def _shard_like(full: torch.Tensor, like):
-    """``full`` (the same whole tensor on every rank) as a DTensor laid out like the DTensor
-    ``like``; no communication (each rank cuts its own shard)."""
-    from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
-
-    full = full.to(device=like.device, dtype=like.dtype)
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
-
-
-def load_module_state(module: nn.Module, state: dict) -> None:
-    """``module.load_state_dict(state)``; for a sharded ``module`` and whole tensors (a
-    ``full_state_dict`` or a one-process state dict, the same on every rank), each rank keeps
-    its shard of every parameter."""
-    live = module.state_dict()
-    if any(_is_dtensor(v) for v in live.values()) and not any(_is_dtensor(v) for v in state.values()):
-        state = {k: _shard_like(v, live[k]) if _is_dtensor(live.get(k)) else v for k, v in state.items()}
-    module.load_state_dict(state)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict(state)``; for sharded parameters and a one-process state dict,
-    every per-parameter tensor shaped like its parameter (a momentum buffer) becomes its shard."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if any(_is_dtensor(p) for p in params):
-        ids = [i for group in state["param_groups"] for i in group["params"]]
-        by_id = dict(zip(ids, params))
-
-        def shard(key, v):
-            p = by_id[key]
-            whole = isinstance(v, torch.Tensor) and not _is_dtensor(v) and v.shape == p.shape
-            return _shard_like(v, p) if _is_dtensor(p) and whole else v
-
-        state = {"state": {key: {name: shard(key, v) for name, v in param_state.items()}
-                           for key, param_state in state["state"].items()},
-                 "param_groups": state["param_groups"]}
-    optimizer.load_state_dict(state)

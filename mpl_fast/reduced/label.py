@@ -34,7 +34,6 @@ from mpl_fast.reduced.images import ImagesToLabel, batch_grid, images_to_label
 from mpl_fast.reduced.run_folder import NETWORKS, RunFolderError, TrainedRun, load_network, read_run, sha256_of_file
 from mpl_fast.reduced.store import MANIFEST, StoreError, TeacherLabelStore
 
-
 DEFAULT_TOP_K = 8  # 32 bytes an image with int16 indices: 3.2 GB for 100M images
 
 
@@ -131,7 +130,7 @@ def label(teacher: str, out: str, *, data_dir: str | None = None, unlabeled_dir:
     for n in range(rounds):
         done = None
         if n < len(todo):  # this rank's n-th group of batches (ranks with fewer just join the gather)
-            for a, b in todo[n]:
+            for a, _end in todo[n]:
                 x, bad = next(loaded)
                 corrupt += _label_batch(store, model, x.to(device), a, bad, k, autocast, run.checkpoint_path)
             done = [todo[n][0][0], todo[n][-1][1]]
