@@ -3,7 +3,6 @@ time; MPL_FAST_AUGMENT_ISA caps the choice) give the same bits on every op."""
 
 import pytest
 import torch
-
 from sample_images import op_magnitudes, photos
 
 from mpl_fast import augment, ops
