@@ -52,6 +52,9 @@ def with_stored_labels(cfg: TrainConfig, streams):
     from mpl_fast.reduced.store import StoreError, TeacherLabelStore  # noqa: PLC0415
     from mpl_fast.reduced.stream import StoredTeacherInputs  # noqa: PLC0415
 
+    if cfg.reduced.labels is None:  # (not refused by validate: --dry-run needs no labels)
+        raise SystemExit("error: --method reduced-mpl reads the large teacher's stored labels: pass --reduced.labels "
+                         "DIR (written by python -m mpl_fast.label)")
     try:
         store = TeacherLabelStore.open(cfg.reduced.labels)
         store.check_compatible(num_classes=streams.num_classes, dataset=images_to_label(cfg.data).identity)

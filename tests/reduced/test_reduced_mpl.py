@@ -290,3 +290,18 @@ def test_reduced_mpl_refuses_layouts_without_a_large_teacher():
     cfg.model_parallel = True
     with pytest.raises(ValueError, match="--model-parallel"):
         validate(cfg)
+
+
+def test_dry_run_plans_the_student_and_t_r_without_labels(capsys):
+    """--dry-run needs no labels: it prints the student's and T_R's sizes and a per-device memory
+    below full MPL's with a teacher of the student's architecture."""
+    import re
+
+    from mpl_fast.train.__main__ import main
+
+    assert main(["--preset", "imagenet-reduced-b7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tf_efficientnet_b7" in out and "reduced teacher T_R" in out and "32 bytes an image" in out
+    for line in (ln for ln in out.splitlines() if "activations, one device" in ln):
+        reduced, full = (float(x) for x in re.findall(r"([\d.]+) GiB", line))
+        assert 0 < reduced < full
