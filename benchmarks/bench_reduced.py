@@ -15,9 +15,11 @@ digits-reduced preset over those labels. Compared on the same split, steps and s
 The number per run is the headline (the finetuned best-on-validation student).
 
 step: one training step of each method, side by side in one process, one thread: time (median
-of --steps after --warmup) and peak memory. On the CPU the peak is the largest resident-set
-growth over the steps (tracemalloc does not see torch's allocator); on a GPU
-torch.cuda.max_memory_allocated. Reduced MPL's step = the student's forward/backward on the
+of --steps after --warmup) and peak memory. On the CPU the peak is the resident set's
+high-water mark (VmHWM, reset before each method, after freeing the previous method's memory
+back to the system with malloc_trim) above the resident set before the first step (networks,
+optimizers and batches already built); on a GPU torch.cuda.max_memory_allocated above the
+allocated memory then. Reduced MPL's step = the student's forward/backward on the
 unlabeled batch, its labeled forward/backward for h, and T_R (an MLP over class vectors);
 full MPL adds the teacher's forward/backward over labeled + weak + strong images.
 """
@@ -98,6 +100,33 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Linux: the resident set's high-water mark (VmHWM) restarts from the current size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _release_freed_memory() -> None:
+    """Frees the previous case's memory back to the system, so that the next case's resident set
+    grows by what it allocates (glibc would otherwise reuse pages it kept, unseen)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _step_cost(method: str, model: str, image: int, batch: int, mu: int, steps: int, warmup: int,
                device: str, labels_root: str) -> dict:
     """Time and peak memory of ``method``'s step on random images (MPL object as the trainer builds it)."""
@@ -111,6 +140,7 @@ def _step_cost(method: str, model: str, image: int, batch: int, mu: int, steps: 
     cfg.mpl.student_wait_steps = 0
     shape = (3, image, image)
     streams = DataStreams(labeled=None, unlabeled=None, val=[], test=[], num_classes=classes, input_shape=shape)
+    _release_freed_memory()
     torch.manual_seed(0)
     mpl = build_mpl(cfg, streams)
     g = torch.Generator().manual_seed(1)
@@ -122,13 +152,15 @@ def _step_cost(method: str, model: str, image: int, batch: int, mu: int, steps: 
     else:
         second = torch.randn(batch * mu, *shape, generator=g).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times, base = [], None
+    times = []
+    # The peak counts everything the step holds above the networks, optimizers and batches
+    # (already allocated here): activations, gradients, momentum and g_u once created.
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         base = _rss()
-    peak = 0
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
@@ -136,7 +168,7 @@ def _step_cost(method: str, model: str, image: int, batch: int, mu: int, steps: 
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        peak = max(peak, (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss()) - base)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss()) - base
     params = {name: sum(p.numel() for p in net.parameters()) for name, net in
               (("teacher", mpl.teacher), ("student", mpl.student))}
     return {"method": method, "model": model, "image": image, "batch": batch, "mu": mu,
@@ -148,7 +180,6 @@ def step(args) -> dict:
     out = []
     for model, image, batch, mu in cases:
         pair = {}
-        # reduced first: the resident set only grows, so the second (larger) method's peak is its own
         for method in ("reduced-mpl", "mpl"):
             pair[method] = _step_cost(method, model, image, batch, mu, args.steps, args.warmup, args.device,
                                       args.out or "")
