@@ -14,18 +14,16 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int 
     ``rank``/``world_size`` shard the training streams for data-parallel runs; ``device`` is
     where batches should land (GPU pipelines decode and augment there). ``with_indices``: the
     unlabeled stream also yields each image's training-set index (weak, strong, index), for
-    reduced MPL (embedded data sets so far).
+    reduced MPL (embedded data and the torch DataLoader pipeline; DALI refuses it so far).
     """
     if cfg.dataset in EMBEDDED_DATASETS:
         from mpl_fast.data.embedded import build_embedded_streams
         return build_embedded_streams(cfg, seed=seed, rank=rank, world_size=world_size, device=device,
                                       with_indices=with_indices)
-    if with_indices:
-        raise ValueError(f"unlabeled streams with image indices (reduced MPL) are built for the embedded data sets "
-                         f"so far, not for {cfg.dataset!r} files: use --dataset digits")
     if cfg.dataset in FILE_DATASETS:
         from mpl_fast.data.files import build_file_streams
-        return build_file_streams(cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+        return build_file_streams(cfg, seed=seed, rank=rank, world_size=world_size, device=device,
+                                  with_indices=with_indices)
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {EMBEDDED_DATASETS + FILE_DATASETS}")
 
 

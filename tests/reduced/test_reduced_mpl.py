@@ -162,9 +162,32 @@ def test_embedded_indices_are_sliced_per_rank_like_the_images():
     assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
 
 
-def test_file_data_sets_refuse_indices_in_one_sentence():
-    with pytest.raises(ValueError, match="embedded data sets so far"):
-        data_streams(DataConfig(dataset="cifar10", data_dir="/nonexistent"), seed=0, with_indices=True)
+def test_torch_pipeline_yields_training_indices_and_resumes(tmp_path):
+    """CIFAR arrays through the torch DataLoader: the index is each image's training-set row,
+    drawn from the split's unlabeled images; the views are those of the stream without indices;
+    a resumed stream continues with the same indices."""
+    from mpl_fast.data.files import load_source, resolve_split
+    from mpl_fast.data.tiny import write_tiny_cifar
+
+    write_tiny_cifar(str(tmp_path), train_per_class=6, test_per_class=2)
+    cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), labels_per_class=2, val_per_class=1, batch_size=2,
+                     mu=3, loader="torch", num_workers=0)
+    split, _ = resolve_split(cfg, load_source(cfg), seed=0)
+    plain = data_streams(cfg, seed=0).unlabeled
+    indexed = data_streams(cfg, seed=0, with_indices=True).unlabeled
+    seen = []
+    for _ in range(4):
+        weak, strong = next(plain)
+        weak_i, strong_i, index = next(indexed)
+        assert torch.equal(weak, weak_i) and torch.equal(strong, strong_i)
+        assert index.dtype == torch.int64 and index.shape == (6,)
+        seen += index.tolist()
+    assert set(seen) <= set(np.asarray(split["unlabeled"]).tolist())
+    state = indexed.state_dict()
+    ahead = [next(indexed)[2] for _ in range(3)]
+    resumed = data_streams(cfg, seed=0, with_indices=True).unlabeled
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, next(resumed)[2]) for a in ahead)
 
 
 # ----------------------------------------------------------------------------- through the trainer
