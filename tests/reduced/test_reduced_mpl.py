@@ -328,3 +328,25 @@ def test_dry_run_plans_the_student_and_t_r_without_labels(capsys):
     for line in (ln for ln in out.splitlines() if "activations, one device" in ln):
         reduced, full = (float(x) for x in re.findall(r"([\d.]+) GiB", line))
         assert 0 < reduced < full
+
+
+def test_reduced_run_on_cifar_through_the_torch_pipeline(tmp_path):
+    """The workflow on a data set read from disk: a (tiny) CIFAR teacher run, labelled, then a
+    reduced run through the torch DataLoader pipeline; T_R gets feedback at every step."""
+    from mpl_testing import set_fields
+
+    from mpl_fast.data.tiny import write_tiny_cifar
+    from mpl_fast.train import run
+
+    write_tiny_cifar(str(tmp_path / "data"), train_per_class=6, test_per_class=2)
+    make_run(str(tmp_path / "teacher"), data=DataConfig(dataset="cifar10", data_dir=str(tmp_path / "data")),
+             in_channels=3)
+    label(str(tmp_path / "teacher"), str(tmp_path / "labels"), top_k=3, batch_size=16, progress=False, workers=0)
+    cfg = set_fields(preset("cifar10-4k"), method="reduced-mpl", steps=3, log_every=1, eval_every=3,
+                     checkpoint_every=0, threads=1, output_dir=str(tmp_path / "run"), model__name="digits-cnn",
+                     finetune__steps=0, mpl__student_wait_steps=0, data__data_dir=str(tmp_path / "data"),
+                     data__labels_per_class=2, data__val_per_class=1, data__batch_size=2, data__mu=2,
+                     data__loader="torch", data__num_workers=0, reduced__labels=str(tmp_path / "labels"))
+    run(cfg, progress=False, quiet=True)
+    lines = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl") if '"h"' in ln]
+    assert len(lines) == 3 and all(ln["h"] != 0.0 and ln["loss_mpl"] > 0 for ln in lines)
