@@ -37,6 +37,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class ReducedConfig:
+    """--method reduced-mpl: the large teacher's stored labels and the reduced teacher T_R
+    (mpl_fast.reduced; T_R's optimizer is --teacher.*)."""
+
+    labels: str | None = None       # the label store folder written by python -m mpl_fast.label
+    hidden: int = 128               # T_R's hidden width
+    min_prob: float = 1e-8          # T_R's floor on the stored probabilities before the log
+
+
+@dataclass
 class TrainConfig:
     preset: str = "digits"
     method: Method = "mpl"
@@ -65,6 +75,7 @@ class TrainConfig:
     student: OptimConfig = field(default_factory=OptimConfig)
     mpl: MPLConfig = field(default_factory=MPLConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    reduced: ReducedConfig = field(default_factory=ReducedConfig)
 
 
 def _digits() -> TrainConfig:
@@ -157,6 +168,37 @@ def _imagenet_l2() -> TrainConfig:
     return cfg
 
 
+def _digits_reduced() -> TrainConfig:
+    """Reduced MPL on digits, step 2 of two (docs/reduced_mpl.md): a teacher trained by
+    ``--preset digits --method uda`` and labelled by ``python -m mpl_fast.label``; pass the labels
+    with --reduced.labels. T_R on plain SGD (no momentum or decay: it starts at the identity and
+    h only nudges it); the student starts at once (T's labels are already good)."""
+    cfg = _digits()
+    cfg.preset, cfg.method = "digits-reduced", "reduced-mpl"
+    cfg.teacher = OptimConfig(lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
+    cfg.mpl.student_wait_steps = 0
+    cfg.mpl.uda_weight = 0.0
+    return cfg
+
+
+def _imagenet_reduced_b7() -> TrainConfig:
+    """The paper's Reduced MPL (Appendix E): ImageNet as labeled data, a separate unlabeled
+    folder labelled offline by a large teacher, an EfficientNet-B7 student at 600 px (dropout
+    0.5), T_R of width 128. The batch is ours: 2 labeled + 14 unlabeled images per device (about
+    54 GiB fp32 by --dry-run's estimate), the global batch grows with the data-parallel ranks."""
+    cfg = _imagenet_10pct()
+    cfg.preset, cfg.method = "imagenet-reduced-b7", "reduced-mpl"
+    cfg.data.labeled_fraction = 1.0
+    cfg.data.image_size = 600
+    cfg.data.batch_size = 2
+    cfg.model = ModelConfig(name="tf_efficientnet_b7", dropout=0.5)
+    cfg.teacher = OptimConfig(lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
+    cfg.mpl.student_wait_steps = 0
+    cfg.mpl.uda_weight = 0.0
+    cfg.reduced = ReducedConfig(hidden=128)
+    return cfg
+
+
 PRESETS = {
     "digits": _digits,
     "two-moons": _two_moons,
@@ -164,6 +206,8 @@ PRESETS = {
     "svhn-1k": _svhn_1k,
     "imagenet-10pct": _imagenet_10pct,
     "imagenet-l2": _imagenet_l2,
+    "digits-reduced": _digits_reduced,
+    "imagenet-reduced-b7": _imagenet_reduced_b7,
 }
 
 
@@ -192,6 +236,12 @@ def validate(cfg: TrainConfig) -> None:
          "recompute context only as a TorchDispatchMode, and the one that keeps BatchNorm's running statistics "
          "from being updated twice is not (mpl_fast/models/checkpointing.py); choose one")
     need(not (cfg.fsdp and cfg.compile), "--fsdp with --compile is not supported: leave one of them off")
+    if cfg.method == "reduced-mpl":
+        need(not cfg.model_parallel, "--method reduced-mpl has no large teacher to place on another device: "
+             "leave --model-parallel off")
+        need(not cfg.fsdp, "--method reduced-mpl with --fsdp is not supported yet: use data parallel (torchrun "
+             "without --fsdp)")
+        need(cfg.reduced.hidden >= 1, "reduced.hidden must be >= 1")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
         need(opt.lr >= 0, f"{name}.lr must be >= 0")
@@ -216,6 +266,6 @@ def from_dict(d: dict) -> TrainConfig:
     """Inverse of to_dict (for checkpoints and saved runs)."""
     d = copy.deepcopy(d)
     sub = {"data": DataConfig, "model": ModelConfig, "teacher": OptimConfig, "student": OptimConfig,
-           "mpl": MPLConfig, "finetune": FinetuneConfig}
+           "mpl": MPLConfig, "finetune": FinetuneConfig, "reduced": ReducedConfig}
     kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
     return TrainConfig(**kwargs)

@@ -106,7 +106,7 @@ def finish(sess, step: int, seconds: float, final: dict) -> dict:
     sel = selection_model(cfg)
     return {
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
-        "feedback": cfg.mpl.feedback if cfg.method == "mpl" else None,
+        "feedback": cfg.mpl.feedback if cfg.method in ("mpl", "reduced-mpl") else None,
         "test_top1": test, "val_top1": val, "selected": {"model": sel, "step": best["step"], "val": best["val"]},
         "headline": {"model": headline, "test_top1": test.get(headline)},
         "skipped_steps": int(mpl.skipped_total), "output_dir": cfg.output_dir,
