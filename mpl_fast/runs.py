@@ -5,7 +5,8 @@ Everything that knows how the trainer lays out a run folder lives here, so the t
 work on runs (mpl_fast.plot, mpl_fast.evaluate, mpl_fast.export and ``mpl_fast.load``) share
 one reader. A run folder holds (see mpl_fast.train): config.json (the TrainConfig as a dict),
 checkpoint.pt (``{"config", "step", "mpl": {"student", "teacher", "ema": {"module", ...},
-...}, "best": {"val", "step", "state"}, ...}``), metrics.jsonl and summary.json.
+...}, "best": {"val", "step", "state"}, ...}``), finetuned.pt (``{"state_dict", "base"}``),
+metrics.jsonl and summary.json.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
 containers only, so nothing in a run folder can execute code.
@@ -22,8 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-# The networks a run can hand out. "finetuned" is measured at the end of a run but not saved
-# (the trainer finetunes a copy of the selected model after its last checkpoint).
+# The networks a run can hand out. "finetuned" is not in the checkpoint: the trainer finetunes a
+# copy of the selected model after its last checkpoint and writes it to finetuned.pt.
 MODEL_CHOICES = ("selected", "student", "ema", "teacher", "finetuned")
 DEFAULT_MODEL = "selected"
 
@@ -117,9 +118,7 @@ def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dic
     if model not in MODEL_CHOICES:
         raise RunError(f"model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
     if model == "finetuned":
-        raise RunError("the trainer does not save the finetuned student (it finetunes a copy of the selected "
-                       "model after the last checkpoint and keeps only its accuracy in summary.json): "
-                       "use model='selected', the weights it starts from")
+        return read_finetuned(run_dir)
     state = checkpoint if checkpoint is not None else read_checkpoint(run_dir)
     nets = state["mpl"]
     if model == "selected":
@@ -137,6 +136,25 @@ def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dic
     if sd is None:
         raise RunError(f"{run_dir} has no {model} network (method {state['config'].get('method')!r})")
     return _plain(sd)
+
+
+def read_finetuned(run_dir: str) -> dict:
+    """The finetuned student's state dict from the run's finetuned.pt (CRC-checked, weights only)."""
+    from mpl_fast import checkpoint as ckpt  # noqa: PLC0415
+    from mpl_fast.train.checkpointing import FINETUNED_FILE  # noqa: PLC0415
+
+    path = run_path(check_run_dir(run_dir), FINETUNED_FILE)
+    if not os.path.isfile(path):
+        raise RunError(f"{run_dir} has no {FINETUNED_FILE}: the run has not finished, or it does not finetune "
+                       f"(--method uda, --finetune.steps 0, or a run from before mpl_fast saved it); "
+                       f"use model='selected', the weights the finetuning starts from")
+    try:
+        state = ckpt.load(path, fallback=False)
+    except ckpt.CheckpointError as exc:
+        raise RunError(str(exc)) from None
+    if not isinstance(state.get("state_dict"), dict):
+        raise RunError(f"{path} is not a finetuned student written by mpl_fast.train (no 'state_dict' entry)")
+    return _plain(state["state_dict"])
 
 
 def _plain(state_dict: dict) -> dict:
@@ -353,8 +371,8 @@ def load(run_dir: str, model: str = DEFAULT_MODEL, device: str = "cpu") -> Loade
     """The network ``model`` of a training run in eval mode, and the preprocessing its inputs need.
 
     ``model``: "selected" (best validation weights of the selection model: the student's EMA,
-    the student, or UDA's teacher), "student", "ema", "teacher"; "finetuned" is refused (the
-    trainer does not save it). ``model, preprocess = mpl_fast.load("runs/x")``;
+    the student, or UDA's teacher), "student", "ema", "teacher", "finetuned" (the selected
+    network after the run's finetuning on the labeled data: finetuned.pt). ``model, preprocess = mpl_fast.load("runs/x")``;
     ``model(preprocess("cat.jpg")).argmax(1)``.
     """
     opened = open_network(run_dir, model, device)

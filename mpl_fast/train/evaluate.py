@@ -9,6 +9,7 @@ import torch
 
 from mpl_fast.algo import finetune, larger_batches
 from mpl_fast.parallel import sharding
+from mpl_fast.train.checkpointing import save_finetuned
 from mpl_fast.train.config import TrainConfig
 
 
@@ -131,6 +132,7 @@ def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: di
             finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
                      cfg.finetune.weight_decay, on_step=bar.update)
         val["finetuned"], test["finetuned"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
+        save_finetuned(cfg.output_dir, selected, selection_model(cfg))  # for mpl_fast.load(..., model="finetuned")
 
 
 def format_summary(s: dict) -> str:

@@ -62,7 +62,7 @@ def _top1(model, batches):
 
 # ----------------------------------------------------------------------------- load
 
-@pytest.mark.parametrize("name", ["selected", "student", "ema", "teacher"])
+@pytest.mark.parametrize("name", ["selected", "student", "ema", "teacher", "finetuned"])
 def test_load_gives_each_network_in_eval_mode_with_the_accuracy_the_run_reported(run_dir, summary, test_split, name):
     import mpl_fast
 
@@ -83,8 +83,12 @@ def test_selected_is_the_best_validation_state_of_the_selection_model(run_dir):
 def test_load_refuses_what_it_cannot_serve_in_one_sentence(run_dir, tmp_path):
     import mpl_fast
 
-    with pytest.raises(runs.RunError, match="does not save the finetuned student.*model='selected'"):
-        mpl_fast.load(run_dir, model="finetuned")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    os.remove(unfinished / "finetuned.pt")
+    with pytest.raises(runs.RunError, match="has no finetuned.pt: the run has not finished, or it does not "
+                                            "finetune.*model='selected'"):
+        mpl_fast.load(str(unfinished), model="finetuned")
     with pytest.raises(runs.RunError, match="model must be one of"):
         mpl_fast.load(run_dir, model="best")
     with pytest.raises(runs.RunError, match="does not exist"):
