@@ -85,6 +85,8 @@ def evaluate(sess, step: int, seconds: float) -> dict | None:
                     state={k: v.detach().cpu().clone() for k, v in models[sel].state_dict().items()}
                     if sel in models else None)
     sess.write_metrics(line)
+    if sess.curves is not None and step < cfg.steps:  # the end draws after the final line (finish)
+        sess.curves.update()
     return line
 
 
@@ -104,6 +106,8 @@ def finish(sess, step: int, seconds: float, final: dict) -> dict:
         headline = "selected" if best["step"] >= 0 else headline
     sess.write_metrics({"step": step, "final": True, **{f"val_{k}": v for k, v in val.items()},
                         **{f"test_{k}": v for k, v in test.items()}})
+    if sess.curves is not None:
+        sess.curves.update(final=True)
     sel = selection_model(cfg)
     return {
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
