@@ -104,13 +104,13 @@ def read_summary(run_dir: str) -> dict | None:
 
 
 def selection_model(cfg, summary: dict | None = None) -> str:
-    """Which network's best-validation weights the run keeps as "selected" (the trainer's rule:
-    UDA's teacher, else the student's EMA when there is one, else the student)."""
+    """Which network's best-validation weights the run keeps as "selected": what its summary.json
+    says, else the trainer's rule (mpl_fast.train.evaluate.selection_model)."""
     if summary and isinstance(summary.get("selected"), dict) and summary["selected"].get("model"):
         return summary["selected"]["model"]
-    if cfg.method == "uda":
-        return "teacher"
-    return "ema" if cfg.mpl.ema_decay > 0 else "student"
+    from mpl_fast.train.evaluate import selection_model as trainer_rule  # noqa: PLC0415
+
+    return trainer_rule(cfg)
 
 
 def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dict:
@@ -166,14 +166,19 @@ def _plain(state_dict: dict) -> dict:
 
 @dataclass
 class NetworkSpec:
-    """What it takes to rebuild a run's network without its data: passed to create_model, and
+    """What it takes to rebuild a run's network without its data: passed to the trainer's create_network, and
     written into exports as metadata."""
 
     model_name: str
     num_classes: int
-    in_channels: int
     dropout: float
     input_shape: tuple          # one example, without the batch dimension
+
+    @property
+    def in_channels(self) -> int:
+        from mpl_fast.train.build import input_channels  # noqa: PLC0415
+
+        return input_channels(self.input_shape)
 
     def as_dict(self) -> dict:
         return {"model_name": self.model_name, "num_classes": self.num_classes, "in_channels": self.in_channels,
@@ -185,11 +190,11 @@ def network_spec(cfg, state_dict: dict) -> NetworkSpec:
     dataset = cfg.data.dataset
     num_classes = _NUM_CLASSES.get(dataset) or _classes_from_weights(state_dict)
     if dataset == "two-moons":
-        return NetworkSpec(cfg.model.name, num_classes, 1, cfg.model.dropout, (2,))
+        return NetworkSpec(cfg.model.name, num_classes, cfg.model.dropout, (2,))
     if dataset == "digits":
-        return NetworkSpec(cfg.model.name, num_classes, 1, cfg.model.dropout, (1, 8, 8))
+        return NetworkSpec(cfg.model.name, num_classes, cfg.model.dropout, (1, 8, 8))
     size = image_size(cfg)
-    return NetworkSpec(cfg.model.name, num_classes, 3, cfg.model.dropout, (3, size, size))
+    return NetworkSpec(cfg.model.name, num_classes, cfg.model.dropout, (3, size, size))
 
 
 def _classes_from_weights(state_dict: dict) -> int:
@@ -201,10 +206,11 @@ def _classes_from_weights(state_dict: dict) -> int:
 
 
 def build_network(spec: NetworkSpec, state_dict: dict, device: str = "cpu") -> nn.Module:
-    """A fresh network of ``spec`` holding ``state_dict``, in eval mode."""
-    from mpl_fast.models import create_model  # noqa: PLC0415
+    """A fresh network of ``spec`` holding ``state_dict``, in eval mode, built as the trainer builds it."""
+    from mpl_fast.train.build import create_network  # noqa: PLC0415
+    from mpl_fast.train.config import ModelConfig  # noqa: PLC0415
 
-    net = create_model(spec.model_name, spec.num_classes, dropout=spec.dropout, in_channels=spec.in_channels)
+    net = create_network(ModelConfig(name=spec.model_name, dropout=spec.dropout), spec.num_classes, spec.input_shape)
     try:
         net.load_state_dict(state_dict)
     except RuntimeError as exc:

@@ -316,8 +316,18 @@ def test_export_names_the_missing_package_and_the_extra(run_dir, tmp_path, monke
     code = export_tool.main([run_dir, "--format", "safetensors", "--out", str(tmp_path / "w.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "needs the safetensors.torch package" in err and "pip install mpl_fast[export]" in err
-    assert export_tool.main([run_dir, "--format", "pt", "--model", "finetuned"]) == 2
-    assert "does not save the finetuned student" in capsys.readouterr().err
+
+
+
+def test_exporting_the_finetuned_student_leaves_the_runs_finetuned_pt_alone(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = (run / "finetuned.pt").read_bytes()
+    assert export_tool.main([str(run), "--format", "pt", "--model", "finetuned"]) == 0
+    assert (run / "finetuned.pt").read_bytes() == before
+    exported = torch.load(run / "finetuned.export.pt", weights_only=True)
+    for k, v in runs.model_state(str(run), "finetuned").items():
+        assert torch.equal(exported["state_dict"][k], v)
 
 
 def test_export_refuses_an_export_that_does_not_reproduce_the_network(run_dir, tmp_path, monkeypatch):
