@@ -17,7 +17,7 @@ from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel, sharding
 from mpl_fast.parallel.data_parallel import broadcast_from_rank0
 from mpl_fast.parallel.distributed import DistContext
-from mpl_fast.train.config import TrainConfig
+from mpl_fast.train.config import ModelConfig, TrainConfig
 from mpl_fast.train.precision import PrecisionPolicy, resolve_precision
 from mpl_fast.train.topology import resolve_topology
 
@@ -79,12 +79,20 @@ def device_name(cfg: TrainConfig, ctx: DistContext) -> str:
     return str(ctx.device) if ctx.distributed else cfg.device
 
 
+def input_channels(input_shape: tuple) -> int:
+    """The channels of one example: C of a (C, H, W) image, else 1 (points, flat features)."""
+    return input_shape[0] if len(input_shape) == 3 else 1
+
+
+def create_network(model: ModelConfig, num_classes: int, input_shape: tuple) -> torch.nn.Module:
+    """A fresh network of the run's architecture for examples of ``input_shape``, on the CPU in
+    its default layout: build_model's first step, and how mpl_fast.load rebuilds a saved one."""
+    return create_model(model.name, num_classes, dropout=model.dropout, in_channels=input_channels(input_shape))
+
+
 def build_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
     """One network of the run (teacher and student share the architecture) on ``device``."""
-    shape = streams.input_shape
-    in_channels = shape[0] if len(shape) == 3 else 1
-    model = create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
-                         in_channels=in_channels).to(device)
+    model = create_network(cfg.model, streams.num_classes, streams.input_shape).to(device)
     # The layout is set before the optimizers, the step guard and the EMA see the tensors.
     # FSDP2 shards contiguous parameters only: --fsdp keeps NCHW.
     if use_channels_last(model, device, cfg.channels_last and not cfg.fsdp):

@@ -69,6 +69,8 @@ class TrainConfig:
     compile: bool = False           # torch.compile of the teacher's and student's forwards
     channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (both networks)
+    plot: bool = True               # redraw RUN_DIR/metrics.png at each evaluation and at the end (needs matplotlib)
+    tensorboard: bool = False       # also write metrics.jsonl's scalars to RUN_DIR/tensorboard (needs tensorboard)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: OptimConfig = field(default_factory=OptimConfig)
