@@ -53,7 +53,8 @@ class MPLConfig:
     uda_ramp_steps: int = 5000      # linear ramp of the UDA weight
     uda_temperature: float = 0.7
     uda_threshold: float = 0.6
-    label_smoothing: float = 0.0    # on the teacher's supervised CE
+    label_smoothing: float = 0.0    # on the teacher's supervised CE (and the supervised baseline's)
+    student_label_smoothing: float = 0.0  # on the student's CE against the pseudo labels (official: = label_smoothing)
     student_wait_steps: int = 3000  # the student (and so h) starts after this many steps
     ema_decay: float = 0.0          # student EMA (0 disables)
 

@@ -339,7 +339,8 @@ class MPL:
         student.train()
         with self.student_autocast():  # bf16/fp16 under --amp: g_u only; g_l' below stays fp32
             logits_us = student(x_us)
-        loss_student = cross_entropy(logits_us.float(), y_hat)
+        # Smoothed as in the official code; the MPL term's CE(y_hat, T(x_strong)) is not.
+        loss_student = cross_entropy(logits_us.float(), y_hat, self.config.student_label_smoothing)
         found_inf = self._student_update(loss_student)
         g_u = [p.grad for p in self._student_params]  # SGD and FusedSGD leave .grad as it was: this is g_u
         if not need_h:

@@ -120,7 +120,8 @@ def _cifar10_4k() -> TrainConfig:
         model=ModelConfig(name="wrn28-2", dropout=0.2),
         teacher=copy.deepcopy(opt), student=copy.deepcopy(opt),
         mpl=MPLConfig(uda_weight=8.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
-                      label_smoothing=0.15, student_wait_steps=3000, ema_decay=0.995),
+                      label_smoothing=0.15, student_label_smoothing=0.15, student_wait_steps=3000,
+                      ema_decay=0.995),
         finetune=FinetuneConfig(steps=1000, lr=1e-5, batch_size=512),
     )
 
@@ -145,7 +146,8 @@ def _imagenet_10pct() -> TrainConfig:
         model=ModelConfig(name="resnet50", dropout=0.0),
         teacher=copy.deepcopy(opt), student=copy.deepcopy(opt),
         mpl=MPLConfig(uda_weight=1.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
-                      label_smoothing=0.1, student_wait_steps=2000, ema_decay=0.9999),
+                      label_smoothing=0.1, student_label_smoothing=0.1, student_wait_steps=2000,
+                      ema_decay=0.9999),
         finetune=FinetuneConfig(steps=1000, lr=1e-5, batch_size=512),
     )
 
