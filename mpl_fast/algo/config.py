@@ -15,6 +15,7 @@ Feedback = Literal["grad-dot", "update-dot", "finite-diff"]
 PseudoLabels = Literal["hard", "soft", "sample"]
 Baseline = Literal["auto", "on", "off"]
 Schedule = Literal["cosine", "constant"]
+UdaMaskOn = Literal["sharpened", "unsharpened"]
 
 METHODS: tuple[str, ...] = typing.get_args(Method)
 FEEDBACK_MODES: tuple[str, ...] = typing.get_args(Feedback)
@@ -53,6 +54,9 @@ class MPLConfig:
     uda_ramp_steps: int = 5000      # linear ramp of the UDA weight
     uda_temperature: float = 0.7
     uda_threshold: float = 0.6
+    # The confidence that uda_threshold tests: of the temperature-sharpened weak-view target
+    # (MPL's official code) or of the plain softmax (UDA's own code).
+    uda_mask_on: UdaMaskOn = "sharpened"
     label_smoothing: float = 0.0    # on the teacher's supervised CE (and the supervised baseline's)
     student_label_smoothing: float = 0.0  # on the student's CE against the pseudo labels (official: = label_smoothing)
     student_wait_steps: int = 3000  # the student (and so h) starts after this many steps

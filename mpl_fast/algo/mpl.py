@@ -303,7 +303,8 @@ class MPL:
         zero = torch.zeros((), device=loss_sup.device)
         loss_uda, uda_mask = zero, zero
         if self.use_uda:
-            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.config.uda_temperature, self.config.uda_threshold)
+            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.config.uda_temperature, self.config.uda_threshold,
+                                                 self.config.uda_mask_on)
             loss_teacher = loss_teacher + uda_weight * loss_uda
         return t_us, {"loss_teacher": loss_teacher, "loss_sup": loss_sup, "loss_uda": loss_uda,
                       "uda_mask": uda_mask, "loss_mpl": zero}

@@ -44,3 +44,26 @@ def test_presets_smooth_the_students_loss_as_the_official_flags():
     assert preset("svhn-1k").mpl.student_label_smoothing == 0.15
     assert preset("imagenet-10pct").mpl.student_label_smoothing == 0.1
     assert preset("digits").mpl.student_label_smoothing == 0.0  # ours: kept until re-measured
+
+
+def test_the_uda_mask_tests_the_sharpened_target_as_the_official_code():
+    from mpl_fast.algo import uda_consistency
+
+    # softmax([1, 0]) = 0.73 < 0.8, but sharpened at T = 0.5: softmax([2, 0]) = 0.88 >= 0.8.
+    weak = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    strong = torch.zeros(2, 2)
+    _, sharpened = uda_consistency(weak, strong, temperature=0.5, threshold=0.8)
+    _, plain = uda_consistency(weak, strong, temperature=0.5, threshold=0.8, mask_on="unsharpened")
+    assert sharpened.item() == 0.5 and plain.item() == 0.0
+    assert MPLConfig().uda_mask_on == "sharpened"
+    assert preset("cifar10-4k").mpl.uda_mask_on == "sharpened"
+    assert preset("digits").mpl.uda_mask_on == "unsharpened"  # ours: its numbers were measured so
+    with pytest.raises(ValueError, match="mask_on"):
+        uda_consistency(weak, strong, 0.5, 0.8, mask_on="raw")
+
+
+def test_the_step_passes_the_mask_choice_to_uda():
+    cfgs = [MPLConfig(uda_weight=1.0, uda_threshold=0.5, uda_temperature=0.1, uda_mask_on=on)
+            for on in ("sharpened", "unsharpened")]
+    masks = [_step(cfg, method="uda").step(*toy_batches(0), clock=0)["uda_mask"].item() for cfg in cfgs]
+    assert masks[0] > masks[1]
