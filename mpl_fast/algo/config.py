@@ -46,7 +46,7 @@ class MPLConfig:
     feedback: Feedback = "grad-dot"
     pseudo_labels: PseudoLabels = "hard"  # the same label for the student and the MPL term
     soft_temperature: float = 0.5   # soft pseudo labels = softmax(T(x_strong) / soft_temperature)
-    baseline: Baseline = "auto"     # subtract a moving average of h ("auto": for finite-diff only)
+    baseline: Baseline = "auto"     # subtract a moving average of h, any mode ("auto": for finite-diff only)
     baseline_decay: float = 0.99    # decay of that moving average
     mpl_weight: float = 1.0         # multiplies the MPL term h * CE(y_hat, T(x_strong))
     sup_weight: float = 1.0         # multiplies the teacher's supervised CE (0: feedback-only teacher)

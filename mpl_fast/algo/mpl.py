@@ -90,7 +90,9 @@ class MPL:
         self.schedules = schedules
         self.method, self.config = method, config
         self.feedback = config.feedback
-        # "auto": the official code's choice, a baseline for finite-diff only.
+        # "auto": a baseline for finite-diff only. The official code has one feedback, a finite
+        # difference, always with the baseline; for the dot-product modes "auto" leaves it off
+        # (ours, until measured: docs/recipe_sources.md). "on"/"off" force it in any mode.
         self.use_baseline = config.baseline == "on" or (config.baseline == "auto" and config.feedback == "finite-diff")
         self.clip = clip
         self.autocast = precision.autocast  # e.g. bf16 torch.autocast, for the teacher's forward
@@ -111,7 +113,7 @@ class MPL:
         # Counters and log totals live with the teacher when this process has it: it receives h.
         device = _device_of(teacher if link.holds_teacher and teacher is not None else student)
         self._device = device
-        # The finite-diff moving average of h, computed and kept by the student half.
+        # The moving average of h (any feedback mode with a baseline), computed and kept by the student half.
         self.baseline = torch.zeros((), device=_device_of(student) if student is not None else device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)

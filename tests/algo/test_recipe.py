@@ -67,3 +67,24 @@ def test_the_step_passes_the_mask_choice_to_uda():
             for on in ("sharpened", "unsharpened")]
     masks = [_step(cfg, method="uda").step(*toy_batches(0), clock=0)["uda_mask"].item() for cfg in cfgs]
     assert masks[0] > masks[1]
+
+
+@pytest.mark.parametrize("mode", ["grad-dot", "update-dot", "finite-diff"])
+def test_the_baseline_works_in_every_feedback_mode(mode):
+    """b' = 0.99 b + 0.01 h, updated first, then h - b' (official): from b = 0, h_on = 0.99 h_off."""
+    outs, baselines = [], []
+    for baseline in ("off", "on"):
+        mpl = _step(MPLConfig(feedback=mode, baseline=baseline, uda_weight=0.0), method="mpl", lr=0.1)
+        outs.append(mpl.step(*toy_batches(0), clock=0)["h"].item())
+        baselines.append(mpl.baseline.item())
+    assert outs[0] != 0.0
+    assert outs[1] == pytest.approx(0.99 * outs[0], rel=1e-5)
+    assert baselines == [0.0, pytest.approx(0.01 * outs[0], rel=1e-5)]
+
+
+def test_auto_baseline_is_on_for_finite_diff_only_and_the_official_presets_turn_it_on():
+    for mode, expected in (("grad-dot", False), ("update-dot", False), ("finite-diff", True)):
+        assert _step(MPLConfig(feedback=mode, baseline="auto"), method="mpl").use_baseline is expected
+    for name in ("cifar10-4k", "svhn-1k", "imagenet-10pct", "imagenet-l2"):
+        assert preset(name).mpl.baseline == "on", name
+    assert preset("digits").mpl.baseline == "auto"  # ours, until part B's measurements
