@@ -30,6 +30,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    decay_norm: bool = False        # weight decay on normalization layers' scales/shifts too (official: no)
     warmup_steps: int = 0
     schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.0       # cosine ends at lr * min_lr_ratio

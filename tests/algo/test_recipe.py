@@ -88,3 +88,27 @@ def test_auto_baseline_is_on_for_finite_diff_only_and_the_official_presets_turn_
     for name in ("cifar10-4k", "svhn-1k", "imagenet-10pct", "imagenet-l2"):
         assert preset(name).mpl.baseline == "on", name
     assert preset("digits").mpl.baseline == "auto"  # ours, until part B's measurements
+
+
+@pytest.mark.parametrize("decay_norm", [False, True])
+def test_weight_decay_skips_batchnorm_unless_asked(decay_norm):
+    from mpl_fast.algo.config import OptimConfig
+    from mpl_fast.train.build import build_optimizer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LayerNorm(4 * 6 * 6), nn.Linear(144, 2))
+    with torch.no_grad():
+        for m in (net[1], net[3]):
+            m.weight.fill_(2.0)
+            m.bias.fill_(1.0)
+    before = [p.clone() for p in net.parameters()]
+    opt = build_optimizer(net, OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.5, decay_norm=decay_norm))
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # a zero gradient: only weight decay moves a parameter
+    norm = {id(p) for m in (net[1], net[3]) for p in m.parameters()}
+    for p, b in zip(net.parameters(), before):
+        moved = not torch.equal(p, b)
+        assert moved == (decay_norm or id(p) not in norm)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
+    assert preset("digits").student.decay_norm and not preset("cifar10-4k").student.decay_norm
