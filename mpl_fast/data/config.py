@@ -10,7 +10,7 @@ EmbeddedDataset = Literal["digits", "two-moons"]
 FileDataset = Literal["cifar10", "cifar100", "svhn", "imagefolder"]
 Dataset = Literal[EmbeddedDataset, FileDataset]
 Loader = Literal["auto", "torch", "dali"]
-RandAugmentPolicy = Literal["mpl", "torchvision"]
+RandAugmentPolicy = Literal["mpl", "mpl-imagenet", "torchvision"]  # mpl_fast.augment.policies.POLICIES
 
 EMBEDDED_DATASETS: tuple[str, ...] = typing.get_args(EmbeddedDataset)
 FILE_DATASETS: tuple[str, ...] = typing.get_args(FileDataset)

@@ -112,3 +112,33 @@ def test_weight_decay_skips_batchnorm_unless_asked(decay_norm):
         assert moved == (decay_norm or id(p) not in norm)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
     assert preset("digits").student.decay_norm and not preset("cifar10-4k").student.decay_norm
+
+
+def test_the_cli_selects_every_randaugment_policy():
+    import typing
+
+    from mpl_fast.augment.policies import POLICIES
+    from mpl_fast.data.config import RandAugmentPolicy
+    from mpl_fast.train import build_parser, config_from_args
+
+    assert set(typing.get_args(RandAugmentPolicy)) == set(POLICIES)
+    cfg = config_from_args(build_parser().parse_args(["--data.randaug-policy", "mpl-imagenet"]))
+    assert cfg.data.randaug_policy == "mpl-imagenet"
+
+
+def test_imagenet_10pct_is_the_official_readme_command():
+    cfg = preset("imagenet-10pct")
+    d, m = cfg.data, cfg.mpl
+    assert (d.batch_size, d.mu, d.randaug_magnitude, d.randaug_policy) == (1024, 15, 17, "mpl-imagenet")
+    assert (cfg.student.lr, cfg.teacher.lr) == (0.4, 0.6)  # 0.1 and 0.15 x 1024 / 256
+    assert cfg.student.warmup_steps == cfg.teacher.warmup_steps == 5000
+    assert m.student_wait_steps == 20_000
+    assert (m.uda_weight, m.uda_ramp_steps, m.uda_temperature, m.uda_threshold) == (20.0, 50_000, 0.5, 0.6)
+    assert (m.ema_decay, cfg.model.dropout, cfg.student.grad_clip, cfg.teacher.grad_clip) == (0.999, 0.1, 5.0, 5.0)
+    assert (cfg.student.weight_decay, m.label_smoothing, cfg.steps, cfg.finetune.steps) == (1e-4, 0.1, 700_000, 2000)
+
+
+def test_imagenet_l2_has_the_papers_batch_steps_and_finetuning():
+    cfg = preset("imagenet-l2")
+    assert (cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu) == (2048, 16384)
+    assert (cfg.steps, cfg.finetune.steps, cfg.model.name) == (1_000_000, 20_000, "tf_efficientnet_l2")
