@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mpl_fast.algo.config import Method, MPLConfig, OptimConfig, check_choices
 from mpl_fast.data.config import DataConfig
@@ -25,10 +26,18 @@ class ModelConfig:
     dropout: float = 0.0
 
 
+FinetuneFrom = Literal["best-val", "final"]
+
+
 @dataclass
 class FinetuneConfig:
-    """After training, the student is finetuned on the labeled data alone."""
+    """After training, the student is finetuned on the labeled data alone.
 
+    ``start_from``: the weights kept and finetuned: "best-val", the best on the validation split
+    carved from train (ours; never chosen on test), or "final", the last step's (the paper's
+    choice: it keeps the final checkpoint and has no validation split)."""
+
+    start_from: FinetuneFrom = "best-val"
     steps: int = 1000
     lr: float = 1e-5
     batch_size: int = 512

@@ -142,3 +142,28 @@ def test_imagenet_l2_has_the_papers_batch_steps_and_finetuning():
     cfg = preset("imagenet-l2")
     assert (cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu) == (2048, 16384)
     assert (cfg.steps, cfg.finetune.steps, cfg.model.name) == (1_000_000, 20_000, "tf_efficientnet_l2")
+
+
+@pytest.mark.parametrize("start_from", ["best-val", "final"])
+def test_finetune_starts_from_the_best_validation_or_the_final_weights(tmp_path, start_from):
+    from mpl_testing import set_fields
+
+    from mpl_fast import runs
+    from mpl_fast.train import run
+
+    cfg = set_fields(preset("digits"), steps=6, log_every=2, eval_every=2, checkpoint_every=0, threads=1,
+                     output_dir=str(tmp_path / start_from), mpl__student_wait_steps=0, finetune__steps=0,
+                     finetune__start_from=start_from, mpl__ema_decay=0.0)
+    cfg.student.lr = 0.5  # big steps: the validation accuracy moves between evaluations
+    summary = run(cfg, progress=False, quiet=True)
+    assert summary["selected"]["rule"] == start_from
+    selected = runs.model_state(cfg.output_dir, "selected")
+    final = runs.model_state(cfg.output_dir, "student")
+    if start_from == "final":
+        assert summary["selected"]["step"] == 6
+        assert all(torch.equal(selected[k], v) for k, v in final.items())
+        assert summary["test_top1"]["selected"] == summary["test_top1"]["student"]
+    else:
+        assert summary["selected"]["step"] <= 6
+        ckpt = runs.read_checkpoint(cfg.output_dir)
+        assert all(torch.equal(selected[k], v.cpu()) for k, v in ckpt["best"]["state"].items())
