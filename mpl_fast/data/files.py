@@ -5,7 +5,7 @@ Layouts (nothing is downloaded):
   cifar10      DIR/data_batch_1..5, test_batch, batches.meta (or DIR/cifar-10-batches-py/)
   cifar100     DIR/train, test, meta (or DIR/cifar-100-python/); fine labels
   svhn         DIR/train_32x32.mat, test_32x32.mat
-  imagefolder  DIR/train/<class>/<image>, DIR/val/<class>/<image> (val/ is the test set)
+  imagefolder  DIR/train/<class>/<image>, DIR/val/<class>/<image> (val/, or test/, is the test set)
 
 The training streams are sharded by rank (disjoint shards); val and test are whole on every
 rank. ``DataStreams.split`` is the JSON-able split record for the run to save; a saved one
