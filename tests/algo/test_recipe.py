@@ -167,3 +167,15 @@ def test_finetune_starts_from_the_best_validation_or_the_final_weights(tmp_path,
         assert summary["selected"]["step"] <= 6
         ckpt = runs.read_checkpoint(cfg.output_dir)
         assert all(torch.equal(selected[k], v.cpu()) for k, v in ckpt["best"]["state"].items())
+
+
+def test_soft_pseudo_labels_at_temperature_one_give_the_mpl_term_zero_gradient():
+    """The released official code's pseudo labels: its MPL term CE(stopgrad softmax z, z) moves
+    nothing (issues #534/#541), so the teacher learns from its other losses only."""
+    from mpl_fast.algo import cross_entropy, pseudo_labels
+
+    z = torch.randn(6, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(cross_entropy(z, pseudo_labels(z, "soft", 1.0)), z)
+    assert grad.abs().max().item() < 1e-6
+    (grad,) = torch.autograd.grad(cross_entropy(z, pseudo_labels(z, "soft", 0.5)), z)
+    assert grad.abs().max().item() > 1e-3
