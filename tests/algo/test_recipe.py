@@ -179,3 +179,15 @@ def test_soft_pseudo_labels_at_temperature_one_give_the_mpl_term_zero_gradient()
     assert grad.abs().max().item() < 1e-6
     (grad,) = torch.autograd.grad(cross_entropy(z, pseudo_labels(z, "soft", 0.5)), z)
     assert grad.abs().max().item() > 1e-3
+
+
+def test_mpl_solarize_at_level_10_inverts_every_pixel_as_tfs_wrapping_cast():
+    """Our Solarize op is torchvision's (tests/ops/test_augment_drop_in.py): threshold 0 inverts all."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from mpl_fast.augment.policies import get_policy
+
+    table = {n: v for n, v, _ in get_policy("mpl").table(10, 31, 8, 8)}
+    img = torch.arange(0, 256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    assert table["Solarize"] == 0.0
+    assert torch.equal(TF.solarize(img, table["Solarize"]), 255 - img)
