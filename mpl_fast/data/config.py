@@ -10,6 +10,7 @@ EmbeddedDataset = Literal["digits", "two-moons"]
 FileDataset = Literal["cifar10", "cifar100", "svhn", "imagefolder"]
 Dataset = Literal[EmbeddedDataset, FileDataset]
 Loader = Literal["auto", "torch", "dali"]
+CropFill = Literal["gray", "reflect"]
 RandAugmentPolicy = Literal["mpl", "mpl-imagenet", "torchvision"]  # mpl_fast.augment.policies.POLICIES
 
 EMBEDDED_DATASETS: tuple[str, ...] = typing.get_args(EmbeddedDataset)
@@ -32,6 +33,11 @@ class DataConfig:
     randaug_magnitude: int = 16             # strong view: (maximum) magnitude
     randaug_policy: RandAugmentPolicy = "mpl"
     cutout: int = 16                        # cutout side in pixels (0 = none)
+    # Small images (CIFAR, SVHN; not photo folders): the pad of the pad-and-crop views, gray
+    # 128 (MPL's official code) or reflect; and the official second flip + pad-and-crop of the
+    # strong view after Cutout.
+    crop_fill: CropFill = "gray"
+    strong_recrop: bool = True
     loader: Loader = "auto"
     num_workers: int = 2
     strict: bool = False                    # stop on a corrupt image instead of skipping it
