@@ -40,8 +40,8 @@ def folder_samples(data_dir: str, num_classes: int) -> tuple[list[str], list[int
         names = [str(i) for i in range(num_classes)]
     else:
         if len(folders) != num_classes:
-            hint = (" (an ImageNet-layout folder: give its val/ sub-folder)"
-                    if {"train", "val"} <= set(folders) else "")
+            hint = (" (an ImageNet-layout folder: give its val/ or test/ sub-folder)"
+                    if "train" in folders and {"val", "test"} & set(folders) else "")
             raise runs.RunError(f"--data-dir {data_dir} has {len(folders)} class folders and the network "
                                 f"{num_classes} classes: with named folders, every class needs its folder "
                                 f"(sorted names are the class indices){hint}")

@@ -123,7 +123,8 @@ def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dic
     nets = state["mpl"]
     if model == "selected":
         best = state.get("best") or {}
-        if best.get("state") is not None:
+        final_rule = (state.get("config") or {}).get("finetune", {}).get("start_from") == "final"
+        if best.get("state") is not None and not final_rule:  # --finetune.start-from final: the live network
             return _plain(best["state"])
         # No validation set (or no evaluation yet): the trainer selects the live network.
         model = selection_model(read_config(run_dir, state), read_summary(run_dir))

@@ -15,6 +15,7 @@ Feedback = Literal["grad-dot", "update-dot", "finite-diff"]
 PseudoLabels = Literal["hard", "soft", "sample"]
 Baseline = Literal["auto", "on", "off"]
 Schedule = Literal["cosine", "constant"]
+UdaMaskOn = Literal["sharpened", "unsharpened"]
 
 METHODS: tuple[str, ...] = typing.get_args(Method)
 FEEDBACK_MODES: tuple[str, ...] = typing.get_args(Feedback)
@@ -29,6 +30,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    decay_norm: bool = False        # weight decay on normalization layers' scales/shifts too (official: no)
     warmup_steps: int = 0
     schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.0       # cosine ends at lr * min_lr_ratio
@@ -45,7 +47,7 @@ class MPLConfig:
     feedback: Feedback = "grad-dot"
     pseudo_labels: PseudoLabels = "hard"  # the same label for the student and the MPL term
     soft_temperature: float = 0.5   # soft pseudo labels = softmax(T(x_strong) / soft_temperature)
-    baseline: Baseline = "auto"     # subtract a moving average of h ("auto": for finite-diff only)
+    baseline: Baseline = "auto"     # subtract a moving average of h, any mode ("auto": for finite-diff only)
     baseline_decay: float = 0.99    # decay of that moving average
     mpl_weight: float = 1.0         # multiplies the MPL term h * CE(y_hat, T(x_strong))
     sup_weight: float = 1.0         # multiplies the teacher's supervised CE (0: feedback-only teacher)
@@ -53,7 +55,11 @@ class MPLConfig:
     uda_ramp_steps: int = 5000      # linear ramp of the UDA weight
     uda_temperature: float = 0.7
     uda_threshold: float = 0.6
-    label_smoothing: float = 0.0    # on the teacher's supervised CE
+    # The confidence that uda_threshold tests: of the temperature-sharpened weak-view target
+    # (MPL's official code) or of the plain softmax (UDA's own code).
+    uda_mask_on: UdaMaskOn = "sharpened"
+    label_smoothing: float = 0.0    # on the teacher's supervised CE (and the supervised baseline's)
+    student_label_smoothing: float = 0.0  # on the student's CE against the pseudo labels (official: = label_smoothing)
     student_wait_steps: int = 3000  # the student (and so h) starts after this many steps
     ema_decay: float = 0.0          # student EMA (0 disables)
 

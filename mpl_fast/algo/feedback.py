@@ -7,8 +7,9 @@ learning rate written once):
   update-dot:  h = <g_l', theta_S - theta_S'>  the optimizer's real update (momentum, weight decay)
   finite-diff: h = CE_l(theta_S) - CE_l(theta_S')
 
-Optionally (always for finite-diff by default, as the official code) a moving average b of h
-is subtracted: h <- h - b, b updated only on applied steps.
+Optionally, in any mode, a moving average b of h is subtracted: b updated first, then h <- h - b,
+b kept only on applied steps (the official code does this for its only feedback, a finite
+difference; --mpl.baseline auto does it for finite-diff only).
 
 By Taylor, CE_l(theta_S') ~ CE_l(theta_S) - <g_l, theta_S - theta_S'>, so all three agree in
 sign to first order (tests/algo/test_algo.py pins it: test_feedback_modes_agree_in_sign_and_value_at_small_lr).

@@ -95,7 +95,9 @@ class MPL:
         self.schedules = schedules
         self.method, self.config = method, config
         self.feedback = config.feedback
-        # "auto": the official code's choice, a baseline for finite-diff only.
+        # "auto": a baseline for finite-diff only. The official code has one feedback, a finite
+        # difference, always with the baseline; for the dot-product modes "auto" leaves it off
+        # (ours, until measured: docs/recipe_sources.md). "on"/"off" force it in any mode.
         self.use_baseline = config.baseline == "on" or (config.baseline == "auto" and config.feedback == "finite-diff")
         self.clip = clip
         self.autocast = precision.autocast  # e.g. bf16 torch.autocast, for the teacher's forward
@@ -117,7 +119,7 @@ class MPL:
         # Counters and log totals live with the teacher when this process has it: it receives h.
         device = _device_of(teacher if link.holds_teacher and teacher is not None else student)
         self._device = device
-        # The finite-diff moving average of h, computed and kept by the student half.
+        # The moving average of h (any feedback mode with a baseline), computed and kept by the student half.
         self.baseline = torch.zeros((), device=_device_of(student) if student is not None else device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
@@ -312,7 +314,8 @@ class MPL:
         zero = torch.zeros((), device=loss_sup.device)
         loss_uda, uda_mask = zero, zero
         if self.use_uda:
-            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.config.uda_temperature, self.config.uda_threshold)
+            loss_uda, uda_mask = uda_consistency(t_uw, t_us, self.config.uda_temperature, self.config.uda_threshold,
+                                                 self.config.uda_mask_on)
             loss_teacher = loss_teacher + uda_weight * loss_uda
         return t_us, {"loss_teacher": loss_teacher, "loss_sup": loss_sup, "loss_uda": loss_uda,
                       "uda_mask": uda_mask, "loss_mpl": zero}
@@ -358,7 +361,8 @@ class MPL:
         student.train()
         with self.student_autocast():  # bf16/fp16 under --amp: g_u only; g_l' below stays fp32
             logits_us = student(x_us)
-        loss_student = cross_entropy(logits_us.float(), y_hat)
+        # Smoothed as in the official code; the MPL term's CE(y_hat, T(x_strong)) is not.
+        loss_student = cross_entropy(logits_us.float(), y_hat, self.config.student_label_smoothing)
         found_inf = self._student_update(loss_student)
         g_u = [p.grad for p in self._student_params]  # SGD and FusedSGD leave .grad as it was: this is g_u
         if not need_h:

@@ -23,8 +23,11 @@ Sources of the numbers
     - Rotate: L / 10 * 30 degrees, random sign (_rotate_level_to_arg).
     - Posterize: int(L / 10 * 4) bits (_mult_to_arg(level, 4)); MPL keeps that many bits, so
       larger levels posterize *less*; clamped to [0, 8] (TF's shift is undefined beyond 8).
-    - Solarize: threshold int(L / 10 * 256) (_mult_to_arg(level, 256)); >= 256 from L = 10 on,
-      which leaves the image unchanged, as in MPL.
+    - Solarize: threshold int(L / 10 * 256) (_mult_to_arg(level, 256), an int32), which MPL's
+      solarize casts to the image's uint8 (``tf.cast(threshold, image.dtype)``): TF's integer
+      narrowing cast wraps modulo 256 (its docs: a cast of 256 to uint8 gives 0, of -1 gives
+      255; tf.saturate_cast is the clamping one). So from L = 10 on the threshold wraps: 256 -> 0
+      (every pixel inverted), L = 16: 409 -> 153, L = 17: 435 -> 179. We match it.
     - Color, Contrast, Brightness, Sharpness: factor L / 10 * 1.8 + 0.1, unsigned
       (_enhance_level_to_arg); torchvision magnitude = factor - 1. MPL's blend(degenerate, image,
       factor) equals torchvision's _blend(image, degenerate, factor). Mapping note: MPL's
@@ -119,7 +122,7 @@ def _mpl_table(translate_const: Callable[[int], int], cutout_const: Callable[[in
             ("Invert", 0.0, False),
             ("Rotate", level / _MPL_MAX_LEVEL * 30.0, True),
             ("Posterize", float(min(max(_mult_to_arg(level, 4), 0), 8)), False),
-            ("Solarize", float(_mult_to_arg(level, 256)), False),
+            ("Solarize", float(_mult_to_arg(level, 256) % 256), False),  # MPL's uint8 cast wraps
             ("Color", enhance, False),
             ("Contrast", enhance, False),
             ("Brightness", enhance, False),

@@ -10,7 +10,8 @@ EmbeddedDataset = Literal["digits", "two-moons"]
 FileDataset = Literal["cifar10", "cifar100", "svhn", "imagefolder"]
 Dataset = Literal[EmbeddedDataset, FileDataset]
 Loader = Literal["auto", "torch", "dali"]
-RandAugmentPolicy = Literal["mpl", "torchvision"]
+CropFill = Literal["gray", "reflect"]
+RandAugmentPolicy = Literal["mpl", "mpl-imagenet", "torchvision"]  # mpl_fast.augment.policies.POLICIES
 
 EMBEDDED_DATASETS: tuple[str, ...] = typing.get_args(EmbeddedDataset)
 FILE_DATASETS: tuple[str, ...] = typing.get_args(FileDataset)
@@ -20,6 +21,7 @@ FILE_DATASETS: tuple[str, ...] = typing.get_args(FileDataset)
 class DataConfig:
     dataset: Dataset = "digits"
     data_dir: str | None = None             # file-based data sets only; nothing is downloaded
+    unlabeled_dir: str | None = None        # more unlabeled images: a folder or a file list (imagefolder only)
     labels_per_class: int | None = None     # labeled examples per class (CIFAR-10-4K: 400)
     labeled_fraction: float | None = None   # or a fraction of the training set (ImageNet-10%: 0.1)
     val_per_class: int = 0                  # validation carved from the training data (selection)
@@ -32,6 +34,11 @@ class DataConfig:
     randaug_magnitude: int = 16             # strong view: (maximum) magnitude
     randaug_policy: RandAugmentPolicy = "mpl"
     cutout: int = 16                        # cutout side in pixels (0 = none)
+    # Small images (CIFAR, SVHN; not photo folders): the pad of the pad-and-crop views, gray
+    # 128 (MPL's official code) or reflect; and the official second flip + pad-and-crop of the
+    # strong view after Cutout.
+    crop_fill: CropFill = "gray"
+    strong_recrop: bool = True
     loader: Loader = "auto"
     num_workers: int = 2
     strict: bool = False                    # stop on a corrupt image instead of skipping it

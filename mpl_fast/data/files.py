@@ -4,8 +4,8 @@ into labeled / unlabeled / val, and served through DALI or a torch DataLoader.
 Layouts (nothing is downloaded):
   cifar10      DIR/data_batch_1..5, test_batch, batches.meta (or DIR/cifar-10-batches-py/)
   cifar100     DIR/train, test, meta (or DIR/cifar-100-python/); fine labels
-  svhn         DIR/train_32x32.mat, test_32x32.mat
-  imagefolder  DIR/train/<class>/<image>, DIR/val/<class>/<image> (val/ is the test set)
+  svhn         DIR/train_32x32.mat, test_32x32.mat (extra_32x32.mat, when present: unlabeled pool only)
+  imagefolder  DIR/train/<class>/<image>, DIR/val/<class>/<image> (val/, or test/, is the test set)
 
 The training streams are sharded by rank (disjoint shards); val and test are whole on every
 rank. ``DataStreams.split`` is the JSON-able split record for the run to save; a saved one
@@ -22,6 +22,7 @@ from mpl_fast.data.config import DataConfig
 from mpl_fast.data.source import DatasetSource
 from mpl_fast.data.splits import draw_split, read_split_file, split_from_record, split_record
 from mpl_fast.data.streams import DataStreams
+from mpl_fast.data.unlabeled import read_unlabeled_source, with_extra_unlabeled
 
 LOADERS = ("auto", "torch", "dali")
 
@@ -92,20 +93,30 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
         raise ValueError(f"{source.name} images are {source.image_size}x{source.image_size}; "
                          f"image_size={cfg.image_size} is not supported for it")
     split, record = resolve_split(cfg, source, seed)
+    train = source.train
+    extra = source.extra_unlabeled
+    if cfg.unlabeled_dir:
+        if not train.is_files:
+            raise ValueError(f"--data.unlabeled-dir adds image files to the unlabeled pool; {source.name} is read "
+                             "into memory as arrays: use it with --data.dataset imagefolder")
+        extra = read_unlabeled_source(cfg.unlabeled_dir)
+    if extra is not None:  # labeled and val stay in the training set; the unlabeled pool grows
+        train, split = with_extra_unlabeled(train, extra, split)
+        record["unlabeled_extra"] = {"source": cfg.unlabeled_dir or f"{source.name} extra", "count": len(extra)}
     loader = choose_loader(cfg, source, device)
     stats = new_stats(loader)
     stats.update({f"skipped_{k}": len(v) for k, v in source.skipped.items()})
-    extra = {}
+    pipeline_kwargs = {}
     if loader == "dali":
         if with_indices:
             raise ValueError("the DALI pipeline does not yield image indices (reduced MPL) yet: use --data.loader torch")
         from mpl_fast.data.dali_pipeline import build_dali_streams as build
     else:
         from mpl_fast.data.torch_pipeline import build_torch_streams as build
-        extra = {"with_indices": with_indices}
-    labeled, unlabeled, val, test = build(source.train, source.test, split, cfg=cfg, source=source,
+        pipeline_kwargs = {"with_indices": with_indices}
+    labeled, unlabeled, val, test = build(train, source.test, split, cfg=cfg, source=source,
                                           seed=seed, rank=rank, world_size=world_size,
-                                          device=device, stats=stats, image_size=image_size, **extra)
+                                          device=device, stats=stats, image_size=image_size, **pipeline_kwargs)
     return DataStreams(labeled=labeled, unlabeled=unlabeled, val=val, test=test,
                        num_classes=source.num_classes, input_shape=(3, image_size, image_size),
                        split=record, stats=stats)

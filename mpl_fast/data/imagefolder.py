@@ -1,5 +1,6 @@
 """ImageFolder trees of JPEG/PNG files in the ImageNet layout: DATA/train/<class>/<image> and
-DATA/val/<class>/<image>. Class indices follow the sorted folder names of train/."""
+DATA/val/<class>/<image> (or DATA/test/<class>/<image>, as CIFAR-10's JPEG copies name their
+held-out split). Class indices follow the sorted folder names of train/."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from mpl_fast.data.source import DatasetSource, LabeledSet
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _LAYOUT_HINT = ("expected an ImageFolder in the ImageNet layout in {dir}: train/<class>/<image> and "
-                "val/<class>/<image> with JPEG or PNG files (for ImageNet, extract the train and val "
-                "archives there and sort val/ into class folders)")
+                "val/<class>/<image> (or test/<class>/<image>) with JPEG or PNG files (for ImageNet, "
+                "extract the train and val archives there and sort val/ into class folders)")
+HELD_OUT_NAMES = ("val", "test")  # the held-out (test) split's folder: whichever of these exists
 
 
 def _class_folders(split_dir: str, root_real: str, skipped: dict,
@@ -77,20 +79,32 @@ def _scan(root: str, split: str, names: list[str], class_to_index: dict[str, int
     return LabeledSet(paths, np.asarray(labels, dtype=np.int64), keys)
 
 
+def held_out_folder(data_dir: str) -> str | None:
+    """The name of ``data_dir``'s held-out split folder: "val" or "test", whichever exists (None
+    if neither). Both present is refused: which one is the test set would be a guess."""
+    present = [name for name in HELD_OUT_NAMES if os.path.isdir(os.path.join(data_dir, name))]
+    if len(present) > 1:
+        raise ValueError(f"{data_dir} has both val/ and test/: the trainer takes one held-out folder as the test "
+                         "set (its validation split is carved from train/); move or rename the other")
+    return present[0] if present else None
+
+
 def load_imagefolder(data_dir: str, image_size: int | None = None) -> DatasetSource:
-    """The train/ and val/ trees under ``data_dir``; val/ serves as the test set.
+    """The train/ and val/ (or test/) trees under ``data_dir``; val/ or test/ serves as the test set.
 
     Files without a JPEG/PNG extension, empty class folders and symlinked class folders that
     would repeat images under another label are left out with one warning each (and listed in
     ``source.skipped``); an empty class keeps its index so train and val labels agree.
     """
-    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
-    if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
-        raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ or val/ is missing")
+    train_dir = os.path.join(data_dir, "train")
+    held_out = held_out_folder(data_dir)
+    val_dir = os.path.join(data_dir, held_out or "val")
+    if not (os.path.isdir(train_dir) and held_out is not None):
+        raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ or val/ (test/) is missing")
     train_real, val_real = os.path.realpath(train_dir), os.path.realpath(val_dir)
     if _within(train_real, val_real) or _within(val_real, train_real):
         raise ValueError(f"{val_dir} and {train_dir} resolve to overlapping folders ({val_real}, "
-                         f"{train_real}): the test images would be training images; give val/ its own images")
+                         f"{train_real}): the test images would be training images; give {held_out}/ its own images")
     root_real = os.path.realpath(data_dir)
     skipped: dict[str, list[str]] = {}
     train_folders = _class_folders(train_dir, root_real, skipped)
@@ -100,7 +114,7 @@ def load_imagefolder(data_dir: str, image_size: int | None = None) -> DatasetSou
     val_classes = list(_class_folders(val_dir, root_real, skipped, other_split=train_folders))
     class_to_index = {c: i for i, c in enumerate(classes)}
     train = _scan(data_dir, "train", classes, class_to_index, skipped)
-    test = _scan(data_dir, "val", val_classes, class_to_index, skipped)
+    test = _scan(data_dir, held_out, val_classes, class_to_index, skipped)
     if len(train) == 0:
         raise FileNotFoundError(_LAYOUT_HINT.format(dir=data_dir) + "; train/ holds no image files")
     if skipped.get("non_image"):

@@ -44,6 +44,7 @@ class DatasetSource:
     image_size: int                  # native (arrays) or default crop size (files)
     flip: bool = True                # horizontal flip in the weak view (not for digits: SVHN)
     skipped: dict = field(default_factory=dict)  # files the reader left out, by reason
+    extra_unlabeled: LabeledSet | None = None  # images for the unlabeled pool only (SVHN's extra set)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray:

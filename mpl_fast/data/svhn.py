@@ -1,5 +1,6 @@
-"""SVHN (cropped digits) from its MATLAB files train_32x32.mat and test_32x32.mat.
-Nothing is downloaded; extra_32x32.mat is not used (the paper's SVHN-1K does not)."""
+"""SVHN (cropped digits) from its MATLAB files train_32x32.mat and test_32x32.mat, and
+extra_32x32.mat when present: its 531k images join the unlabeled pool only (the paper's
+SVHN-1K draws unlabeled images from train + extra, 604k). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mpl_fast.data.source import DatasetSource, LabeledSet, check_labels
 
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 _FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+EXTRA_FILE = "extra_32x32.mat"
 
 
 def _read_mat(path: str) -> LabeledSet:
@@ -41,7 +43,13 @@ def load_svhn(data_dir: str) -> DatasetSource:
             f"expected SVHN files train_32x32.mat and test_32x32.mat in {data_dir} (missing: "
             f"{', '.join(os.path.basename(p) for p in missing)}); get them from "
             "http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits) and put them there")
+    extra_path = os.path.join(data_dir, EXTRA_FILE)
+    extra = None
+    if os.path.isfile(extra_path):
+        extra = _read_mat(extra_path)
+        extra.labels = np.full(len(extra), -1, dtype=np.int64)  # never read: unlabeled pool only
+        extra.keys = [f"extra/{i}" for i in range(len(extra))]
     return DatasetSource(
         name="svhn", train=_read_mat(paths["train"]), test=_read_mat(paths["test"]),
         num_classes=10, classes=[str(i) for i in range(10)], mean=SVHN_MEAN, std=SVHN_STD,
-        image_size=32, flip=False)
+        image_size=32, flip=False, extra_unlabeled=extra)

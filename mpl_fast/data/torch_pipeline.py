@@ -109,8 +109,9 @@ class BatchDataset(Dataset):
     worker builds it."""
 
     def __init__(self, data: LabeledSet, *, view: str, image_size: int, flip: bool,
-                 strong: dict | None = None, replacements: np.ndarray | None = None):
+                 strong: dict | None = None, replacements: np.ndarray | None = None, pad_fill: int | None = None):
         self.data, self.view, self.image_size, self.flip = data, view, image_size, flip
+        self.pad_fill = pad_fill  # the weak view's pad of small images: a constant, or None (reflect)
         self.strong = strong            # strong_view kwargs when computed here (CPU), else None
         self.replacements = replacements  # where a corrupt training image's stand-in is drawn
 
@@ -123,7 +124,7 @@ class BatchDataset(Dataset):
             images = torch.from_numpy(self.data.images[indices]).permute(0, 3, 1, 2)
             labels, corrupt, loaded = self.data.labels[indices], [], indices
             if self.view != EVAL:
-                images = pad_crop_flip(images, pad=4, flip=self.flip, generator=g)
+                images = pad_crop_flip(images, pad=4, flip=self.flip, generator=g, fill=self.pad_fill)
         out = {"weak": images.contiguous(), "label": torch.as_tensor(labels, dtype=torch.int64),
                "corrupt": corrupt, "seed": seed, "index": torch.as_tensor(loaded, dtype=torch.int64)}
         if self.view == UNLABELED and self.strong is not None:
@@ -225,8 +226,11 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
     """(labeled, unlabeled, val, test) streams through torch DataLoaders; ``with_indices``: the
     unlabeled stream yields (weak, strong, index)."""
     on_gpu = torch.device(device).type != "cpu"
+    pad_fill = 128 if cfg.crop_fill == "gray" else None
     strong = dict(num_ops=cfg.randaug_num_ops, magnitude=cfg.randaug_magnitude,
-                  policy=cfg.randaug_policy, cutout=cfg.cutout)
+                  policy=cfg.randaug_policy, cutout=cfg.cutout, fill=pad_fill, recrop_flip=source.flip,
+                  # small images only (photos have no pad-and-crop view); 4 px at 32 px, as the weak view
+                  recrop_pad=4 if cfg.strong_recrop and not data.is_files else 0)
     finish = _Finish(device=device, mean=source.mean, std=source.std,
                      strong=strong if on_gpu else None, stats=stats, strict=cfg.strict)
 
@@ -237,7 +241,7 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
 
     def train(view, indices, batch_size):
         dataset = BatchDataset(data, view=view, image_size=image_size, flip=source.flip,
-                               strong=None if on_gpu else strong, replacements=indices)
+                               strong=None if on_gpu else strong, replacements=indices, pad_fill=pad_fill)
 
         def loader_from(start: int) -> DataLoader:
             sampler = InfiniteBatches(indices, batch_size, seed=seed, stream=_STREAM_IDS[view],

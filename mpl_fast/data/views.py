@@ -9,21 +9,29 @@ import math
 import torch
 
 
-def pad_crop_flip(images: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Weak view of small images (CIFAR, SVHN): reflect-pad by ``pad``, crop back to the
-    original size at a random offset, and flip half of them horizontally; uint8 (B, C, H, W) in
-    and out, one gather for the whole batch."""
+def pad_crop_flip(images: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator,
+                  fill: int | None = None) -> torch.Tensor:
+    """Weak view of small images (CIFAR, SVHN): pad by ``pad`` (reflect, or the constant
+    ``fill``: MPL's official code pads with 128), crop back to the original size at a random
+    offset, and flip half of them horizontally; uint8 (B, C, H, W) in and out, one gather for
+    the whole batch."""
     b, _, h, w = images.shape
     dev = images.device
     oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(dev)
     ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator).to(dev)
-    rows = _reflect(oy - pad + torch.arange(h, device=dev), h)          # (B, H)
-    cols = _reflect(ox - pad + torch.arange(w, device=dev), w)          # (B, W)
+    rows = oy - pad + torch.arange(h, device=dev)          # (B, H), may fall in the padding
+    cols = ox - pad + torch.arange(w, device=dev)          # (B, W)
     if flip:
         flipped = (torch.rand(b, generator=generator) < 0.5).to(dev)
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=dev)[:, None, None]
-    out = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    if fill is None:
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+        out = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    else:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (B, H, W)
+        out = images.permute(0, 2, 3, 1)[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+        out = torch.where(inside[..., None], out, torch.full_like(out, fill))
     return out.permute(0, 3, 1, 2).contiguous()
 
 
@@ -81,9 +89,12 @@ def resize_center_crop(image: torch.Tensor, size: int, crop_fraction: float = 0.
 
 
 def strong_view(weak: torch.Tensor, *, num_ops: int, magnitude: int, policy: str, cutout: int,
-                generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator, recrop_pad: int = 0, recrop_flip: bool = True,
+                fill: int | None = None) -> torch.Tensor:
     """Strong view of a uint8 batch (B, C, H, W) that already has the weak geometry:
-    RandAugment (each image its own ops and magnitudes) then cutout, on the batch's device.
+    RandAugment (each image its own ops and magnitudes) then cutout, on the batch's device;
+    with ``recrop_pad`` > 0, then a second random flip (``recrop_flip``) and pad-and-crop by
+    that many pixels, padded with ``fill`` (None: reflect), as MPL's official CIFAR pipeline.
     ``generator`` is a CPU generator (the op samples its per-image plan on the CPU).
 
     The one place the strong view is computed, by both pipelines.
@@ -95,6 +106,8 @@ def strong_view(weak: torch.Tensor, *, num_ops: int, magnitude: int, policy: str
                        policy=policy, generator=generator)  # fill: the policy's own
     if cutout > 0:
         out = cutout_op(out, cutout, generator=generator)
+    if recrop_pad > 0:
+        out = pad_crop_flip(out, pad=recrop_pad, flip=recrop_flip, generator=generator, fill=fill)
     return out
 
 

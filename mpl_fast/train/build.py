@@ -10,6 +10,7 @@ import os
 import torch
 
 from mpl_fast.algo import MPL, GradClip, GradientSync, OptimConfig, Schedules, StepPrecision
+from mpl_fast.algo.param_groups import weight_decay_groups
 from mpl_fast.models import create_model
 from mpl_fast.models.checkpointing import enable_activation_checkpointing
 from mpl_fast.models.speed import compile_modules, to_channels_last, use_channels_last
@@ -108,7 +109,7 @@ def build_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
 def build_optimizer(model: torch.nn.Module, opt: OptimConfig) -> torch.optim.Optimizer:
     # torch.optim.SGD's math in one fused pass per step; it leaves p.grad untouched, so the
     # grad-dot feedback can still read g_u from .grad after the student's step.
-    return FusedSGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
+    return FusedSGD(weight_decay_groups(model, opt.weight_decay, opt.decay_norm), lr=opt.lr, momentum=opt.momentum,
                     nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
 
 

@@ -109,10 +109,13 @@ def finish(sess, step: int, seconds: float, final: dict) -> dict:
     if sess.curves is not None:
         sess.curves.update(final=True)
     sel = selection_model(cfg)
+    selected_step = best["step"] if cfg.finetune.start_from == "best-val" else step
     return {
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
         "feedback": cfg.mpl.feedback if cfg.method in ("mpl", "reduced-mpl") else None,
-        "test_top1": test, "val_top1": val, "selected": {"model": sel, "step": best["step"], "val": best["val"]},
+        "test_top1": test, "val_top1": val, "selected": {"model": sel, "step": selected_step, "rule": cfg.finetune.start_from,
+                                                       "val": best["val"] if cfg.finetune.start_from == "best-val"
+                                                       else val.get("selected")},
         "headline": {"model": headline, "test_top1": test.get(headline)},
         "skipped_steps": int(mpl.skipped_total), "output_dir": cfg.output_dir,
     }
@@ -120,10 +123,11 @@ def finish(sess, step: int, seconds: float, final: dict) -> dict:
 
 def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: dict, test: dict,
                     quiet: bool) -> None:
-    """The best-validation weights of the selection model (one of ``models``, unsharded), then
-    finetuned; their accuracies into val/test."""
+    """The selection model's kept weights (one of ``models``, unsharded): its best-validation
+    weights, or its final ones with ``--finetune.start-from final``; then finetuned; their
+    accuracies into val/test."""
     selected = copy.deepcopy(models[selection_model(cfg)])
-    if best["state"] is not None:  # best on validation (never on test)
+    if cfg.finetune.start_from == "best-val" and best["state"] is not None:  # best on validation, never on test
         selected.load_state_dict(best["state"])
     val["selected"], test["selected"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
     if cfg.finetune.steps > 0 and cfg.method != "uda":

@@ -53,7 +53,8 @@ def _fast(optimizer: str, wait: int, channels_last: bool = False) -> MPL:
     opt = (lambda m: FusedSGD(m.parameters(), **HPARAMS)) if optimizer == "fused" else \
           (lambda m: torch.optim.SGD(m.parameters(), **HPARAMS))
     return MPL(teacher, student, opt(teacher), opt(student), _schedules(wait),
-               MPLConfig(feedback="grad-dot", baseline="off", **KW), method="mpl")
+               # plain_mpl.py tests UDA's confidence on the plain softmax (UDA's own code's mask)
+               MPLConfig(feedback="grad-dot", baseline="off", uda_mask_on="unsharpened", **KW), method="mpl")
 
 
 def _plain(wait: int) -> PlainMPL:

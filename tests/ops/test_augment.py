@@ -154,7 +154,10 @@ def test_mpl_policy_numbers():
     assert len(table) == 15 and "Identity" not in table
     assert table["Rotate"] == (pytest.approx(48.0), True)
     assert table["Posterize"] == (6.0, False)
-    assert table["Solarize"] == (409.0, False)
+    assert table["Solarize"] == (153.0, False)  # int 409, cast to uint8 by MPL's solarize: wraps to 153
+    wrapped = {level: dict((n, v) for n, v, _ in get_policy("mpl").table(level, 31, 32, 32))["Solarize"]
+               for level in (9, 10, 17)}
+    assert wrapped == {9: 230.0, 10: 0.0, 17: 179.0}
     for name in ("Color", "Contrast", "Brightness", "Sharpness"):
         assert table[name] == (pytest.approx(1.98), False)
     assert table["ShearX"] == (pytest.approx(0.48), True)
