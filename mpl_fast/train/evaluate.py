@@ -10,6 +10,7 @@ import torch
 from mpl_fast.algo import finetune, larger_batches
 from mpl_fast.parallel import sharding
 from mpl_fast.train.config import TrainConfig
+from mpl_fast.train.errors import RunStopped
 
 
 @torch.no_grad()
@@ -87,16 +88,17 @@ def evaluate(sess, step: int, seconds: float) -> dict | None:
     return line
 
 
-def finish(sess, step: int, seconds: float, final: dict) -> dict:
+def finish(sess, step: int, seconds: float, final: dict, stop=None) -> dict:
     """Final accuracies, the finetuned student, and the summary dict. ``final`` is the last
     evaluation's line (every model's accuracies at this step, merged across model-parallel
-    ranks): the models have not changed since, so they are not measured again."""
+    ranks): the models have not changed since, so they are not measured again. ``stop()``, when
+    given, is polled after each finetune step; a signal number from it raises RunStopped."""
     cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
     val = {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")}
     test = {k[len("test_"):]: v for k, v in final.items() if k.startswith("test_")}
     models = sess.evaluated_models  # what the final evaluation measured (--fsdp: rank 0's replicas)
     if selection_model(cfg) in models:  # model parallel: on the rank that holds it
-        finish_selected(cfg, models, streams, best, val, test, quiet=not sess.ctx.is_main)
+        finish_selected(cfg, models, streams, best, val, test, quiet=not sess.ctx.is_main, stop=stop)
     val, test = sess.sync.merge(val), sess.sync.merge(test)
     headline = headline_model(cfg)
     if headline == "ema" or headline == "student":
@@ -114,7 +116,7 @@ def finish(sess, step: int, seconds: float, final: dict) -> dict:
 
 
 def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: dict, test: dict,
-                    quiet: bool) -> None:
+                    quiet: bool, stop=None) -> None:
     """The best-validation weights of the selection model (one of ``models``, unsharded), then
     finetuned; their accuracies into val/test."""
     selected = copy.deepcopy(models[selection_model(cfg)])
@@ -128,8 +130,13 @@ def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: di
         batches = ((x.to(device), y.to(device)) for x, y in larger_batches(streams.labeled, cfg.finetune.batch_size))
         with tqdm(total=cfg.finetune.steps, desc="finetune student", dynamic_ncols=True,
                   disable=True if quiet else None) as bar:
+            def on_step():
+                bar.update()
+                if stop is not None and stop() is not None:  # SIGINT/SIGTERM: the run's end stops here
+                    raise RunStopped(f"signal {stop()} during the finetune")
+
             finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
-                     cfg.finetune.weight_decay, on_step=bar.update)
+                     cfg.finetune.weight_decay, on_step=on_step)
         val["finetuned"], test["finetuned"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
 
 
