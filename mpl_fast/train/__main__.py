@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # before the run's own signal handling was installed
         exc.args = ("interrupted before training started: nothing was saved",)
         return report(exc, EXIT_STOPPED)
-    except SystemExit as exc:  # the trainer's own "error: ..." exits
-        if isinstance(exc.code, str):
-            return report(exc, EXIT_BAD_INPUT)
+    except SystemExit as exc:  # the trainer's own SystemExit("error: ...") refusals
+        if isinstance(exc.code, str):  # printed once here; the exit status becomes bad input's
+            exc.code = report(exc, EXIT_BAD_INPUT)
         raise
     # User-caused: a flag, data or checkpoint file the run cannot use, a full disk, a folder it
     # cannot write. Their messages name the file; anything else keeps its traceback.
