@@ -10,8 +10,7 @@ from mpl_fast.data.bad_data import CorruptImageError
 from mpl_fast.metrics_log import MetricsFileError
 from mpl_fast.train.cli import build_parser, config_from_args
 from mpl_fast.train.config import validate
-from mpl_fast.train.errors import (EXIT_BAD_INPUT, EXIT_FINISHED, EXIT_NONFINITE, EXIT_RANK_FAILED, EXIT_STOPPED,
-                                   report)
+from mpl_fast.train.errors import EXIT_BAD_INPUT, EXIT_FINISHED, EXIT_NONFINITE, EXIT_RANK_FAILED, EXIT_STOPPED, report
 from mpl_fast.train.loop import DataParallelFailure, TrainingStopped, run
 from mpl_fast.train.plan import dry_run_report
 from mpl_fast.train.resume_flags import given_flags

@@ -14,10 +14,10 @@ from mpl_fast.parallel.distributed import shutdown
 from mpl_fast.train import corrupt_counts
 from mpl_fast.train.checkpointing import load_resume, save_checkpoint
 from mpl_fast.train.config import TrainConfig
-from mpl_fast.train.evaluate import evaluate, finish, format_summary
-from mpl_fast.train.session import Session, check_config, setup
 from mpl_fast.train.errors import RunStopped, UserInputError
+from mpl_fast.train.evaluate import evaluate, finish, format_summary
 from mpl_fast.train.run_folder import check_output_dir
+from mpl_fast.train.session import Session, check_config, setup
 from mpl_fast.train.topology import env_world_size, join_process_group
 
 

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 
 from mpl_fast.algo import MPL
+from mpl_fast.metrics_log import MetricsLog
 from mpl_fast.parallel import model_parallel
 from mpl_fast.parallel.data_parallel import StopAgreement
 from mpl_fast.parallel.distributed import DistContext
-from mpl_fast.train.build import build_model, build_mpl, build_precision, build_streams
-from mpl_fast.metrics_log import MetricsLog
 from mpl_fast.train import run_folder
+from mpl_fast.train.build import build_model, build_mpl, build_precision, build_streams
 from mpl_fast.train.checkpointing import restore, resume_metrics
 from mpl_fast.train.config import TrainConfig, to_dict, validate
 from mpl_fast.train.topology import Topology, resolve_topology
