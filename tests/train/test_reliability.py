@@ -303,3 +303,31 @@ def test_stale_temp_files_are_removed_on_resume_and_counts_are_logged(tmp_path):
     assert all(r["corrupt_images"] == 0 and r["corrupt_skips"] == 0 for r in train)
     summary = json.load(open(out / "summary.json"))
     assert summary["corrupt_images"] == 0
+
+
+def _imagefolder_cfg(data, out):
+    cfg = preset("imagenet-10pct")
+    cfg.data.data_dir, cfg.data.labeled_fraction, cfg.data.val_per_class = str(data), 0.6, 1
+    cfg.data.batch_size, cfg.data.mu, cfg.data.num_workers, cfg.data.eval_batch_size = 2, 1, 0, 8
+    cfg.data.image_size, cfg.data.loader, cfg.model.name = 32, "torch", "digits-cnn"
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.threads = 8, 2, 100, 0, 1
+    cfg.mpl.student_wait_steps, cfg.finetune.steps = 0, 0
+    cfg.output_dir = str(out)
+    return cfg
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_corrupt_image_counts_are_logged_and_carried_across_a_resume(tmp_path):
+    """The tiny ImageFolder holds a truncated JPEG: its counts reach metrics.jsonl and
+    summary.json, and an interrupted + resumed run reports what the uninterrupted one does."""
+    from mpl_fast.data.tiny import write_tiny_imagefolder
+
+    data = tmp_path / "imf"
+    write_tiny_imagefolder(str(data), num_classes=3, train_per_class=5, val_per_class=2, size=40)
+    full = run(_imagefolder_cfg(data, tmp_path / "full"), progress=False, quiet=True)
+    assert full["corrupt_images"] == 1 and full["corrupt_skips"] >= 1
+    assert [r for r in _lines(tmp_path / "full") if "h" in r][-1]["corrupt_skips"] == full["corrupt_skips"]
+    part = run(_imagefolder_cfg(data, tmp_path / "part"), progress=False, quiet=True, stop_after=4)
+    assert part["interrupted"]
+    resumed = run(None, resume=str(tmp_path / "part"), progress=False, quiet=True)
+    assert (resumed["corrupt_images"], resumed["corrupt_skips"]) == (full["corrupt_images"], full["corrupt_skips"])
