@@ -61,8 +61,8 @@ def check_ranges(cfg) -> None:
         need(f"mpl.{leaf}", finite_nonneg, "a finite number >= 0")
     need("mpl.label_smoothing", lambda v: v < 1.0, "in [0, 1)")
     need("mpl.uda_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-    for name in ("device", "teacher_device", "student_device"):
-        need(name, _usable_device, "a device torch knows and can hold data, e.g. cpu, cuda or cuda:1")
+    # (--teacher-device/--student-device are checked with the layout: mpl_fast.train.topology)
+    need("device", _usable_device, "a device torch knows and can hold data, e.g. cpu, cuda or cuda:1")
     need("model.name", _known_model, "one of mpl_fast.models.MODEL_NAMES or a timm model name")
     if cfg.output_dir is not None and not str(cfg.output_dir).strip():
         raise ValueError("--output-dir is empty: name a folder")
