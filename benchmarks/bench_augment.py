@@ -1,10 +1,15 @@
 """Throughput of batched RandAugment (2 ops) + 16-px Cutout against torchvision, per image.
 
-Cases: 32x32 (CIFAR) and 224x224 images. Baselines: torchvision.transforms.RandAugment(2, 9) plus
-a 16-px cutout applied one image at a time, to PIL images and to uint8 tensors. Ours:
+Cases: 32x32 (CIFAR) and 224x224 images (real photos: scikit-image's bundled astronaut, coffee,
+chelsea, rocket, resized). Baselines: torchvision's RandAugment(2, 9) plus a 16-px cutout applied
+one image at a time, to PIL images (transforms.RandAugment), to uint8 tensors
+(transforms.RandAugment) and to uint8 tensors with transforms.v2.RandAugment. Ours:
 mpl_fast.augment.rand_augment(batch, 2, 9, cutout=16) on the whole batch. "1 thread": everything on
-one core (torch.set_num_threads(1)); "all threads": ours with torch's intra-op threads, the
-baselines in a pool of worker processes (how a DataLoader would run them). On a GPU (when
+one core (torch.set_num_threads(1)), timed as this thread's CPU time (time.thread_time), so that
+other jobs on a shared machine do not count; "all threads": ours with torch's intra-op threads,
+the baselines in a pool of worker processes (how a DataLoader would run them), wall time. The
+"limit" row: one read and one write of every image (a copy into a preallocated batch), the
+least any augmentation that rewrites each image must do. On a GPU (when
 present) ours runs on CUDA and, if nvidia.dali is importable, DALI's auto_aug.rand_augment on the
 same GPU is timed too.
 
@@ -59,62 +64,82 @@ def _tensor_cutout(img, rng):
     return img
 
 
+BASELINES = ("pil", "tensor", "v2")
+BASELINE_NAMES = {"pil": "torchvision pil", "tensor": "torchvision tensor", "v2": "torchvision v2 tensor"}
+
+
 def _baseline_chunk(args):
     """Worker: torchvision RandAugment + cutout over a chunk, one image at a time."""
-    kind, arrays = args
+    kind, arrays, clock = args
     from PIL import Image
-    from torchvision.transforms import RandAugment
+    from torchvision.transforms import RandAugment, v2
 
     torch.set_num_threads(1)
-    ra, rng = RandAugment(2, 9), np.random.default_rng(0)
+    ra, rng = (v2.RandAugment(2, 9) if kind == "v2" else RandAugment(2, 9)), np.random.default_rng(0)
     if kind == "pil":
         items = [Image.fromarray(a) for a in arrays]
-        start = time.perf_counter()
+        start = clock()
         for img in items:
             _pil_cutout(ra(img), rng)
     else:
         items = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
-        start = time.perf_counter()
+        start = clock()
         for img in items:
             _tensor_cutout(ra(img), rng)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _time_baseline_once(kind: str, arrays: list, workers: int, pool) -> float:
     """Seconds for one pass of torchvision over all images (one process, or a pool)."""
     if workers == 1:
-        return _baseline_chunk((kind, arrays))
-    chunks = [(kind, arrays[i::workers]) for i in range(workers)]
+        return _baseline_chunk((kind, arrays, time.thread_time))
+    chunks = [(kind, arrays[i::workers], time.perf_counter) for i in range(workers)]
     start = time.perf_counter()
     pool.map(_baseline_chunk, chunks)
     return time.perf_counter() - start
 
 
-def _time_ours_once(images: torch.Tensor, repeats: int, g: torch.Generator, device: str = "cpu") -> float:
+def _time_ours_once(images: torch.Tensor, repeats: int, g: torch.Generator, device: str = "cpu",
+                    clock=time.perf_counter) -> float:
     """Seconds per batch of ours, averaged over `repeats` calls."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(repeats):
         augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)
     sync()
-    return (time.perf_counter() - start) / repeats
+    return (clock() - start) / repeats
 
 
-def _compare(images: torch.Tensor, workers: int, pool, repeats: int, rounds: int = 3) -> dict:
-    """img/s of ours and both baselines, measured in alternation (`rounds` times, best kept), so
-    that load changes on a shared machine hit all of them alike."""
+def _time_copy_once(images: torch.Tensor, out: torch.Tensor, repeats: int, clock) -> float:
+    """Seconds per batch of one read + one write of every image (the limit row)."""
+    start = clock()
+    for _ in range(repeats):
+        out.copy_(images)
+    return (clock() - start) / repeats
+
+
+def _compare(images: torch.Tensor, workers: int, pool, repeats: int, rounds: int = 5) -> tuple[dict, dict]:
+    """img/s of ours, the copy limit and the baselines, measured in alternation (`rounds` times),
+    so that load changes on a shared machine hit all of them alike. Returns the median rates and,
+    per baseline, the (min, max) over rounds of the ratio ours / baseline within a round."""
     arrays = [im.permute(1, 2, 0).numpy().copy() for im in images]
     g = torch.Generator().manual_seed(0)
+    clock = time.thread_time if workers == 1 else time.perf_counter
+    out = torch.empty_like(images)
     augment.rand_augment(images, 2, 9, generator=g, cutout=CUTOUT)  # warm-up
-    for kind in ("pil", "tensor"):
+    for kind in BASELINES:
         _time_baseline_once(kind, arrays[: max(workers, len(arrays) // 8)], workers, pool)
-    best = {"ours": float("inf"), "pil": float("inf"), "tensor": float("inf")}
+    times = {key: [] for key in ("ours", "copy") + BASELINES}
     for _ in range(rounds):
-        best["ours"] = min(best["ours"], _time_ours_once(images, repeats, g))
-        for kind in ("pil", "tensor"):
-            best[kind] = min(best[kind], _time_baseline_once(kind, arrays, workers, pool))
-    return {key: len(arrays) / seconds for key, seconds in best.items()}
+        times["ours"].append(_time_ours_once(images, repeats, g, clock=clock))
+        times["copy"].append(_time_copy_once(images, out, repeats, clock))
+        for kind in BASELINES:
+            times[kind].append(_time_baseline_once(kind, arrays, workers, pool))
+    rates = {key: len(arrays) / float(np.median(seconds)) for key, seconds in times.items()}
+    spread = {kind: (min(b / o for b, o in zip(times[kind], times["ours"])),
+                     max(b / o for b, o in zip(times[kind], times["ours"]))) for kind in BASELINES}
+    return rates, spread
 
 
 def _time_ours(images: torch.Tensor, repeats: int, device: str = "cpu") -> float:
@@ -167,11 +192,14 @@ def main() -> None:
             repeats = 3 if args.quick else 10
             for label, n_threads in (("1 thread", 1), (f"all threads ({threads})", threads)):
                 torch.set_num_threads(n_threads)
-                rates = _compare(images, n_threads, pool, repeats)
-                for kind in ("pil", "tensor"):
-                    rows.append({"case": f"{size}x{size} N={batch} {label}", "baseline": f"torchvision {kind}",
+                rates, spread = _compare(images, n_threads, pool, repeats)
+                for kind in BASELINES:
+                    rows.append({"case": f"{size}x{size} N={batch} {label}", "baseline": BASELINE_NAMES[kind],
                                  "baseline_img_s": rates[kind], "ours_img_s": rates["ours"],
-                                 "ratio": rates["ours"] / rates[kind]})
+                                 "ratio": rates["ours"] / rates[kind], "ratio_range": spread[kind]})
+                rows.append({"case": f"{size}x{size} N={batch} {label}", "baseline": "limit: copy (1 read+1 write)",
+                             "baseline_img_s": rates["copy"], "ours_img_s": rates["ours"],
+                             "ratio": rates["ours"] / rates["copy"]})
             if args.device == "cuda":
                 ours = _time_ours(images, repeats, "cuda")
                 try:  # untested here (no GPU on the dev VM): report a failure instead of crashing
@@ -182,9 +210,12 @@ def main() -> None:
                 rows.append({"case": f"{size}x{size} N={batch} cuda", "baseline": "DALI rand_augment" if dali else "none",
                              "baseline_img_s": dali, "ours_img_s": ours, "ratio": ours / dali if dali else None})
 
-    print("images/s (ratio: ours / baseline)")
-    common.print_table([{"case": f"{r['case']} vs {r['baseline']}", "baseline": r["baseline_img_s"],
-                         "ours": r["ours_img_s"], "ratio": r["ratio"]} for r in rows])
+    print(f"{'case':<34} {'baseline':<30} {'baseline img/s':>15} {'ours img/s':>12} {'ratio':>8} {'range':>13}")
+    for r in rows:
+        base = f"{r['baseline_img_s']:.0f}" if r["baseline_img_s"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        span = f"{r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}" if r.get("ratio_range") else ""
+        print(f"{r['case']:<34} {r['baseline']:<30} {base:>15} {r['ours_img_s']:>12.0f} {ratio:>8} {span:>13}")
 
     common.write_results(args, "augment", {"backend": ops.backend(), "quick": args.quick, "rows": rows},
                          tag=args.device)

@@ -19,7 +19,6 @@ collected rather than run, DALI on its CPU backend), which CI runs so this scrip
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -285,8 +284,8 @@ def stage_trainer(report: Report, dry: bool, steps: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the plan and tiny CPU versions of every stage")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu_acceptance.json"),
-                        help="where to write the results (default: %(default)s)")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default: benchmarks/results/gpu_acceptance/<date>_<gpu|dry-run>.json)")
     parser.add_argument("--skip-build", action="store_true", help="use the extension already built")
     parser.add_argument("--steps", type=int, default=None, help="trainer steps (default 100; 2 with --dry-run)")
     args = parser.parse_args(argv)
@@ -309,10 +308,12 @@ def main(argv=None) -> int:
     stage_trainer(report, args.dry_run, steps)
     report.add("total", "seconds", round(time.perf_counter() - start, 1), "dry run (CPU)" if args.dry_run else "")
     report.print()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(dict(dry_run=args.dry_run, failed=report.failed, rows=report.rows), f, indent=2)
-    print(f"results: {args.json}")
+    import common  # noqa: PLC0415 - benchmarks/common.py, beside this script
+
+    path = args.json or common.default_path("gpu_acceptance", "dry-run" if args.dry_run else "gpu")
+    common.write_json(path, dict(header=common.header("gpu_acceptance", "cpu" if args.dry_run else "cuda"),
+                                 dry_run=args.dry_run, failed=report.failed, rows=report.rows))
+    print(f"results: {path}")
     return 1 if report.failed else 0
 
 

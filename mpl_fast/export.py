@@ -26,7 +26,8 @@ import torch
 from mpl_fast import runs
 
 FORMATS = ("safetensors", "torchscript", "onnx", "pt")
-EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt": ".pt"}
+# "pt" gets an infix so that RUN_DIR/finetuned.export.pt never overwrites the run's own finetuned.pt.
+EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt": ".export.pt"}
 # Largest |difference| accepted between the export's outputs and the network's (float32 logits).
 TOLERANCE = 1e-4
 

@@ -10,14 +10,14 @@ torch.optim.SGD, so state dicts load in both directions. Two additions for MPL a
   fused pass (no extra kernel) and is left out of ``state_dict()`` (it is recomputed by the next
   step). The trainer does not use it: its ``update-dot`` feedback takes Δθ from its own copy of
   θ before the step, and the step never modifies ``p.grad``.
-
-Anything torch.optim.SGD steps, this steps: sparse gradients (as their dense equivalent),
-non-dense parameters (through a dense copy), layouts changed after steps (buffers follow the
-parameter's strides). Every parameter is checked before any tensor is written.
 - ``step(found_inf=flag)``: a one-element float32 device tensor; when it is non-zero the step
   is a no-op on the device (no host sync), e.g. a flag filled by ``multi_tensor_dot`` or by
   ``torch._amp_foreach_non_finite_check_and_unscale_``. Momentum buffers are created as zeros,
   so a skipped first step leaves them equivalent to "not initialised" (exact for dampening 0).
+
+Anything torch.optim.SGD steps, this steps: sparse gradients (as their dense equivalent),
+non-dense parameters (through a dense copy), layouts changed after steps (buffers follow the
+parameter's strides). Every parameter is checked before any tensor is written.
 
 With AMP, ``scaler.step(opt)`` works as for any optimizer (GradScaler then reads its inf flag
 on the host once). The sync-free sequence (tested in tests/ops/test_fused_sgd.py)::

@@ -5,7 +5,8 @@ Everything that knows how the trainer lays out a run folder lives here, so the t
 work on runs (mpl_fast.plot, mpl_fast.evaluate, mpl_fast.export and ``mpl_fast.load``) share
 one reader. A run folder holds (see mpl_fast.train): config.json (the TrainConfig as a dict),
 checkpoint.pt (``{"config", "step", "mpl": {"student", "teacher", "ema": {"module", ...},
-...}, "best": {"val", "step", "state"}, ...}``), metrics.jsonl and summary.json.
+...}, "best": {"val", "step", "state"}, ...}``), finetuned.pt (``{"state_dict", "base"}``),
+metrics.jsonl and summary.json.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
 containers only, so nothing in a run folder can execute code.
@@ -22,8 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-# The networks a run can hand out. "finetuned" is measured at the end of a run but not saved
-# (the trainer finetunes a copy of the selected model after its last checkpoint).
+# The networks a run can hand out. "finetuned" is not in the checkpoint: the trainer finetunes a
+# copy of the selected model after its last checkpoint and writes it to finetuned.pt.
 MODEL_CHOICES = ("selected", "student", "ema", "teacher", "finetuned")
 DEFAULT_MODEL = "selected"
 
@@ -103,13 +104,13 @@ def read_summary(run_dir: str) -> dict | None:
 
 
 def selection_model(cfg, summary: dict | None = None) -> str:
-    """Which network's best-validation weights the run keeps as "selected" (the trainer's rule:
-    UDA's teacher, else the student's EMA when there is one, else the student)."""
+    """Which network's best-validation weights the run keeps as "selected": what its summary.json
+    says, else the trainer's rule (mpl_fast.train.evaluate.selection_model)."""
     if summary and isinstance(summary.get("selected"), dict) and summary["selected"].get("model"):
         return summary["selected"]["model"]
-    if cfg.method == "uda":
-        return "teacher"
-    return "ema" if cfg.mpl.ema_decay > 0 else "student"
+    from mpl_fast.train.evaluate import selection_model as trainer_rule  # noqa: PLC0415
+
+    return trainer_rule(cfg)
 
 
 def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dict:
@@ -117,9 +118,7 @@ def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dic
     if model not in MODEL_CHOICES:
         raise RunError(f"model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
     if model == "finetuned":
-        raise RunError("the trainer does not save the finetuned student (it finetunes a copy of the selected "
-                       "model after the last checkpoint and keeps only its accuracy in summary.json): "
-                       "use model='selected', the weights it starts from")
+        return read_finetuned(run_dir)
     state = checkpoint if checkpoint is not None else read_checkpoint(run_dir)
     nets = state["mpl"]
     if model == "selected":
@@ -139,6 +138,25 @@ def model_state(run_dir: str, model: str, checkpoint: dict | None = None) -> dic
     return _plain(sd)
 
 
+def read_finetuned(run_dir: str) -> dict:
+    """The finetuned student's state dict from the run's finetuned.pt (CRC-checked, weights only)."""
+    from mpl_fast import checkpoint as ckpt  # noqa: PLC0415
+    from mpl_fast.train.checkpointing import FINETUNED_FILE  # noqa: PLC0415
+
+    path = run_path(check_run_dir(run_dir), FINETUNED_FILE)
+    if not os.path.isfile(path):
+        raise RunError(f"{run_dir} has no {FINETUNED_FILE}: the run has not finished, or it does not finetune "
+                       f"(--method uda, --finetune.steps 0, or a run from before mpl_fast saved it); "
+                       f"use model='selected', the weights the finetuning starts from")
+    try:
+        state = ckpt.load(path, fallback=False)
+    except ckpt.CheckpointError as exc:
+        raise RunError(str(exc)) from None
+    if not isinstance(state.get("state_dict"), dict):
+        raise RunError(f"{path} is not a finetuned student written by mpl_fast.train (no 'state_dict' entry)")
+    return _plain(state["state_dict"])
+
+
 def _plain(state_dict: dict) -> dict:
     """The state dict with torch.compile's wrapper prefix removed, tensors contiguous."""
     return {k.replace("_orig_mod.", ""): v.contiguous() for k, v in state_dict.items()}
@@ -148,14 +166,19 @@ def _plain(state_dict: dict) -> dict:
 
 @dataclass
 class NetworkSpec:
-    """What it takes to rebuild a run's network without its data: passed to create_model, and
+    """What it takes to rebuild a run's network without its data: passed to the trainer's create_network, and
     written into exports as metadata."""
 
     model_name: str
     num_classes: int
-    in_channels: int
     dropout: float
     input_shape: tuple          # one example, without the batch dimension
+
+    @property
+    def in_channels(self) -> int:
+        from mpl_fast.train.build import input_channels  # noqa: PLC0415
+
+        return input_channels(self.input_shape)
 
     def as_dict(self) -> dict:
         return {"model_name": self.model_name, "num_classes": self.num_classes, "in_channels": self.in_channels,
@@ -167,11 +190,11 @@ def network_spec(cfg, state_dict: dict) -> NetworkSpec:
     dataset = cfg.data.dataset
     num_classes = _NUM_CLASSES.get(dataset) or _classes_from_weights(state_dict)
     if dataset == "two-moons":
-        return NetworkSpec(cfg.model.name, num_classes, 1, cfg.model.dropout, (2,))
+        return NetworkSpec(cfg.model.name, num_classes, cfg.model.dropout, (2,))
     if dataset == "digits":
-        return NetworkSpec(cfg.model.name, num_classes, 1, cfg.model.dropout, (1, 8, 8))
+        return NetworkSpec(cfg.model.name, num_classes, cfg.model.dropout, (1, 8, 8))
     size = image_size(cfg)
-    return NetworkSpec(cfg.model.name, num_classes, 3, cfg.model.dropout, (3, size, size))
+    return NetworkSpec(cfg.model.name, num_classes, cfg.model.dropout, (3, size, size))
 
 
 def _classes_from_weights(state_dict: dict) -> int:
@@ -183,10 +206,11 @@ def _classes_from_weights(state_dict: dict) -> int:
 
 
 def build_network(spec: NetworkSpec, state_dict: dict, device: str = "cpu") -> nn.Module:
-    """A fresh network of ``spec`` holding ``state_dict``, in eval mode."""
-    from mpl_fast.models import create_model  # noqa: PLC0415
+    """A fresh network of ``spec`` holding ``state_dict``, in eval mode, built as the trainer builds it."""
+    from mpl_fast.train.build import create_network  # noqa: PLC0415
+    from mpl_fast.train.config import ModelConfig  # noqa: PLC0415
 
-    net = create_model(spec.model_name, spec.num_classes, dropout=spec.dropout, in_channels=spec.in_channels)
+    net = create_network(ModelConfig(name=spec.model_name, dropout=spec.dropout), spec.num_classes, spec.input_shape)
     try:
         net.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -353,8 +377,8 @@ def load(run_dir: str, model: str = DEFAULT_MODEL, device: str = "cpu") -> Loade
     """The network ``model`` of a training run in eval mode, and the preprocessing its inputs need.
 
     ``model``: "selected" (best validation weights of the selection model: the student's EMA,
-    the student, or UDA's teacher), "student", "ema", "teacher"; "finetuned" is refused (the
-    trainer does not save it). ``model, preprocess = mpl_fast.load("runs/x")``;
+    the student, or UDA's teacher), "student", "ema", "teacher", "finetuned" (the selected
+    network after the run's finetuning on the labeled data: finetuned.pt). ``model, preprocess = mpl_fast.load("runs/x")``;
     ``model(preprocess("cat.jpg")).argmax(1)``.
     """
     opened = open_network(run_dir, model, device)

@@ -17,7 +17,7 @@ from torch import nn
 
 def is_dtensor(t: Any) -> bool:
     # No DTensor exists until torch.distributed.tensor is imported: the one-process step
-    # (which calls this for every tensor) does not pay for that import (~0.5 s).
+    # (which calls this for every tensor) does not pay for that slow import.
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 

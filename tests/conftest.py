@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# The trainer redraws metrics.png at each evaluation and at its end, about a second or two of
+# matplotlib each time: across the suite's many short runs that is minutes. Tests of the curves
+# remove this (monkeypatch.delenv); it reaches the suite's subprocesses and torchrun ranks too.
+os.environ["MPL_FAST_NO_PLOT"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

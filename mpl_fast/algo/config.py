@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-Method = Literal["mpl", "uda", "pseudo-labels", "supervised"]
+Method = Literal["mpl", "uda", "pseudo-labels", "supervised", "reduced-mpl"]
 Feedback = Literal["grad-dot", "update-dot", "finite-diff"]
 PseudoLabels = Literal["hard", "soft", "sample"]
 Baseline = Literal["auto", "on", "off"]

@@ -8,7 +8,7 @@ back where the 0-dim bool ``ok`` is False. The GPU never waits for the host insi
   (the usual case) costs nothing; a skipped one is one multi-tensor copy back.
 - ``ok`` on an accelerator: a masked copy on the device (``torch.where`` into the live tensor,
   one kernel per tensor and no allocation); the host never learns whether the step was skipped.
-  A multi-tensor masked-copy kernel would make this one launch (not written: no GPU to run it).
+  A multi-tensor masked-copy kernel would make this one launch (not written yet).
 
 The trainer reads the skip counters at its log interval.
 """

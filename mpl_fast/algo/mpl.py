@@ -13,6 +13,11 @@ Methods by name, so they can be compared on the same data and code:
   uda            h = 0 (no MPL term): a UDA teacher, and a student distilled from its labels
   pseudo-labels  h = 0 and no UDA: a supervised teacher labels data for the student
   supervised     the student on CE(y_l, S(x_l)) alone; no teacher
+  reduced-mpl    Reduced MPL (the paper's Appendix E): the "teacher" is the reduced teacher T_R
+                 (mpl_fast.reduced.teacher), the unlabeled batch is (p_us, x_us) with p_us the
+                 large teacher's stored distributions of x_us; 1. becomes t_us = T_R(p_us) (no
+                 forward over images, no supervised or UDA term), 2.-4. are unchanged: the student
+                 learns T_R's pseudo labels and T_R steps on h * CE(y_hat_u, T_R(p_us)), same sign.
 
 No host sync: losses, h and the step's ``ok`` flag stay on the device. A step whose losses or
 h are not finite is undone on the device (teacher, student, momentum, EMA, baseline), and
@@ -105,6 +110,7 @@ class MPL:
         # Data parallel: averages gradients and losses across ranks (mpl_fast.parallel implements it).
         self.grad_sync = grad_sync if grad_sync is not None else NoGradientSync()
         self.use_uda = method in ("mpl", "uda") and schedules.uda_weight > 0
+        self.uses_feedback = method in ("mpl", "reduced-mpl")  # h is computed and steps the teacher
         # ema_module: the EMA's copy made by the caller (a sharded student cannot be deep-copied)
         self.ema = (ModelEMA(student, config.ema_decay, ema_module) if config.ema_decay > 0 and student is not None
                     else None)
@@ -184,8 +190,8 @@ class MPL:
         out = {"student": self.student} if self.student is not None else {}
         if self.ema is not None:
             out["ema"] = self.ema.module
-        if self.teacher is not None and self.method != "supervised":
-            out["teacher"] = self.teacher
+        if self.teacher is not None and self.method not in ("supervised", "reduced-mpl"):
+            out["teacher"] = self.teacher  # (T_R reads distributions, not images: not evaluated)
         return out
 
     def take_totals(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -261,7 +267,10 @@ class MPL:
             self.student_guard.save()
         if link.holds_teacher:
             self.teacher_guard.save()
-            t_us, terms = self._teacher_losses(x_l, y_l, x_uw, x_us, uda_weight)      # 1.
+            if self.method == "reduced-mpl":  # x_uw holds the stored distributions p_us
+                t_us, terms = self._reduced_teacher_losses(x_uw)                          # 1.
+            else:
+                t_us, terms = self._teacher_losses(x_l, y_l, x_uw, x_us, uda_weight)      # 1.
 
         h, loss_student, y_hat = zero, zero, None
         if student_active:
@@ -285,7 +294,7 @@ class MPL:
         ok_student = link.verdict(ok)
         if ok is None:  # a student-only process: its counters follow the teacher's verdict
             ok = ok_student
-        if self.use_baseline and student_active and self.method == "mpl" and link.holds_student:
+        if self.use_baseline and student_active and self.uses_feedback and link.holds_student:
             self.baseline.copy_(torch.where(ok_student, self._new_baseline, self.baseline))
         skipped = self._finish(ok, student_stepped=student_active, ok_student=ok_student)
         values = {k: zero for k in LOG_KEYS}
@@ -308,6 +317,16 @@ class MPL:
         return t_us, {"loss_teacher": loss_teacher, "loss_sup": loss_sup, "loss_uda": loss_uda,
                       "uda_mask": uda_mask, "loss_mpl": zero}
 
+    def _reduced_teacher_losses(self, p_us: torch.Tensor):
+        """1. of reduced MPL: T_R's logits from the stored distributions (fp32, no autocast: T_R
+        is small). Its loss is the MPL term alone; ``0 * sum(t_us)`` keeps a graph to backpropagate
+        while the student waits (T_R then moves by weight decay only)."""
+        self.teacher.train()
+        t_us = self.teacher(p_us)
+        zero = torch.zeros((), device=t_us.device)
+        return t_us, {"loss_teacher": t_us.sum() * 0.0, "loss_sup": zero, "loss_uda": zero,
+                      "uda_mask": zero, "loss_mpl": zero}
+
     def _teacher_step(self, terms: dict, t_us: torch.Tensor, y_hat: torch.Tensor | None,
                       h: torch.Tensor) -> torch.Tensor | None:
         """4. The teacher's step; the MPL term uses the SAME y_hat the student learned from.
@@ -316,7 +335,7 @@ class MPL:
         With a loss scaler (fp16): backward of the scaled loss, unscale before clipping, and
         returns the scaler's device-side inf/nan flag (nonzero: the caller skips the whole step);
         the scale is updated here, once per step, from that flag. Without one: returns None."""
-        if y_hat is not None and self.method == "mpl":
+        if y_hat is not None and self.uses_feedback:
             terms["loss_mpl"] = cross_entropy(t_us, y_hat)
             terms["loss_teacher"] = terms["loss_teacher"] + self.config.mpl_weight * h.detach() * terms["loss_mpl"]
         scaler = self.grad_scaler
@@ -330,7 +349,7 @@ class MPL:
     def _student_step_and_feedback(self, x_l, y_l, x_us, y_hat, lr_s: float):
         """2. and 3.: the student's step on y_hat, then the feedback h (0 unless method is mpl)."""
         student = self.student
-        need_h = self.method == "mpl"
+        need_h = self.uses_feedback
         old_loss = None
         if need_h and self.feedback == "finite-diff":
             with torch.no_grad(), fb.deterministic_forward(student):
@@ -400,7 +419,7 @@ class MPL:
         precision, and also the student's forward on the unlabeled batch (``student_autocast``:
         g_u; fp16 with the student's own loss scaler), which moves h only slightly and keeps its
         sign. The feedback's labeled forward (g_l') stays fp32: in bf16 too it flips the sign of
-        h (benchmarks/RESULTS.md, bench_step).
+        h (docs/amp.md; benchmarks/RESULTS.md, bench_step).
         """
         with self.autocast():
             return self.teacher(x).float()

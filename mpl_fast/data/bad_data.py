@@ -23,7 +23,7 @@ def record_corrupt(stats: dict, path: str, reason: str, *, strict: bool) -> None
     """Count one corrupt image in ``stats`` and warn the first time, or raise under ``strict``."""
     if strict:
         raise CorruptImageError(f"corrupt image {path}: {reason} (strict mode stops here; without "
-                                "--strict it would be skipped and counted)")
+                                "--data.strict it would be skipped and counted)")
     stats["corrupt_skips"] += 1
     if path not in stats["corrupt_files"]:
         stats["corrupt_files"].append(path)

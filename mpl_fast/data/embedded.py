@@ -81,8 +81,10 @@ class _Stream:
     """An infinite iterator of augmented batches with a resumable state."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, seed: int,
-                 views: tuple[Callable, ...], device: str, rank: int = 0, world_size: int = 1):
+                 views: tuple[Callable, ...], device: str, rank: int = 0, world_size: int = 1,
+                 keys: torch.Tensor | None = None):
         self.x, self.y, self.views, self.device = x, y, views, device
+        self.keys = keys  # each row's training-set index, yielded third when given
         self.rank, self.world_size = rank, world_size
         self.indices = IndexBatches(len(x), batch_size * world_size, seed)  # the global batch
         self.aug_gen = torch.Generator().manual_seed(seed + 7919)
@@ -96,6 +98,8 @@ class _Stream:
         views = [self._mine(view(raw, self.aug_gen)).to(self.device) for view in self.views]
         if self.y is not None:  # labeled: (view, label)
             return views[0], self._mine(self.y[idx]).to(self.device)
+        if self.keys is not None:  # unlabeled with indices: (weak, strong, training-set index)
+            return views[0], views[1], self._mine(self.keys[idx]).to(self.device)
         return views[0], views[1]  # unlabeled: (weak, strong)
 
     def _mine(self, rows: torch.Tensor) -> torch.Tensor:
@@ -201,9 +205,17 @@ def _eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
     return [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
 
 
+def load_training_images(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x_train, y_train) of an embedded data set, in the order that gives each image its index."""
+    xtr, ytr, _, _, _ = _load(name)
+    return xtr, ytr
+
+
 def build_embedded_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
-                           device: str = "cpu") -> DataStreams:
-    """DataStreams for the embedded data sets ("digits", "two-moons"); see the module docstring."""
+                           device: str = "cpu", with_indices: bool = False) -> DataStreams:
+    """DataStreams for the embedded data sets ("digits", "two-moons"); see the module docstring.
+    ``with_indices``: the unlabeled stream yields (weak, strong, index), index int64 = each
+    image's row in the training set (the row of a teacher-label store made for it)."""
     xtr, ytr, xte, yte, (weak, strong) = _load(cfg.dataset)
     if cfg.labeled_fraction is not None:
         raise ValueError("embedded data sets take labels_per_class, not labeled_fraction")
@@ -216,7 +228,7 @@ def build_embedded_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_s
     stream_seed = seed * 1_000_003 + 1  # the same on every rank: each takes its slice of one global batch
     labeled_stream = _Stream(X[labeled], Y[labeled], cfg.batch_size, stream_seed, (weak,), device, rank, world_size)
     unlabeled_stream = _Stream(X[unlabeled], None, cfg.mu * cfg.batch_size, stream_seed + 1, (weak, strong), device,
-                               rank, world_size)
+                               rank, world_size, keys=torch.from_numpy(unlabeled) if with_indices else None)
     return DataStreams(
         labeled=labeled_stream,
         unlabeled=unlabeled_stream,

@@ -82,7 +82,7 @@ def resolve_split(cfg: DataConfig, source: DatasetSource, seed: int):
 
 
 def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
-                       device: str = "cpu") -> DataStreams:
+                       device: str = "cpu", with_indices: bool = False) -> DataStreams:
     """The DataStreams of a data set on disk (see mpl_fast.data.build_streams)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -95,13 +95,17 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
     loader = choose_loader(cfg, source, device)
     stats = new_stats(loader)
     stats.update({f"skipped_{k}": len(v) for k, v in source.skipped.items()})
+    extra = {}
     if loader == "dali":
+        if with_indices:
+            raise ValueError("the DALI pipeline does not yield image indices (reduced MPL) yet: use --data.loader torch")
         from mpl_fast.data.dali_pipeline import build_dali_streams as build
     else:
         from mpl_fast.data.torch_pipeline import build_torch_streams as build
+        extra = {"with_indices": with_indices}
     labeled, unlabeled, val, test = build(source.train, source.test, split, cfg=cfg, source=source,
                                           seed=seed, rank=rank, world_size=world_size,
-                                          device=device, stats=stats, image_size=image_size)
+                                          device=device, stats=stats, image_size=image_size, **extra)
     return DataStreams(labeled=labeled, unlabeled=unlabeled, val=val, test=test,
                        num_classes=source.num_classes, input_shape=(3, image_size, image_size),
                        split=record, stats=stats)

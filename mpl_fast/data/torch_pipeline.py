@@ -75,7 +75,7 @@ class FiniteBatches(Sampler):
 def decode_file(path: str) -> torch.Tensor:
     """uint8 RGB (3, H, W) of a JPEG/PNG file (grey, palette, alpha and 16-bit converted).
 
-    torchvision.io (libjpeg-turbo, ~30% faster than PIL here); it is deprecated since
+    torchvision.io (libjpeg-turbo, faster than PIL); it is deprecated since
     torchvision 0.29 in favour of TorchCodec, so PIL takes over once it is gone.
     """
     if _tv_decode is None:
@@ -119,20 +119,20 @@ class BatchDataset(Dataset):
         seed, indices = item
         g = torch.Generator().manual_seed(seed)
         if self.data.is_files:
-            images, labels, corrupt = self._load_files(indices, g)
+            images, labels, corrupt, loaded = self._load_files(indices, g)
         else:
             images = torch.from_numpy(self.data.images[indices]).permute(0, 3, 1, 2)
-            labels, corrupt = self.data.labels[indices], []
+            labels, corrupt, loaded = self.data.labels[indices], [], indices
             if self.view != EVAL:
                 images = pad_crop_flip(images, pad=4, flip=self.flip, generator=g)
         out = {"weak": images.contiguous(), "label": torch.as_tensor(labels, dtype=torch.int64),
-               "corrupt": corrupt, "seed": seed}
+               "corrupt": corrupt, "seed": seed, "index": torch.as_tensor(loaded, dtype=torch.int64)}
         if self.view == UNLABELED and self.strong is not None:
             out["strong"] = strong_view(out["weak"], generator=strong_generator(seed), **self.strong)
         return out
 
     def _load_files(self, indices, g):
-        images, labels, corrupt = [], [], []
+        images, labels, corrupt, loaded = [], [], [], []  # loaded: the index read (a stand-in's after a corrupt file)
         for index in indices:
             for _attempt in range(20):
                 path = self.data.images[index]
@@ -153,9 +153,10 @@ class BatchDataset(Dataset):
                 image = resized_crop_flip(image, self.image_size, flip=self.flip, generator=g)
             images.append(image)
             labels.append(int(self.data.labels[index]))
+            loaded.append(int(index))
         stacked = torch.stack(images) if images else \
             torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return stacked, labels, corrupt
+        return stacked, labels, corrupt, loaded
 
 
 def _one_line(error: Exception) -> str:
@@ -190,13 +191,15 @@ class _Finish:
         self.checked(batch, expected)
         return self.normalize(self.images(batch["weak"])), batch["label"].to(self.device, non_blocking=True)
 
-    def unlabeled(self, batch: dict, expected: int | None = None):
+    def unlabeled(self, batch: dict, expected: int | None = None, with_indices: bool = False):
         self.checked(batch, expected)
         weak = self.images(batch["weak"])
         if "strong" in batch:
             strong = self.images(batch["strong"])
         else:
             strong = strong_view(weak, generator=strong_generator(batch["seed"]), **self.strong)
+        if with_indices:  # each image's training-set index (the row of a teacher-label store)
+            return self.normalize(weak), self.normalize(strong), batch["index"].to(self.device)
         return self.normalize(weak), self.normalize(strong)
 
 
@@ -227,8 +230,10 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, source, seed: int,
-                        rank: int, world_size: int, device, stats: dict, image_size: int):
-    """(labeled, unlabeled, val, test) streams through torch DataLoaders."""
+                        rank: int, world_size: int, device, stats: dict, image_size: int,
+                        with_indices: bool = False):
+    """(labeled, unlabeled, val, test) streams through torch DataLoaders; ``with_indices``: the
+    unlabeled stream yields (weak, strong, index)."""
     on_gpu = torch.device(device).type != "cpu"
     strong = dict(num_ops=cfg.randaug_num_ops, magnitude=cfg.randaug_magnitude,
                   policy=cfg.randaug_policy, cutout=cfg.cutout)
@@ -258,7 +263,8 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
     labeled_loader_from = train(LABELED, split["labeled"], cfg.batch_size)
     unlabeled_loader_from = train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size)
     labeled = ResumableBatches(labeled_loader_from, lambda b: finish.labeled(b, cfg.batch_size))
-    unlabeled = ResumableBatches(unlabeled_loader_from, lambda b: finish.unlabeled(b, cfg.mu * cfg.batch_size))
+    unlabeled = ResumableBatches(unlabeled_loader_from,
+                                 lambda b: finish.unlabeled(b, cfg.mu * cfg.batch_size, with_indices))
     return (labeled, unlabeled, evaluation(data, split["val"]),
             evaluation(test, np.arange(len(test))))
 

@@ -1,8 +1,8 @@
-"""How the trainer lays out and compiles its models for speed (issue 9).
+"""How the trainer lays out and compiles its models for speed.
 
-- channels_last: convolutions on the CPU (oneDNN) run faster on NHWC activations (WRN-28-2 MPL
-  step 1.14-1.22x, benchmarks/RESULTS.md); on a GPU cuDNN's tensor-core kernels are NHWC too
-  (expected to help, not measured here: no GPU). Converting the module once is enough: a convolution whose weight is
+- channels_last: convolutions on the CPU (oneDNN) run faster on NHWC activations (the WRN-28-2
+  MPL step: benchmarks/RESULTS.md); on a GPU cuDNN's tensor-core kernels are NHWC too.
+  Converting the module once is enough: a convolution whose weight is
   channels_last makes its input channels_last too (one conversion per forward, at the stem),
   and every later activation stays NHWC. Only 4-d tensors change; an MLP is untouched. It must
   happen before the optimizers, the step guard and the EMA take their references and copies.
@@ -11,9 +11,9 @@
   Compile after the EMA copy was taken (the EMA is evaluated rarely; compiling it costs more
   than it saves).
 
-Neither changes the math: channels_last changes the order of the convolutions' sums (round-off,
-checked against the plain step in tests/algo/test_step_equivalence.py); compile fuses elementwise
-ops (round-off too, tests/train/test_speed_options.py).
+Neither changes the math: channels_last changes the order of the convolutions' sums and compile
+fuses elementwise ops, so both differ from the plain step by round-off only (the tests compare
+them with the plain step).
 """
 
 from __future__ import annotations

@@ -96,9 +96,9 @@ def identity_of_files(name: str, keys: list[str]) -> dict:
 
 def _embedded(name: str) -> ImagesToLabel:
     # The embedded reader's own loader: the same arrays, in the same order, as the trainer's streams.
-    from mpl_fast.data.embedded import _load  # noqa: PLC0415
+    from mpl_fast.data.embedded import load_training_images  # noqa: PLC0415
 
-    xtr, ytr, _, _, _ = _load(name)
+    xtr, ytr = load_training_images(name)
     x = torch.from_numpy(np.ascontiguousarray(xtr))
 
     def load(start: int, stop: int):

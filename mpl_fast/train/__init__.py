@@ -8,8 +8,9 @@ place in the configuration tree (``--teacher.lr 0.1``, ``--mpl.uda-weight 2``,
 
 The run writes to ``--output-dir`` (default runs/<preset>-<method>-<timestamp>):
 config.json, split.json, metrics.jsonl (one line per log interval and per evaluation),
-checkpoint.pt (atomic; every ``--checkpoint-every`` steps, at the end and on SIGINT/SIGTERM)
-and summary.json.
+checkpoint.pt (atomic; every ``--checkpoint-every`` steps, at the end and on SIGINT/SIGTERM),
+summary.json, metrics.png (the curves; ``--no-plot``: not), finetuned.pt (the finetuned
+student) and, with ``--tensorboard``, tensorboard/.
 
 Where teacher and student live is the run's layout (mpl_fast.train.topology): "single-device"
 (one process, or under ``torchrun --nproc_per_node=N`` data-parallel replicas, with ``--fsdp``
@@ -29,6 +30,8 @@ The modules, in the order a run meets them:
   loop           run(): the step loop, logging, signals, the end
   checkpointing  what a checkpoint holds, gathering it across ranks, resuming
   evaluate       accuracy, best-validation selection, finetuning, the summary
+  curves         metrics.png, redrawn at evaluations and at the end
+  tensorboard_log  --tensorboard: metrics.jsonl's numbers as event files
   plan           --dry-run: parameter counts and per-device memory estimates
 """
 

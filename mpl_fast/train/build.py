@@ -17,7 +17,7 @@ from mpl_fast.optim import FusedSGD
 from mpl_fast.parallel import model_parallel, sharding
 from mpl_fast.parallel.data_parallel import broadcast_from_rank0
 from mpl_fast.parallel.distributed import DistContext
-from mpl_fast.train.config import TrainConfig
+from mpl_fast.train.config import ModelConfig, TrainConfig
 from mpl_fast.train.precision import PrecisionPolicy, resolve_precision
 from mpl_fast.train.topology import resolve_topology
 
@@ -29,9 +29,11 @@ def build_streams(cfg: TrainConfig, ctx: DistContext | None = None, device: str 
     from mpl_fast.data import build_streams as data_streams  # noqa: PLC0415
 
     ctx = ctx or DistContext(device=torch.device(cfg.device))
+    reduced = cfg.method == "reduced-mpl"
     try:
-        return data_streams(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-                            device=device or device_name(cfg, ctx))
+        streams = data_streams(cfg.data, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+                               device=device or device_name(cfg, ctx), with_indices=reduced)
+        return with_stored_labels(cfg, streams) if reduced else streams
     except ModuleNotFoundError as exc:
         if "mpl_fast.data.files" in str(exc):
             raise SystemExit(f"error: preset {cfg.preset!r} reads {cfg.data.dataset} files from disk, and the "
@@ -42,17 +44,55 @@ def build_streams(cfg: TrainConfig, ctx: DistContext | None = None, device: str 
         raise SystemExit(f"error: {exc}") from None
 
 
+def with_stored_labels(cfg: TrainConfig, streams):
+    """Reduced MPL: the unlabeled stream yields (p, strong), p the large teacher's stored
+    distributions of the batch's images, after the store was checked against this run's data
+    set and class count (one sentence if it does not belong to it)."""
+    from mpl_fast.reduced.images import images_to_label  # noqa: PLC0415
+    from mpl_fast.reduced.store import StoreError, TeacherLabelStore  # noqa: PLC0415
+    from mpl_fast.reduced.stream import StoredTeacherInputs  # noqa: PLC0415
+
+    if cfg.reduced.labels is None:  # (not refused by validate: --dry-run needs no labels)
+        raise SystemExit("error: --method reduced-mpl reads the large teacher's stored labels: pass --reduced.labels "
+                         "DIR (written by python -m mpl_fast.label)")
+    try:
+        store = TeacherLabelStore.open(cfg.reduced.labels)
+        store.check_compatible(num_classes=streams.num_classes, dataset=images_to_label(cfg.data).identity)
+    except (StoreError, FileNotFoundError, NotADirectoryError) as exc:
+        raise SystemExit(f"error: --reduced.labels: {exc}") from None
+    streams.unlabeled = StoredTeacherInputs(streams.unlabeled, store)
+    return streams
+
+
+def build_reduced_teacher(cfg: TrainConfig, streams, device) -> torch.nn.Module:
+    """T_R for --method reduced-mpl: identity at init, fp32, on the student's device."""
+    from mpl_fast.reduced.teacher import ReducedTeacher  # noqa: PLC0415
+
+    try:
+        return ReducedTeacher(streams.num_classes, cfg.reduced.hidden, cfg.reduced.min_prob).to(device)
+    except ValueError as exc:
+        raise SystemExit(f"error: --reduced.*: {exc}") from None
+
+
 def device_name(cfg: TrainConfig, ctx: DistContext) -> str:
     """cfg.device in a single process; this rank's device (cuda:LOCAL_RANK) under torchrun."""
     return str(ctx.device) if ctx.distributed else cfg.device
 
 
+def input_channels(input_shape: tuple) -> int:
+    """The channels of one example: C of a (C, H, W) image, else 1 (points, flat features)."""
+    return input_shape[0] if len(input_shape) == 3 else 1
+
+
+def create_network(model: ModelConfig, num_classes: int, input_shape: tuple) -> torch.nn.Module:
+    """A fresh network of the run's architecture for examples of ``input_shape``, on the CPU in
+    its default layout: build_model's first step, and how mpl_fast.load rebuilds a saved one."""
+    return create_model(model.name, num_classes, dropout=model.dropout, in_channels=input_channels(input_shape))
+
+
 def build_model(cfg: TrainConfig, streams, device: str) -> torch.nn.Module:
     """One network of the run (teacher and student share the architecture) on ``device``."""
-    shape = streams.input_shape
-    in_channels = shape[0] if len(shape) == 3 else 1
-    model = create_model(cfg.model.name, streams.num_classes, dropout=cfg.model.dropout,
-                         in_channels=in_channels).to(device)
+    model = create_network(cfg.model, streams.num_classes, streams.input_shape).to(device)
     # The layout is set before the optimizers, the step guard and the EMA see the tensors.
     # FSDP2 shards contiguous parameters only: --fsdp keeps NCHW.
     if use_channels_last(model, device, cfg.channels_last and not cfg.fsdp):
@@ -84,8 +124,12 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
     # The teacher's rank of a rank pair builds the student too (on the CPU, then drops it), so
     # that the teacher starts from the same random weights as in one process.
     student = build_model(cfg, streams, placement.student_device or "cpu")
-    teacher = build_model(cfg, streams, placement.teacher_device) if placement.teacher_device is not None \
-        and cfg.method != "supervised" else None
+    reduced = cfg.method == "reduced-mpl"
+    if reduced:  # after the student: its random init is the same as in the other methods' runs
+        teacher = build_reduced_teacher(cfg, streams, placement.student_device or "cpu")
+    else:
+        teacher = build_model(cfg, streams, placement.teacher_device) if placement.teacher_device is not None \
+            and cfg.method != "supervised" else None
     if placement.student_device is None:
         student = None
     ema_module = None
@@ -100,14 +144,14 @@ def build_mpl(cfg: TrainConfig, streams, placement: model_parallel.Placement | N
               precision=StepPrecision(
                   autocast=precision.autocast,
                   student_autocast=precision.student_autocast(placement.student_device or "cpu", cfg.amp_student),
-                  grad_scaler=precision.grad_scaler() if teacher is not None else None,
+                  grad_scaler=precision.grad_scaler() if teacher is not None and not reduced else None,
                   student_grad_scaler=(precision.student_grad_scaler(placement.student_device, cfg.amp_student)
                                        if student is not None else None)),
               grad_sync=grad_sync,
               link=model_parallel.make_link(placement, cfg.mpl.pseudo_labels, streams.num_classes, groups),
               ema_module=ema_module)
     if cfg.compile:  # after MPL took the EMA copy: only the teacher's and student's forwards compile
-        compile_modules(mpl.teacher, mpl.student)
+        compile_modules(None if reduced else mpl.teacher, mpl.student)  # T_R is too small to gain
     return mpl
 
 

@@ -154,6 +154,19 @@ def checkpoint_state(sess, step: int, elapsed: float, rng: dict, streams: dict |
     }
 
 
+FINETUNED_FILE = "finetuned.pt"
+
+
+def save_finetuned(out_dir: str, module: torch.nn.Module, base_model: str) -> str:
+    """Writes the finetuned student to ``out_dir``/finetuned.pt (atomically, tensors and strings
+    only, so it loads with torch.load(weights_only=True)): ``{"state_dict", "base"}``, where
+    ``base`` names the network whose selected weights were finetuned. Returns the path."""
+    path = os.path.join(out_dir, FINETUNED_FILE)
+    state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    ckpt.save_atomic({"state_dict": state_dict, "base": base_model}, path)
+    return path
+
+
 def resume_metrics(path: str, step: int, *, finished_part: bool = False) -> None:
     """Drops the metric lines written after the checkpoint of ``step`` a run resumes from (and
     an incomplete last line). ``finished_part``: the checkpoint is the end of training, so the

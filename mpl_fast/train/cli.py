@@ -41,6 +41,10 @@ HELP_NOTES = {
     "activation_checkpointing": "teacher and student keep only each residual block's input and recompute "
                                 "its activations in the backward: trades about one extra forward per step "
                                 "for the activations of every block (not with --compile)",
+    "plot": "redraw RUN_DIR/metrics.png (mpl_fast.plot's curves) at each evaluation and at the end, on the rank "
+            "that writes metrics.jsonl; without matplotlib the run says so once and goes on",
+    "tensorboard": "also write metrics.jsonl's scalars as TensorBoard event files under RUN_DIR/tensorboard "
+                   "(pip install mpl_fast[tensorboard])",
 }
 
 

@@ -37,6 +37,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class ReducedConfig:
+    """--method reduced-mpl: the large teacher's stored labels and the reduced teacher T_R
+    (mpl_fast.reduced; T_R's optimizer is --teacher.*)."""
+
+    labels: str | None = None       # the label store folder written by python -m mpl_fast.label
+    hidden: int = 128               # T_R's hidden width
+    min_prob: float = 1e-8          # T_R's floor on the stored probabilities before the log
+
+
+@dataclass
 class TrainConfig:
     preset: str = "digits"
     method: Method = "mpl"
@@ -53,26 +63,29 @@ class TrainConfig:
     amp_dtype: AmpDtype | None = None  # with --amp: bf16 or fp16 (loss-scaled; GPU only); default bf16 if supported
     amp_student: bool = True        # --amp: also the student's forward on the unlabeled batch (g_u; fp16: own scaler)
     model_parallel: bool = False    # teacher and student on different devices (or torchrun ranks)
-    teacher_device: str | None = None  # with --model-parallel in one process (default: see README)
+    teacher_device: str | None = None  # with --model-parallel in one process (default: docs/parallel.md, two-devices)
     student_device: str | None = None
     fsdp: bool = False              # torchrun: shard teacher and student over all ranks (FSDP2)
     compile: bool = False           # torch.compile of the teacher's and student's forwards
     channels_last: bool = True      # conv models in NHWC on CPU/CUDA (--no-channels-last: NCHW)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (both networks)
+    plot: bool = True               # redraw RUN_DIR/metrics.png at each evaluation and at the end (needs matplotlib)
+    tensorboard: bool = False       # also write metrics.jsonl's scalars to RUN_DIR/tensorboard (needs tensorboard)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: OptimConfig = field(default_factory=OptimConfig)
     student: OptimConfig = field(default_factory=OptimConfig)
     mpl: MPLConfig = field(default_factory=MPLConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    reduced: ReducedConfig = field(default_factory=ReducedConfig)
 
 
 def _digits() -> TrainConfig:
-    """The embedded default: 8x8 digits from scikit-learn, few labels, a small CNN, CPU, ~1 min."""
+    """The embedded default: 8x8 digits from scikit-learn, few labels, a small CNN, CPU."""
     opt = OptimConfig(lr=0.05, warmup_steps=100, weight_decay=5e-4)
     return TrainConfig(
         # One thread: for a model this small, more threads add synchronisation, and on a shared
-        # 2-core machine oversubscription made a run 2-12x slower (measured).
+        # machine they oversubscribe its cores and a run slows down several times.
         preset="digits", steps=1500, log_every=25, eval_every=250, checkpoint_every=500, threads=1,
         data=DataConfig(dataset="digits", labels_per_class=3, val_per_class=5, batch_size=16, mu=4,
                         eval_batch_size=512),
@@ -87,15 +100,11 @@ def _digits() -> TrainConfig:
 def _two_moons() -> TrainConfig:
     """Paper section 3.1: 2000 points, 6 labeled, MLP 2x8 sigmoid, plain SGD.
 
-    Departures from the paper's numbers, measured here: at lr 0.1 this MLP (U(-0.1, 0.1) init)
-    does not converge in a few thousand steps even with every point labeled (88% after 3k
-    steps), so both rates are 1.0. Pseudo labels are sampled from the teacher (the paper's
-    y_hat ~ T(x)); small unlabeled batches (12). The MPL term has its paper weight 1: weighting
-    it 20x with a baseline on h (tried before) gave the same students over 5 seeds.
-    MPL does not find the moons with this preset, nor with any feedback we measured (the exact
-    meta-gradient included): the student's CE on the 6 labeled points (the signal MPL's teacher descends) falls faster when
-    the student learns a supervised teacher's near-linear labels than the true moons
-    (benchmarks/moons_probe.py objective; RESULTS.md, "two-moons").
+    Departures from the paper: both learning rates are 1.0 (at the paper's 0.1 this MLP, with
+    its U(-0.1, 0.1) init, does not converge in a few thousand steps even fully labeled); pseudo
+    labels are sampled from the teacher (the paper's y_hat ~ T(x)); small unlabeled batches
+    (12); the MPL term keeps its paper weight 1. MPL does not find the moons with this preset;
+    why, and what was tried: docs/two_moons.md.
     """
     opt = OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
     return TrainConfig(
@@ -161,6 +170,37 @@ def _imagenet_l2() -> TrainConfig:
     return cfg
 
 
+def _digits_reduced() -> TrainConfig:
+    """Reduced MPL on digits, step 2 of two (docs/reduced_mpl.md): a teacher trained by
+    ``--preset digits --method uda`` and labelled by ``python -m mpl_fast.label``; pass the labels
+    with --reduced.labels. T_R on plain SGD (no momentum or decay: it starts at the identity and
+    h only nudges it); the student starts at once (T's labels are already good)."""
+    cfg = _digits()
+    cfg.preset, cfg.method = "digits-reduced", "reduced-mpl"
+    cfg.teacher = OptimConfig(lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
+    cfg.mpl.student_wait_steps = 0
+    cfg.mpl.uda_weight = 0.0
+    return cfg
+
+
+def _imagenet_reduced_b7() -> TrainConfig:
+    """The paper's Reduced MPL (Appendix E): ImageNet as labeled data, a separate unlabeled
+    folder labelled offline by a large teacher, an EfficientNet-B7 student at 600 px (dropout
+    0.5), T_R of width 128. The batch is ours: 2 labeled + 14 unlabeled images per device (about
+    54 GiB fp32 by --dry-run's estimate), the global batch grows with the data-parallel ranks."""
+    cfg = _imagenet_10pct()
+    cfg.preset, cfg.method = "imagenet-reduced-b7", "reduced-mpl"
+    cfg.data.labeled_fraction = 1.0
+    cfg.data.image_size = 600
+    cfg.data.batch_size = 2
+    cfg.model = ModelConfig(name="tf_efficientnet_b7", dropout=0.5)
+    cfg.teacher = OptimConfig(lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant")
+    cfg.mpl.student_wait_steps = 0
+    cfg.mpl.uda_weight = 0.0
+    cfg.reduced = ReducedConfig(hidden=128)
+    return cfg
+
+
 PRESETS = {
     "digits": _digits,
     "two-moons": _two_moons,
@@ -168,6 +208,8 @@ PRESETS = {
     "svhn-1k": _svhn_1k,
     "imagenet-10pct": _imagenet_10pct,
     "imagenet-l2": _imagenet_l2,
+    "digits-reduced": _digits_reduced,
+    "imagenet-reduced-b7": _imagenet_reduced_b7,
 }
 
 
@@ -196,6 +238,12 @@ def validate(cfg: TrainConfig) -> None:
          "recompute context only as a TorchDispatchMode, and the one that keeps BatchNorm's running statistics "
          "from being updated twice is not (mpl_fast/models/checkpointing.py); choose one")
     need(not (cfg.fsdp and cfg.compile), "--fsdp with --compile is not supported: leave one of them off")
+    if cfg.method == "reduced-mpl":
+        need(not cfg.model_parallel, "--method reduced-mpl has no large teacher to place on another device: "
+             "leave --model-parallel off")
+        need(not cfg.fsdp, "--method reduced-mpl with --fsdp is not supported yet: use data parallel (torchrun "
+             "without --fsdp)")
+        need(cfg.reduced.hidden >= 1, "reduced.hidden must be >= 1")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
         need(opt.lr >= 0, f"{name}.lr must be >= 0")
@@ -223,6 +271,6 @@ def from_dict(d: dict) -> TrainConfig:
     """Inverse of to_dict (for checkpoints and saved runs)."""
     d = copy.deepcopy(d)
     sub = {"data": DataConfig, "model": ModelConfig, "teacher": OptimConfig, "student": OptimConfig,
-           "mpl": MPLConfig, "finetune": FinetuneConfig}
+           "mpl": MPLConfig, "finetune": FinetuneConfig, "reduced": ReducedConfig}
     kwargs = {k: (sub[k](**v) if k in sub else v) for k, v in d.items()}
     return TrainConfig(**kwargs)

@@ -9,6 +9,7 @@ import torch
 
 from mpl_fast.algo import finetune, larger_batches
 from mpl_fast.parallel import sharding
+from mpl_fast.train.checkpointing import save_finetuned
 from mpl_fast.train.config import TrainConfig
 from mpl_fast.train.errors import RunStopped
 
@@ -85,6 +86,8 @@ def evaluate(sess, step: int, seconds: float) -> dict | None:
                     state={k: v.detach().cpu().clone() for k, v in models[sel].state_dict().items()}
                     if sel in models else None)
     sess.write_metrics(line)
+    if sess.curves is not None and step < cfg.steps:  # the end draws after the final line (finish)
+        sess.curves.update()
     return line
 
 
@@ -105,10 +108,12 @@ def finish(sess, step: int, seconds: float, final: dict, stop=None) -> dict:
         headline = "selected" if best["step"] >= 0 else headline
     sess.write_metrics({"step": step, "final": True, **{f"val_{k}": v for k, v in val.items()},
                         **{f"test_{k}": v for k, v in test.items()}})
+    if sess.curves is not None:
+        sess.curves.update(final=True)
     sel = selection_model(cfg)
     return {
         "method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "steps": step, "seconds": round(seconds, 2),
-        "feedback": cfg.mpl.feedback if cfg.method == "mpl" else None,
+        "feedback": cfg.mpl.feedback if cfg.method in ("mpl", "reduced-mpl") else None,
         "test_top1": test, "val_top1": val, "selected": {"model": sel, "step": best["step"], "val": best["val"]},
         "headline": {"model": headline, "test_top1": test.get(headline)},
         "skipped_steps": int(mpl.skipped_total), "output_dir": cfg.output_dir,
@@ -138,6 +143,7 @@ def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: di
             finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
                      cfg.finetune.weight_decay, on_step=on_step)
         val["finetuned"], test["finetuned"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
+        save_finetuned(cfg.output_dir, selected, selection_model(cfg))  # for mpl_fast.load(..., model="finetuned")
 
 
 def format_summary(s: dict) -> str:

@@ -74,6 +74,8 @@ def run(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, q
     finally:
         if sess is not None and sess.metrics is not None:
             sess.metrics.close()
+        if sess is not None and sess.tensorboard is not None:
+            sess.tensorboard.close()
         del sess  # models and optimizers go before the process group (see shutdown())
         if owns_group:
             shutdown()

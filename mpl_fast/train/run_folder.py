@@ -5,6 +5,7 @@ usable, and cleared of a killed checkpoint write's temp files."""
 from __future__ import annotations
 
 import os
+import shutil
 
 from mpl_fast.checkpoint import remove_stale_temp_files
 from mpl_fast.train.errors import UserInputError
@@ -13,7 +14,9 @@ from mpl_fast.train.errors import UserInputError
 RUN_MARKERS = ("metrics.jsonl", "checkpoint.pt")
 # What --overwrite removes before a fresh run writes its own (a stale checkpoint.prev.pt would
 # otherwise be the fallback of the new run's first damaged checkpoint).
-RUN_FILES = RUN_MARKERS + ("checkpoint.prev.pt", "summary.json", "config.json", "split.json")
+RUN_FILES = RUN_MARKERS + ("checkpoint.prev.pt", "summary.json", "config.json", "split.json", "finetuned.pt",
+                           "metrics.png")
+RUN_FOLDERS = ("tensorboard",)  # the old run's event files would mix with the new run's
 
 
 def check_output_dir(path: str, *, overwrite: bool = False) -> None:
@@ -45,5 +48,10 @@ def create(path: str, *, fresh: bool) -> list[str]:
             target = os.path.join(path, name)
             if os.path.isfile(target):
                 os.unlink(target)
+                removed.append(target)
+        for name in RUN_FOLDERS:
+            target = os.path.join(path, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
                 removed.append(target)
     return removed + remove_stale_temp_files(path)

@@ -21,6 +21,8 @@ from mpl_fast.train import run_folder
 from mpl_fast.train.build import build_model, build_mpl, build_precision, build_streams
 from mpl_fast.train.checkpointing import restore, resume_metrics
 from mpl_fast.train.config import TrainConfig, to_dict, validate
+from mpl_fast.train.curves import Curves, plotting_enabled
+from mpl_fast.train.tensorboard_log import TensorBoardLog, check_available
 from mpl_fast.train.topology import Topology, resolve_topology
 from mpl_fast.train.validate import check_data_dir
 
@@ -47,6 +49,8 @@ class Session:
     make_replica: typing.Callable | None = None
     replicas: dict = dataclasses.field(default_factory=dict)
     evaluated_models: dict = dataclasses.field(default_factory=dict)  # what the last evaluation measured
+    curves: Curves | None = None  # metrics.png, on the rank that writes metrics.jsonl
+    tensorboard: TensorBoardLog | None = None  # --tensorboard, on that rank too
 
     @property
     def evaluates(self) -> bool:
@@ -68,6 +72,8 @@ class Session:
     def write_metrics(self, line: dict) -> None:
         if self.metrics is not None:
             self.metrics.write(line)  # strict JSON: a NaN/inf is written as null
+        if self.tensorboard is not None:
+            self.tensorboard.write(line)
 
 
 def check_config(cfg: TrainConfig) -> Topology:
@@ -80,6 +86,8 @@ def check_config(cfg: TrainConfig) -> Topology:
                          f"(use --device cpu)")
     topology = resolve_topology(cfg)
     build_precision(cfg, topology.placement.data_device)  # e.g. fp16 on a CPU
+    if cfg.tensorboard:
+        check_available()
     return topology
 
 
@@ -136,4 +144,8 @@ def setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, topology: Topo
             json.dump(streams.split, f)
     if ctx.is_main:
         sess.metrics = MetricsLog(metrics_path, append=state is not None)
+        if plotting_enabled(cfg.plot):
+            sess.curves = Curves(out_dir, say)
+        if cfg.tensorboard:
+            sess.tensorboard = TensorBoardLog(out_dir, sess.start_step if state is not None else None)
     return sess

@@ -1,4 +1,4 @@
-"""bf16 --amp on the student's update (issue #8/#9): the student's forward on the unlabeled batch
+"""bf16 --amp on the student's update: the student's forward on the unlabeled batch
 (g_u) runs under bf16 autocast, the feedback's labeled forward (g_l') stays fp32;
 --no-amp-student keeps the whole student in fp32 (fp16 with the student's own loss scaler:
 tests/train/test_amp_fp16.py)."""

@@ -1,4 +1,4 @@
-"""The augment modules as a drop-in for torchvision v2's RandAugment (issue 21): torch.compile,
+"""The augment modules as a drop-in for torchvision v2's RandAugment: torch.compile,
 DataLoader workers, the input contract, bad magnitudes."""
 
 import pytest

@@ -489,7 +489,7 @@ def test_a_copied_optimizer_keeps_keep_update_and_steps_the_same(copy_kind):
     assert torch.equal(opt.last_updates()[0], opt2.last_updates()[0])
 
 
-# ------------------------------------------------------------------ drop-in defects (issue 21)
+# ------------------------------------------------------------------ as a drop-in for torch.optim.SGD
 
 
 def _embedding_models(seed=0):

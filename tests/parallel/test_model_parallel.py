@@ -236,9 +236,10 @@ def test_trainer_layout_b_two_ranks_run_checkpoint_and_resume(tmp_path):
     # The teacher's process reports the student's and the EMA's accuracies, measured by the student's.
     assert set(full["test_top1"]) == {"student", "ema", "teacher", "selected", "finetuned"}
     assert student_rank["full"]["test_top1"] == full["test_top1"]
-    # Only the teacher's process writes; its checkpoint holds both halves.
-    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint.pt", "config.json", "metrics.jsonl",
-                                                     "split.json", "summary.json"]
+    # The teacher's process writes the run's files and its checkpoint holds both halves; the
+    # student's, which finetunes the selected network, writes finetuned.pt.
+    assert sorted(os.listdir(tmp_path / "full")) == ["checkpoint.pt", "config.json", "finetuned.pt",
+                                                     "metrics.jsonl", "split.json", "summary.json"]
     state = ckpt.load(str(tmp_path / "full" / "checkpoint.pt"))
     assert state["mpl"]["teacher"] is not None and state["mpl"]["student"] is not None
     assert state["mpl"]["ema"] is not None and "student_rank" in state["rng"]

@@ -279,8 +279,9 @@ def test_trainer_on_four_ranks_writes_one_checkpoint_and_resumes_exactly(ranks):
     assert results[K]["trainer"]["full"]["test_top1"] == full["test_top1"]
     for rank in (1, 3):  # not a leader: nothing to report
         assert results[rank]["trainer"]["full"] == {"rank": rank, "step": 8, "output_dir": str(tmp / "full")}
-    assert sorted(os.listdir(tmp / "full")) == ["checkpoint.pt", "config.json", "metrics.jsonl", "split.json",
-                                                "summary.json"]
+    # finetuned.pt: written by rank K, which finetunes the selected network
+    assert sorted(os.listdir(tmp / "full")) == ["checkpoint.pt", "config.json", "finetuned.pt", "metrics.jsonl",
+                                                "split.json", "summary.json"]
     lines = [json.loads(ln) for ln in open(tmp / "full" / "metrics.jsonl")]
     assert any(ln.get("h", 0.0) != 0.0 for ln in lines) and any("val_ema" in ln for ln in lines)
     assert all(ln["world_size"] == WORLD for ln in lines if "h" in ln)

@@ -62,7 +62,7 @@ def _top1(model, batches):
 
 # ----------------------------------------------------------------------------- load
 
-@pytest.mark.parametrize("name", ["selected", "student", "ema", "teacher"])
+@pytest.mark.parametrize("name", ["selected", "student", "ema", "teacher", "finetuned"])
 def test_load_gives_each_network_in_eval_mode_with_the_accuracy_the_run_reported(run_dir, summary, test_split, name):
     import mpl_fast
 
@@ -83,8 +83,12 @@ def test_selected_is_the_best_validation_state_of_the_selection_model(run_dir):
 def test_load_refuses_what_it_cannot_serve_in_one_sentence(run_dir, tmp_path):
     import mpl_fast
 
-    with pytest.raises(runs.RunError, match="does not save the finetuned student.*model='selected'"):
-        mpl_fast.load(run_dir, model="finetuned")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    os.remove(unfinished / "finetuned.pt")
+    with pytest.raises(runs.RunError, match="has no finetuned.pt: the run has not finished, or it does not "
+                                            "finetune.*model='selected'"):
+        mpl_fast.load(str(unfinished), model="finetuned")
     with pytest.raises(runs.RunError, match="model must be one of"):
         mpl_fast.load(run_dir, model="best")
     with pytest.raises(runs.RunError, match="does not exist"):
@@ -312,8 +316,18 @@ def test_export_names_the_missing_package_and_the_extra(run_dir, tmp_path, monke
     code = export_tool.main([run_dir, "--format", "safetensors", "--out", str(tmp_path / "w.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "needs the safetensors.torch package" in err and "pip install mpl_fast[export]" in err
-    assert export_tool.main([run_dir, "--format", "pt", "--model", "finetuned"]) == 2
-    assert "does not save the finetuned student" in capsys.readouterr().err
+
+
+
+def test_exporting_the_finetuned_student_leaves_the_runs_finetuned_pt_alone(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = (run / "finetuned.pt").read_bytes()
+    assert export_tool.main([str(run), "--format", "pt", "--model", "finetuned"]) == 0
+    assert (run / "finetuned.pt").read_bytes() == before
+    exported = torch.load(run / "finetuned.export.pt", weights_only=True)
+    for k, v in runs.model_state(str(run), "finetuned").items():
+        assert torch.equal(exported["state_dict"][k], v)
 
 
 def test_export_refuses_an_export_that_does_not_reproduce_the_network(run_dir, tmp_path, monkeypatch):

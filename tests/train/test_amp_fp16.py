@@ -1,5 +1,5 @@
 """fp16 autocast of the teacher's forward and of the student's forward on the unlabeled batch,
-each loss with its own GradScaler (issue #8, --amp fp16).
+each loss with its own GradScaler (--amp --amp-dtype fp16).
 
 Run on the CPU: torch.amp.GradScaler("cpu") and fp16 autocast work there for tiny models (the
 trainer refuses fp16 on a CPU for real runs: several times slower than fp32)."""

@@ -1,4 +1,4 @@
-"""The trainer's speed options (issue 9): channels_last by default for conv models, and
+"""The trainer's speed options: channels_last by default for conv models, and
 ``--compile``, whose first steps agree with the eager step to round-off."""
 
 from types import SimpleNamespace

@@ -116,11 +116,28 @@ def _imagefolder(tmp_path):
                       data__image_size=16, data__loader="torch", data__num_workers=0)
 
 
+def _digits_reduced(tmp_path):
+    """--method reduced-mpl over a label store of the digits (its own flags: --reduced.*)."""
+    import numpy as np
+
+    from mpl_fast.data.config import DataConfig
+    from mpl_fast.reduced.images import images_to_label
+    from mpl_fast.reduced.store import TeacherLabelStore
+
+    images = images_to_label(DataConfig(dataset="digits"))
+    n = images.num_images
+    store = TeacherLabelStore.create(str(tmp_path / "labels"), num_images=n, num_classes=10, k=2,
+                                     teacher={"sha256": "0" * 64}, preprocessing={}, dataset=images.identity)
+    store.write(0, np.tile([0.7, 0.2], (n, 1)), np.stack([np.arange(n) % 10, (np.arange(n) + 1) % 10], 1))
+    store.commit([[0, n]])
+    return _digits(tmp_path, "reduced", method="reduced-mpl", reduced__labels=str(tmp_path / "labels"))
+
+
 def test_every_flag_is_read_by_a_run(tmp_path):
     reads: set = set()
     runs = [_digits(tmp_path, "grad-dot"),
             _digits(tmp_path, "finite-diff", mpl__feedback="finite-diff", mpl__pseudo_labels="soft"),
-            _imagefolder(tmp_path)]
+            _imagefolder(tmp_path), _digits_reduced(tmp_path)]
     for cfg in runs:
         run(_recording(cfg, reads), progress=False, quiet=True)
     unread = [name for name, _ in FLAGS if name not in reads]
