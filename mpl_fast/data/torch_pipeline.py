@@ -4,6 +4,7 @@ batch to the device (strong view there when it is a GPU) and normalises."""
 
 from __future__ import annotations
 
+import signal
 from typing import Callable, Iterator
 
 import numpy as np
@@ -220,6 +221,15 @@ class EvalBatches:
                 self.finish.account(batch["corrupt"])
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C,
+    timeout, kill -TERM -PGID, a batch scheduler) is the main process's to handle (it checkpoints
+    and stops, then ends its workers); a worker that died of it first would fail the main process
+    with "DataLoader worker is killed by signal" before it could checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, source, seed: int,
                         rank: int, world_size: int, device, stats: dict, image_size: int,
                         with_indices: bool = False):
@@ -237,7 +247,7 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
     def loader(dataset, sampler, workers):
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
                           pin_memory=on_gpu, prefetch_factor=2 if workers else None,
-                          persistent_workers=False)
+                          persistent_workers=False, worker_init_fn=ignore_stop_signals if workers else None)
 
     def train(view, indices, batch_size):
         dataset = BatchDataset(data, view=view, image_size=image_size, flip=source.flip,

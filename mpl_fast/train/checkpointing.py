@@ -4,28 +4,47 @@ putting it back on resume. The file itself is written atomically by mpl_fast.che
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import torch.distributed as dist
 
 from mpl_fast import checkpoint as ckpt
+from mpl_fast.metrics_log import MetricsLog, keep_through_step
 from mpl_fast.parallel import sharding
+from mpl_fast.train import corrupt_counts
 from mpl_fast.train.config import TrainConfig, from_dict, to_dict
+from mpl_fast.train.errors import UserInputError
+from mpl_fast.train.resume_flags import apply_resume_flags
 from mpl_fast.train.topology import rank_seed
 
 
-def load_resume(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, dict | None]:
-    """(config, checkpoint) of the run to continue, or (cfg, None) for a fresh run."""
+def load_resume(cfg: TrainConfig, resume: str | None,
+                given: dict | None = None) -> tuple[TrainConfig, dict | None]:
+    """(config, checkpoint) of the run to continue, or (cfg, None) for a fresh run (its
+    data_dir and split_file made absolute, so config.json names them from anywhere).
+    ``given``: the flags of the command line (mpl_fast.train.resume_flags), applied to the
+    saved config and printed; None (the Python API) continues the saved config as it is."""
     if resume is None:
+        for name in ("data_dir", "split_file"):
+            if getattr(cfg.data, name):
+                setattr(cfg.data, name, os.path.abspath(getattr(cfg.data, name)))
         return cfg, None
     path = os.path.join(resume, "checkpoint.pt") if os.path.isdir(resume) else resume
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {resume}: no checkpoint.pt there")
+        raise UserInputError(f"--resume {resume}: no checkpoint.pt there (a run folder or its checkpoint.pt)")
     state = ckpt.load(path)
-    cfg = from_dict(state["config"])
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
+        raise UserInputError(f"--resume {path} is not a checkpoint of this trainer (no config or step in it)")
+    try:
+        cfg = from_dict(state["config"])
+    except TypeError as exc:
+        raise UserInputError(f"--resume {path}: its config does not fit this version of the trainer ({exc})") from None
     cfg.output_dir = os.path.dirname(os.path.abspath(path))
+    if given is not None:
+        changes = apply_resume_flags(cfg, given, resume)
+        if changes and int(os.environ.get("RANK", "0") or 0) == 0:
+            print("resume changes: " + "; ".join(changes), flush=True)
     return cfg, state
 
 
@@ -50,6 +69,7 @@ def restore(sess, state: dict) -> None:
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available() and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
+    corrupt_counts.restore(sess, state)
     sess.start_step, sess.clock_offset = int(state["step"]), int(state["clock_offset"])
     sess.best = state["best"]
     sess.elapsed_before = float(state["elapsed"])
@@ -94,6 +114,7 @@ def save_checkpoint(sess, step: int, elapsed: float) -> None:
             state["rng_per_rank"] = [mine["rng"] for mine in per_rank]
             if sess.shards_data and streams is not None:
                 state["streams_per_rank"] = [mine["streams"] for mine in per_rank]
+            state["corrupt_per_rank"] = [mine.get("corrupt") for mine in per_rank]
         sd = state["mpl"]
         if ckpt.all_finite([sd["student"], sd["teacher"] or {}, sd["ema"] or {}]):
             ckpt.save_atomic(state, os.path.join(sess.out_dir, "checkpoint.pt"))
@@ -117,7 +138,7 @@ def gather_per_rank(sess, rng: dict, streams: dict | None) -> list | None:
     None in one process and on other ranks."""
     if not sess.ctx.distributed:
         return None
-    mine = {"rng": rng, "streams": streams if sess.shards_data else None}
+    mine = {"rng": rng, "streams": streams if sess.shards_data else None, "corrupt": corrupt_counts.state(sess)}
     gathered = [None] * sess.ctx.world_size if sess.ctx.is_main else None
     dist.gather_object(mine, gathered, dst=0)
     return gathered
@@ -129,6 +150,7 @@ def checkpoint_state(sess, step: int, elapsed: float, rng: dict, streams: dict |
         "config": to_dict(sess.cfg), "step": step, "clock_offset": sess.clock_offset,
         "mpl": sess.mpl.state_dict() if mpl_state is None else mpl_state,
         "streams": streams, "rng": rng, "best": sess.best, "elapsed": elapsed,
+        "world_size": sess.ctx.world_size, "corrupt": corrupt_counts.state(sess),
     }
 
 
@@ -145,11 +167,13 @@ def save_finetuned(out_dir: str, module: torch.nn.Module, base_model: str) -> st
     return path
 
 
-def truncate_metrics(path: str, step: int) -> None:
-    """Drops metric lines written after the checkpoint a run resumes from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+def resume_metrics(path: str, step: int, *, finished_part: bool = False) -> None:
+    """Drops the metric lines written after the checkpoint of ``step`` a run resumes from (and
+    an incomplete last line). ``finished_part``: the checkpoint is the end of training, so the
+    end's lines (final evaluation, final) are dropped too: the resumed end writes them again."""
+    kept = keep_through_step(path, step)
+    if finished_part and any(r.get("step") == step and (r.get("eval") or r.get("final")) for r in kept):
+        with MetricsLog(path, append=False) as log:
+            for r in kept:
+                if not (r.get("step") == step and (r.get("eval") or r.get("final"))):
+                    log.write(r)

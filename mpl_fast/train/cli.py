@@ -10,6 +10,8 @@ import typing
 from mpl_fast.algo.config import literal_choices
 from mpl_fast.train.config import PRESETS, TrainConfig, leaves, preset
 from mpl_fast.train.config_file import read_config_file
+from mpl_fast.train.errors import EXIT_CODES_HELP
+from mpl_fast.train.resume_flags import RESUMABLE
 
 # Flags with a short name besides their dotted one.
 ALIASES = {"mpl.feedback": "--feedback", "data.data_dir": "--data-dir", "data.loader": "--loader"}
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mpl_fast.train",
         description="Meta Pseudo Labels and its baselines. Defaults come from --preset (or --config FILE); "
                     "any flag overrides them.",
+        epilog=EXIT_CODES_HELP,
     )
     digits = preset("digits")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -84,7 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "part of that tree (the rest from its preset); flags override it. A run's own "
                              "config.json does not reuse that run's output folder")
     parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue the run whose checkpoint.pt (or folder) this is; its config is used")
+                        help="continue the run whose checkpoint.pt (or folder) this is; its config is used. Flags "
+                             f"that may change on a resume: {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} "
+                             "(printed); other flags must equal the run's. A file-based data set needs --data-dir "
+                             "again (the checkpoint alone never chooses the data read)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --output-dir that already holds one (its metrics.jsonl, "
+                             "checkpoints and summary are removed); without it such a folder is refused")
+    parser.add_argument("--allow-world-size-change", action="store_true",
+                        help="with --resume: continue a run under another number of torchrun processes (the "
+                             "global batch and the data shards change); refused otherwise")
     parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="under torchrun: a collective that waits this long for another rank fails the run "
                              "with a message instead of hanging (default: 600)")

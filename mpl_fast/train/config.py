@@ -276,6 +276,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
         need(opt.lr >= 0, f"{name}.lr must be >= 0")
+    from mpl_fast.train.validate import check_ranges  # noqa: PLC0415 - every field's range, flag named
+
+    check_ranges(cfg)
 
 
 def leaves(cls, prefix: str = ""):

@@ -11,6 +11,7 @@ from mpl_fast.algo import finetune, larger_batches
 from mpl_fast.parallel import sharding
 from mpl_fast.train.checkpointing import save_finetuned
 from mpl_fast.train.config import TrainConfig
+from mpl_fast.train.errors import RunStopped
 
 
 @torch.no_grad()
@@ -90,16 +91,17 @@ def evaluate(sess, step: int, seconds: float) -> dict | None:
     return line
 
 
-def finish(sess, step: int, seconds: float, final: dict) -> dict:
+def finish(sess, step: int, seconds: float, final: dict, stop=None) -> dict:
     """Final accuracies, the finetuned student, and the summary dict. ``final`` is the last
     evaluation's line (every model's accuracies at this step, merged across model-parallel
-    ranks): the models have not changed since, so they are not measured again."""
+    ranks): the models have not changed since, so they are not measured again. ``stop()``, when
+    given, is polled after each finetune step; a signal number from it raises RunStopped."""
     cfg, mpl, streams, best = sess.cfg, sess.mpl, sess.streams, sess.best
     val = {k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")}
     test = {k[len("test_"):]: v for k, v in final.items() if k.startswith("test_")}
     models = sess.evaluated_models  # what the final evaluation measured (--fsdp: rank 0's replicas)
     if selection_model(cfg) in models:  # model parallel: on the rank that holds it
-        finish_selected(cfg, models, streams, best, val, test, quiet=not sess.ctx.is_main)
+        finish_selected(cfg, models, streams, best, val, test, quiet=not sess.ctx.is_main, stop=stop)
     val, test = sess.sync.merge(val), sess.sync.merge(test)
     headline = headline_model(cfg)
     if headline == "ema" or headline == "student":
@@ -122,7 +124,7 @@ def finish(sess, step: int, seconds: float, final: dict) -> dict:
 
 
 def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: dict, test: dict,
-                    quiet: bool) -> None:
+                    quiet: bool, stop=None) -> None:
     """The selection model's kept weights (one of ``models``, unsharded): its best-validation
     weights, or its final ones with ``--finetune.start-from final``; then finetuned; their
     accuracies into val/test."""
@@ -137,8 +139,13 @@ def finish_selected(cfg: TrainConfig, models: dict, streams, best: dict, val: di
         batches = ((x.to(device), y.to(device)) for x, y in larger_batches(streams.labeled, cfg.finetune.batch_size))
         with tqdm(total=cfg.finetune.steps, desc="finetune student", dynamic_ncols=True,
                   disable=True if quiet else None) as bar:
+            def on_step():
+                bar.update()
+                if stop is not None and stop() is not None:  # SIGINT/SIGTERM: the run's end stops here
+                    raise RunStopped(f"signal {stop()} during the finetune")
+
             finetune(selected, batches, cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.momentum,
-                     cfg.finetune.weight_decay, on_step=bar.update)
+                     cfg.finetune.weight_decay, on_step=on_step)
         val["finetuned"], test["finetuned"] = accuracy(selected, streams.val), accuracy(selected, streams.test)
         save_finetuned(cfg.output_dir, selected, selection_model(cfg))  # for mpl_fast.load(..., model="finetuned")
 

@@ -13,15 +13,18 @@ import torch
 import torch.distributed as dist
 
 from mpl_fast.algo import MPL
+from mpl_fast.metrics_log import MetricsLog
 from mpl_fast.parallel import model_parallel
 from mpl_fast.parallel.data_parallel import StopAgreement
 from mpl_fast.parallel.distributed import DistContext
+from mpl_fast.train import run_folder
 from mpl_fast.train.build import build_model, build_mpl, build_precision, build_streams
-from mpl_fast.train.checkpointing import restore, truncate_metrics
+from mpl_fast.train.checkpointing import restore, resume_metrics
 from mpl_fast.train.config import TrainConfig, to_dict, validate
 from mpl_fast.train.curves import Curves, plotting_enabled
 from mpl_fast.train.tensorboard_log import TensorBoardLog, check_available
 from mpl_fast.train.topology import Topology, resolve_topology
+from mpl_fast.train.validate import check_data_dir
 
 
 @dataclasses.dataclass
@@ -68,8 +71,7 @@ class Session:
 
     def write_metrics(self, line: dict) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps(line) + "\n")
-            self.metrics.flush()
+            self.metrics.write(line)  # strict JSON: a NaN/inf is written as null
         if self.tensorboard is not None:
             self.tensorboard.write(line)
 
@@ -78,6 +80,7 @@ def check_config(cfg: TrainConfig) -> Topology:
     """Refuses what cannot run, before any work starts (and before joining any process group);
     returns the run's layout."""
     validate(cfg)
+    check_data_dir(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {cfg.device}: no CUDA GPU is visible to torch on this machine "
                          f"(use --device cpu)")
@@ -103,8 +106,6 @@ def setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, topology: Topo
         dist.broadcast_object_list(shared, src=0)
         out_dir = shared[0]
     cfg.output_dir = out_dir
-    if ctx.is_main:
-        os.makedirs(out_dir, exist_ok=True)
     say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
     if cfg.method != "supervised" and cfg.mpl.student_wait_steps >= cfg.steps:
         say(f"warning: the student waits {cfg.mpl.student_wait_steps} steps (--mpl.student-wait-steps) and the run "
@@ -128,19 +129,21 @@ def setup(cfg: TrainConfig, state: dict | None, ctx: DistContext, topology: Topo
     if cfg.fsdp and sess.evaluates:
         sess.make_replica = lambda: build_model(cfg, streams, str(placement.data_device))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if ctx.is_main:  # only now: a run whose inputs fail leaves no half-made folder
+        for path in run_folder.create(out_dir, fresh=state is None):
+            say(f"removed {path}")
     if state is not None:
         restore(sess, state)
         if ctx.is_main:
-            truncate_metrics(metrics_path, sess.start_step)
+            resume_metrics(metrics_path, sess.start_step, finished_part=sess.start_step >= cfg.steps)
         say(f"resumed {out_dir} at step {sess.start_step}")
     elif ctx.is_main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
         with open(os.path.join(out_dir, "split.json"), "w") as f:
             json.dump(streams.split, f)
-        open(metrics_path, "w").close()
     if ctx.is_main:
-        sess.metrics = open(metrics_path, "a")
+        sess.metrics = MetricsLog(metrics_path, append=state is not None)
         if plotting_enabled(cfg.plot):
             sess.curves = Curves(out_dir, say)
         if cfg.tensorboard:

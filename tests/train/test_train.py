@@ -81,13 +81,16 @@ def test_amp_runs_the_teacher_and_the_students_update_in_bf16_and_the_feedback_i
     assert summary["test_top1"]["teacher"] > 70.0 and summary["test_top1"]["student"] > 50.0
 
 
-def test_file_preset_without_data_gives_one_clear_sentence(tmp_path):
+def test_file_preset_without_data_gives_one_clear_sentence(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--preset", "cifar10-4k", "--data.data-dir", str(tmp_path / "nowhere"), "--output-dir",
               str(tmp_path / "out")])
     msg = str(exc.value)
     assert msg.startswith("error:") and "cifar-10" in msg.lower() and "nowhere" in msg
     assert "Traceback" not in msg
+    assert exc.value.code == 2  # bad input; the sentence was printed once, on stderr
+    assert capsys.readouterr().err.strip() == msg
+    assert not (tmp_path / "out").exists()  # no half-made run folder
 
 
 def test_outputs_written(tmp_path):
