@@ -72,8 +72,15 @@ def _get(cfg, dotted: str):
     return cfg
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one `error:` line naming it (the full usage of ~100 flags would bury it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python -m mpl_fast.train --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m mpl_fast.train",
         description="Meta Pseudo Labels and its baselines. Defaults come from --preset (or --config FILE); "
                     "any flag overrides them.",
