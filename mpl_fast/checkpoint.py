@@ -134,6 +134,24 @@ def save_atomic(state: dict, path: str) -> None:
     _fsync_folder(folder)
 
 
+def write_text_atomic(path: str, text: str, *, prefix: str = ".text-") -> None:
+    """Writes ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename, fsync
+    of the folder): a crash leaves the old file or the new one, never a mix. For the small text
+    files beside a checkpoint (metrics after a resume, a label store's manifest)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_folder(folder)
+
+
 def _is_torch_write_failure(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)

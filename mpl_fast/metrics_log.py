@@ -12,8 +12,9 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
+
+from mpl_fast.checkpoint import write_text_atomic
 
 
 class MetricsFileError(ValueError):
@@ -98,18 +99,7 @@ def keep_through_step(path: str, step: int) -> list[dict]:
     if dropped:
         warnings.warn(dropped, MetricsWarning, stacklevel=2)
     kept = [r for r in records if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(to_json_line(r) for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, "".join(to_json_line(r) for r in kept), prefix=".metrics-")
     return kept
 
 

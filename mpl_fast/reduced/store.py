@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from mpl_fast.checkpoint import write_text_atomic
 
 FORMAT = "mpl_fast.teacher_labels/1"
 MANIFEST = "manifest.json"
@@ -88,25 +89,9 @@ def missing_ranges(done, start: int, stop: int) -> list[list[int]]:
 
 
 def write_json_atomic(data: dict, path: str) -> None:
-    """``data`` as JSON at ``path``, atomically: temp file in the same folder, fsync, rename,
-    fsync of the folder; a crash leaves the old file or the new one, never a mix."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``data`` as JSON at ``path``, atomically (mpl_fast.checkpoint.write_text_atomic): a crash
+    leaves the old file or the new one, never a mix."""
+    write_text_atomic(path, json.dumps(data, indent=1), prefix=".manifest-")
 
 
 class TeacherLabelStore:
