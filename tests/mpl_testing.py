@@ -132,3 +132,18 @@ def torchrun_trainer(nproc: int, args: list[str], *, timeout: float, env: dict |
                           env=None if env is None else dict(os.environ, **env))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def reference_student_step_and_h(student, x_us, y_hat, x_l, y_l, lr_s: float):
+    """The MPL student step and feedback by hand (plain SGD, no momentum): the student steps on
+    the pseudo labels (g_u), then h = lr_s * <g_l', g_u> on the labeled batch at the new weights.
+    Updates ``student`` in place; returns h."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    params = list(student.parameters())
+    g_u = torch.autograd.grad(F.cross_entropy(student(x_us), y_hat), params)
+    with torch.no_grad():
+        for p, g in zip(params, g_u):
+            p -= lr_s * g
+    g_l_new = torch.autograd.grad(F.cross_entropy(student(x_l), y_l), params)
+    return lr_s * sum((a * b).sum() for a, b in zip(g_l_new, g_u))

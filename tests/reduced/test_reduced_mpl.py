@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_reduced_label import make_run  # the labeller tests' run-folder maker
+from mpl_testing import reference_student_step_and_h
+from reduced_testing import make_run
 from torch import nn
 
 from mpl_fast.algo import MPL, MPLConfig, Schedules
@@ -69,15 +70,10 @@ def test_reduced_step_matches_hand_written_reference():
     (x_l, y_l), (p_us, x_us) = _batches(3)
     out = _reduced_mpl(t_r, student, lr_t=lr_t, lr_s=lr_s).step((x_l, y_l), (p_us, x_us), clock=0)
 
-    tp, sp = list(ref_t.parameters()), list(ref_s.parameters())
+    tp = list(ref_t.parameters())
     t_us = ref_t(p_us)
     y_hat = t_us.detach().argmax(1)
-    g_u = torch.autograd.grad(F.cross_entropy(ref_s(x_us), y_hat), sp)
-    with torch.no_grad():
-        for p, g in zip(sp, g_u):
-            p -= lr_s * g
-    g_l_new = torch.autograd.grad(F.cross_entropy(ref_s(x_l), y_l), sp)
-    h = lr_s * sum((a * b).sum() for a, b in zip(g_l_new, g_u))
+    h = reference_student_step_and_h(ref_s, x_us, y_hat, x_l, y_l, lr_s)
     g_t = torch.autograd.grad(h * F.cross_entropy(t_us, y_hat), tp)
     with torch.no_grad():
         for p, g in zip(tp, g_t):

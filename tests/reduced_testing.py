@@ -1,0 +1,31 @@
+"""A trainer run folder with a digits-cnn teacher, shared by the reduced-MPL tests (the labeller's
+and the reduced step's)."""
+
+import dataclasses
+import os
+
+import torch
+
+from mpl_fast.data.config import DataConfig
+from mpl_fast.models import create_model
+
+
+def make_run(folder, *, seed=0, num_classes=10, method="uda", best=False, data=None, in_channels=1):
+    """A run folder in the trainer's checkpoint format, with a digits-cnn teacher of random
+    weights (sharpened so that its distributions are peaked like a trained one's)."""
+    torch.manual_seed(seed)
+    teacher = create_model("digits-cnn", num_classes, dropout=0.2, in_channels=in_channels)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(3.0)
+    data = data or DataConfig(dataset="digits")
+    config = {"method": method, "seed": seed, "data": dataclasses.asdict(data),
+              "model": {"name": "digits-cnn", "dropout": 0.2}}
+    state = {"config": config, "step": 1,
+             "mpl": {"teacher": teacher.state_dict(), "student": create_model("digits-cnn", num_classes).state_dict(),
+                     "ema": None},
+             "best": {"val": 50.0 if best else -1.0, "step": 1 if best else -1,
+                      "state": teacher.state_dict() if best else None}}
+    os.makedirs(folder, exist_ok=True)
+    torch.save(state, os.path.join(folder, "checkpoint.pt"))
+    return str(folder), teacher.eval()
