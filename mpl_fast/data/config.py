@@ -22,6 +22,7 @@ class DataConfig:
     dataset: Dataset = "digits"
     data_dir: str | None = None             # file-based data sets only; nothing is downloaded
     unlabeled_dir: str | None = None        # more unlabeled images: a folder or a file list (imagefolder only)
+    in_memory: bool = False                 # imagefolder of small images: decode once, train like CIFAR's arrays
     labels_per_class: int | None = None     # labeled examples per class (CIFAR-10-4K: 400)
     labeled_fraction: float | None = None   # or a fraction of the training set (ImageNet-10%: 0.1)
     val_per_class: int = 0                  # validation carved from the training data (selection)

@@ -88,6 +88,9 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     source = load_source(cfg)
+    if cfg.in_memory:
+        from mpl_fast.data.in_memory import decode_into_memory
+        source = decode_into_memory(source, cfg.image_size)
     image_size = source.image_size
     if not source.train.is_files and cfg.image_size not in (None, source.image_size):
         raise ValueError(f"{source.name} images are {source.image_size}x{source.image_size}; "

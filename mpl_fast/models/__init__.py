@@ -1,10 +1,13 @@
-"""Models by name: WRN-28-2/28-8, the two-moons MLP, a digits CNN, and timm's families.
+"""Models by name: Wide ResNets (wrn28-2, wrn28-8, any wrnD-W with D = 6n+4), the two-moons MLP,
+a digits CNN, and timm's families.
 
 ``create_model(name, num_classes, ...)`` never downloads anything: timm models are built
 with ``pretrained=False``.
 """
 
 from __future__ import annotations
+
+import re
 
 from torch import nn
 
@@ -13,14 +16,21 @@ from mpl_fast.models.wrn import WideResNet
 
 MODEL_NAMES = ("wrn28-2", "wrn28-8", "two-moons-mlp", "digits-cnn")
 TIMM_FAMILIES = ("efficientnet", "tf_efficientnet", "resnet")
+_WRN = re.compile(r"wrn(\d+)-(\d+)")  # WRN-depth-width: wrn10-2 is the CPU-scale CIFAR preset's
+
+
+def is_model_name(name: str) -> bool:
+    """``name`` is one of ours (MODEL_NAMES or a valid wrnD-W), not a timm name."""
+    wrn = _WRN.fullmatch(name)
+    return name in MODEL_NAMES or (wrn is not None and (int(wrn[1]) - 4) % 6 == 0 and int(wrn[1]) >= 10
+                                   and int(wrn[2]) >= 1)
 
 
 def create_model(name: str, num_classes: int, *, dropout: float = 0.0, in_channels: int = 3) -> nn.Module:
     """The model called ``name`` (one of MODEL_NAMES, or a timm EfficientNet/ResNet name)."""
-    if name == "wrn28-2":
-        return WideResNet(num_classes, 28, 2, dropout, in_channels)
-    if name == "wrn28-8":
-        return WideResNet(num_classes, 28, 8, dropout, in_channels)
+    wrn = _WRN.fullmatch(name)
+    if wrn is not None and is_model_name(name):
+        return WideResNet(num_classes, int(wrn[1]), int(wrn[2]), dropout, in_channels)
     if name == "two-moons-mlp":
         return TwoMoonsMLP(num_classes)
     if name == "digits-cnn":
@@ -37,4 +47,4 @@ def create_model(name: str, num_classes: int, *, dropout: float = 0.0, in_channe
                      f"with one of {TIMM_FAMILIES}")
 
 
-__all__ = ["create_model", "MODEL_NAMES", "DigitsCNN", "TwoMoonsMLP", "WideResNet"]
+__all__ = ["create_model", "is_model_name", "MODEL_NAMES", "DigitsCNN", "TwoMoonsMLP", "WideResNet"]

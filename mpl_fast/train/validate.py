@@ -63,7 +63,13 @@ def check_ranges(cfg) -> None:
     need("mpl.uda_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     # (--teacher-device/--student-device are checked with the layout: mpl_fast.train.topology)
     need("device", _usable_device, "a device torch knows and can hold data, e.g. cpu, cuda or cuda:1")
-    need("model.name", _known_model, "one of mpl_fast.models.MODEL_NAMES or a timm model name")
+    need("model.name", _known_model, "one of mpl_fast.models.MODEL_NAMES, wrnD-W (D = 6n+4, e.g. wrn10-2) or a timm model name")
+    if cfg.data.in_memory and cfg.data.dataset != "imagefolder":
+        raise ValueError(f"--data.in-memory decodes an ImageFolder's files once; --data.dataset {cfg.data.dataset} "
+                         "is not one: drop the flag")
+    if cfg.data.in_memory and cfg.data.unlabeled_dir:
+        raise ValueError("--data.in-memory decodes one ImageFolder; --data.unlabeled-dir adds a second source of "
+                         "files: drop one of them")
     if cfg.output_dir is not None and not str(cfg.output_dir).strip():
         raise ValueError("--output-dir is empty: name a folder")
 
@@ -80,9 +86,9 @@ def _usable_device(name: str) -> bool:
 
 
 def _known_model(name: str) -> bool:
-    from mpl_fast.models import MODEL_NAMES  # noqa: PLC0415
+    from mpl_fast.models import is_model_name  # noqa: PLC0415
 
-    if name in MODEL_NAMES:
+    if is_model_name(name):
         return True
     try:
         import timm  # noqa: PLC0415 - only for names that are not ours
