@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
+from mpl_fast.algo.config import METHODS  # noqa: E402
 from mpl_fast.train import run  # noqa: E402
-from mpl_fast.train.config import METHODS, preset, to_dict  # noqa: E402
+from mpl_fast.train.config import preset, to_dict  # noqa: E402
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons", "cifar10": "cifar10-4k-cpu"}
 # Probe variants: (method, config fields changed), run on the same seeds as the methods.
