@@ -191,3 +191,28 @@ def test_mpl_solarize_at_level_10_inverts_every_pixel_as_tfs_wrapping_cast():
     img = torch.arange(0, 256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
     assert table["Solarize"] == 0.0
     assert torch.equal(TF.solarize(img, table["Solarize"]), 255 - img)
+
+
+def test_uda_runs_student_is_mpl_with_the_feedback_term_off():
+    """--method uda trains its student from the UDA teacher's pseudo labels: step for step the
+    same networks as --method mpl with --mpl.mpl-weight 0 (which is how the benchmarks report
+    "MPL with h forced to 0" without a second run)."""
+    from mpl_fast.train import build_mpl, build_parser, build_streams, config_from_args
+
+    nets = {}
+    for argv in (["--method", "uda"], ["--method", "mpl", "--mpl.mpl-weight", "0"], ["--method", "mpl"]):
+        cfg = config_from_args(build_parser().parse_args([*argv, "--mpl.student-wait-steps", "0", "--teacher.warmup-steps",
+                                                          "0", "--student.warmup-steps", "0"]))
+        streams = build_streams(cfg)
+        torch.manual_seed(cfg.seed)
+        mpl = build_mpl(cfg, streams)
+        for clock in range(6):
+            mpl.step(next(streams.labeled), next(streams.unlabeled), clock)
+        nets[argv[-1]] = {f"{name}.{k}": v.clone() for name, net in (("teacher", mpl.teacher), ("student", mpl.student))
+                          for k, v in net.state_dict().items()}
+    uda, h0, mpl_ = nets["uda"], nets["0"], nets["mpl"]
+    def largest_gap(a, b):
+        return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+    assert largest_gap(uda, h0) < 1e-6    # round-off at most: the zero-weight term still joins the backward's sums
+    assert largest_gap(uda, mpl_) > 1e-4  # while the feedback term does move the teacher
