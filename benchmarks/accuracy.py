@@ -225,8 +225,9 @@ def main(argv=None) -> int:
             parser.error("--datasets cifar10 reads CIFAR-10 as JPEG files: give --cifar10 FOLDER_OR_ZIP")
         data_dirs["cifar10"] = cifar10_folder(args.cifar10, args.cache)
 
+    # Seed-major: every variant's first seed finishes before any second seed starts.
     configs = [run_config(d, v, seed, args.steps, out_root, args.threads, args.amp, args.device, data_dirs[d])
-               for d in args.datasets for v in args.methods for seed in seeds]
+               for seed in seeds for d in args.datasets for v in args.methods]
     results: dict = {"seeds": seeds, "amp": args.amp, "runs": [], "table": {}, "h": {}}
     pool = concurrent.futures.ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
     try:
