@@ -122,8 +122,6 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
     stats = new_stats(loader)
     stats.update({f"skipped_{k}": len(v) for k, v in source.skipped.items()})
     if loader == "dali":
-        if with_indices:
-            raise ValueError("the DALI pipeline does not yield image indices (reduced MPL) yet: use --data.loader torch")
         from mpl_fast.data.dali_pipeline import build_dali_streams as build
     else:
         from mpl_fast.data.torch_pipeline import build_torch_streams as build

@@ -21,7 +21,8 @@ from reduced_testing import make_run
 
 from mpl_fast.data import build_streams as data_streams
 from mpl_fast.data.config import DataConfig
-from mpl_fast.data.files import load_source
+from mpl_fast.data.dali_pipeline import dali_unavailable_reason
+from mpl_fast.data.files import load_source, resolve_split
 from mpl_fast.data.unlabeled import unlabeled_files
 from mpl_fast.reduced.label import label
 from mpl_fast.train import build
@@ -29,7 +30,8 @@ from mpl_fast.train import build
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEVELS = (20, 90, 160, 230)
 SIZE = 32
-LOADERS = ["torch"]
+NO_DALI = dali_unavailable_reason()
+LOADERS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(NO_DALI is not None, reason=f"{NO_DALI}"))]
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the folder's broken file
 
@@ -81,8 +83,9 @@ def world(tmp_path_factory):
     data = DataConfig(dataset="imagefolder", data_dir=labeled, image_size=SIZE)
     run, teacher = make_run(str(tmp / "teacher"), num_classes=3, data=data, in_channels=3)
     label(run, str(tmp / "labels"), unlabeled_dir=unlabeled, top_k=0, batch_size=8, workers=0, progress=False)
+    label(run, str(tmp / "train_labels"), top_k=0, batch_size=8, workers=0, progress=False)
     return {"tmp": tmp, "labeled": labeled, "unlabeled": unlabeled, "run": run, "teacher": teacher,
-            "labels": str(tmp / "labels")}
+            "labels": str(tmp / "labels"), "train_labels": str(tmp / "train_labels")}
 
 
 def reduced_cfg(world, out_dir=None, loader="torch", **overrides):
@@ -123,26 +126,38 @@ def teacher_on_colours(teacher, colours: np.ndarray, mean, std) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_the_stream_draws_the_folder_and_fetches_each_files_row(world, loader):
+@pytest.mark.parametrize("pool", ["folder", "training set"])
+def test_the_stream_draws_the_folder_and_fetches_each_files_row(world, loader, pool):
     """Through the trainer's builder: every unlabeled image comes from the separate folder (none
     from the training set), the index next to it is that file's position in the folder's order
     (the colour of the augmented image is the file's), and the distribution fetched for it equals
-    the large teacher's output on that file (recomputed from the colour) to fp16 round-off."""
-    cfg = reduced_cfg(world, loader=loader)
+    the large teacher's output on that file (recomputed from the colour) to fp16 round-off.
+    Without --data.unlabeled-dir the same holds for the training set and its training-set indices."""
+    if pool == "folder":
+        cfg = reduced_cfg(world, loader=loader)
+        paths, _ = unlabeled_files(world["unlabeled"])
+        allowed = set(range(len(paths)))
+    else:
+        cfg = reduced_cfg(world, loader=loader, data__unlabeled_dir=None, reduced__labels=world["train_labels"])
+        source = load_source(cfg.data)
+        paths = source.train.images
+        allowed = set(np.asarray(resolve_split(cfg.data, source, cfg.seed)[0]["unlabeled"]).tolist())  # not val
     source = load_source(cfg.data)
-    paths, _ = unlabeled_files(world["unlabeled"])
     colours = file_colours(paths)
     broken = [i for i, p in enumerate(paths) if p.endswith("zz_broken.png")]
     streams = build.build_streams(cfg)
     raw = data_streams(cfg.data, seed=cfg.seed, with_indices=True).unlabeled  # the same draws, with indices
-    assert streams.split["unlabeled_extra"] == {"source": world["unlabeled"], "count": 31, "only": True}
+    if pool == "folder":
+        assert streams.split["unlabeled_extra"] == {"source": world["unlabeled"], "count": 31, "only": True}
+    else:
+        assert len(allowed) == 9 and "unlabeled_extra" not in streams.split
     seen, fetched = [], []
     for _ in range(5):
         p, strong = next(streams.unlabeled)
         weak_r, strong_r, index = next(raw)
         assert torch.equal(strong, strong_r)
         assert index.dtype == torch.int64 and index.shape == (6,)
-        assert 0 <= index.min() and index.max() < len(paths) and not set(broken) & set(index.tolist())
+        assert set(index.tolist()) <= allowed and not set(broken) & set(index.tolist())
         got = batch_colours(weak_r, source.mean, source.std)
         nearest = np.abs(got[:, None, :] - colours[None, :, :]).max(2).argmin(1)
         assert nearest.tolist() == index.tolist()  # the image came from file `index`
@@ -151,7 +166,7 @@ def test_the_stream_draws_the_folder_and_fetches_each_files_row(world, loader):
         seen += index.tolist()
         fetched.append(p)
     fetched = torch.cat(fetched)
-    assert len(set(seen)) >= 20  # the draws cover the folder, not a few files
+    assert len(set(seen)) >= min(20, len(allowed))  # the draws cover the pool, not a few files
     assert (fetched.max(0).values - fetched.min(0).values).max() > 0.05  # the rows differ between files
 
 
@@ -168,11 +183,33 @@ def test_the_indices_resume_exactly(world, loader):
     assert all(torch.equal(a, next(resumed)[2]) for a in ahead)
 
 
-def test_a_reduced_run_on_the_folder_trains_and_resumes_exactly(world, tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_each_rank_draws_its_own_shard_with_its_indices(world, loader):
+    """Data parallel: the index still names the image next to it on every rank, and the ranks'
+    first batches (within one pass over the folder) hold different images."""
+    cfg = reduced_cfg(world, loader=loader)
+    source = load_source(cfg.data)
+    colours = file_colours(unlabeled_files(world["unlabeled"])[0])
+    per_rank = []
+    for rank in range(2):
+        stream = data_streams(cfg.data, seed=cfg.seed, rank=rank, world_size=2, with_indices=True).unlabeled
+        drawn = []
+        for _ in range(2):
+            weak, _, index = next(stream)
+            got = batch_colours(weak, source.mean, source.std)
+            assert np.abs(got[:, None, :] - colours[None, :, :]).max(2).argmin(1).tolist() == index.tolist()
+            drawn += index.tolist()
+        per_rank.append(set(drawn))
+    # different shards (the broken file's stand-in may come from the other rank's shard)
+    assert len(per_rank[0] & per_rank[1]) <= 1 and len(per_rank[0] | per_rank[1]) >= 20
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_reduced_run_on_the_folder_trains_and_resumes_exactly(world, tmp_path, loader):
     from mpl_fast.train import run
 
     def cfg(name):
-        return reduced_cfg(world, tmp_path / name, checkpoint_every=3, log_every=1)
+        return reduced_cfg(world, tmp_path / name, loader=loader, checkpoint_every=3, log_every=1)
 
     run(cfg("full"), progress=False, quiet=True)
     run(cfg("part"), progress=False, quiet=True, stop_after=3)
