@@ -270,8 +270,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.method == "reduced-mpl":
         need(not cfg.model_parallel, "--method reduced-mpl has no large teacher to place on another device: "
              "leave --model-parallel off")
-        need(not cfg.fsdp, "--method reduced-mpl with --fsdp is not supported yet: use data parallel (torchrun "
-             "without --fsdp)")
         need(cfg.reduced.hidden >= 1, "reduced.hidden must be >= 1")
     for name in ("teacher", "student"):
         opt: OptimConfig = getattr(cfg, name)
