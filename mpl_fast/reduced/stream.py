@@ -13,10 +13,13 @@ def open_store_for_run(labels: str, data: DataConfig, num_classes: int) -> Teach
     """The store ``labels`` (read-only), after checking that it holds the labels of the images
     this run's unlabeled stream draws: the images of ``data.unlabeled_dir`` when given (the
     paper's separate unlabeled set), else the training set; over ``num_classes`` classes; and
-    finished. Every refusal is one sentence (a StoreError) naming --reduced.labels."""
+    finished. Every refusal is one sentence (a StoreError) naming the flag at fault."""
     store = TeacherLabelStore.open(labels)
     stored, folder = store.manifest["dataset"], data.unlabeled_dir
     of_folder = stored.get("name") == UNLABELED_FOLDER
+    if folder and data.dataset != "imagefolder":
+        raise StoreError(f"--data.unlabeled-dir holds image files, and the run's data set {data.dataset!r} is not an "
+                         "image folder: use --data.dataset imagefolder or leave --data.unlabeled-dir out")
     if folder and not of_folder:
         raise StoreError(f"--reduced.labels {labels} holds labels of the training set ({stored.get('name')}), but "
                          f"with --data.unlabeled-dir {folder} the unlabeled images are that folder's: label it with "
@@ -25,9 +28,6 @@ def open_store_for_run(labels: str, data: DataConfig, num_classes: int) -> Teach
         raise StoreError(f"--reduced.labels {labels} holds labels of a separate unlabeled folder "
                          f"({stored.get('num_images')} images), but without --data.unlabeled-dir the unlabeled "
                          "images are the training set's: pass the labelled folder as --data.unlabeled-dir")
-    if folder and data.dataset != "imagefolder":
-        raise StoreError(f"--data.unlabeled-dir holds image files, and the run's data set {data.dataset!r} is not an "
-                         "image folder: use --data.dataset imagefolder or leave --data.unlabeled-dir out")
     identity = images_to_label(data, unlabeled_dir=folder).identity
     if folder:
         mismatch = dataset_mismatch(stored, identity)

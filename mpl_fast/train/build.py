@@ -58,7 +58,8 @@ def with_stored_labels(cfg: TrainConfig, streams):
     try:
         store = open_store_for_run(cfg.reduced.labels, cfg.data, streams.num_classes)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # StoreError is a ValueError
-        message = str(exc) if "--reduced.labels" in str(exc) else f"--reduced.labels: {exc}"
+        named = "--reduced.labels" in str(exc) or "--data.unlabeled-dir" in str(exc)
+        message = str(exc) if named else f"--reduced.labels: {exc}"
         raise SystemExit(f"error: {message}") from None
     streams.unlabeled = StoredTeacherInputs(streams.unlabeled, store)
     return streams

@@ -26,6 +26,7 @@ from mpl_fast.data.files import load_source, resolve_split
 from mpl_fast.data.unlabeled import unlabeled_files
 from mpl_fast.reduced.label import label
 from mpl_fast.train import build
+from mpl_fast.train.config import preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEVELS = (20, 90, 160, 230)
@@ -256,6 +257,11 @@ def test_labels_of_other_images_are_refused_in_one_sentence(world, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(world["unlabeled"], moved)
     assert build.build_streams(reduced_cfg(world, data__unlabeled_dir=str(moved))).num_classes == 3
+    # a folder next to an embedded data set
+    digits = set_fields(preset("digits-reduced"), reduced__labels=world["labels"], data__unlabeled_dir=world["unlabeled"])
+    with pytest.raises(SystemExit, match="^error: --data.unlabeled-dir holds image files, and the run's data set "
+                                         "'digits' is not an image folder"):
+        build.build_streams(digits)
     # through the command line: one line, no traceback
     proc = subprocess.run([sys.executable, "-m", "mpl_fast.train", "--preset", "imagenet-10pct", "--method",
                            "reduced-mpl", "--data.data-dir", world["labeled"], "--data.image-size", str(SIZE),
