@@ -85,8 +85,15 @@ def world(tmp_path_factory):
     run, teacher = make_run(str(tmp / "teacher"), num_classes=3, data=data, in_channels=3)
     label(run, str(tmp / "labels"), unlabeled_dir=unlabeled, top_k=0, batch_size=8, workers=0, progress=False)
     label(run, str(tmp / "train_labels"), top_k=0, batch_size=8, workers=0, progress=False)
+    # a file list naming the folder's readable images in reverse order, relative to the list
+    paths, _ = unlabeled_files(unlabeled)
+    listing = tmp / "list.txt"
+    listing.write_text("# reversed\n" + "\n".join(os.path.relpath(p, tmp) for p in reversed(paths)
+                                                 if not p.endswith("zz_broken.png")) + "\n")
+    label(run, str(tmp / "list_labels"), unlabeled_dir=str(listing), top_k=0, batch_size=8, workers=0, progress=False)
     return {"tmp": tmp, "labeled": labeled, "unlabeled": unlabeled, "run": run, "teacher": teacher,
-            "labels": str(tmp / "labels"), "train_labels": str(tmp / "train_labels")}
+            "labels": str(tmp / "labels"), "train_labels": str(tmp / "train_labels"), "list": str(listing),
+            "list_labels": str(tmp / "list_labels")}
 
 
 def reduced_cfg(world, out_dir=None, loader="torch", **overrides):
@@ -127,16 +134,23 @@ def teacher_on_colours(teacher, colours: np.ndarray, mean, std) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-@pytest.mark.parametrize("pool", ["folder", "training set"])
+@pytest.mark.parametrize("pool", ["folder", "file list", "training set"])
 def test_the_stream_draws_the_folder_and_fetches_each_files_row(world, loader, pool):
     """Through the trainer's builder: every unlabeled image comes from the separate folder (none
     from the training set), the index next to it is that file's position in the folder's order
     (the colour of the augmented image is the file's), and the distribution fetched for it equals
     the large teacher's output on that file (recomputed from the colour) to fp16 round-off.
-    Without --data.unlabeled-dir the same holds for the training set and its training-set indices."""
+    The same for a file list (labelled and read in the list's order), and without
+    --data.unlabeled-dir for the training set and its training-set indices."""
     if pool == "folder":
         cfg = reduced_cfg(world, loader=loader)
         paths, _ = unlabeled_files(world["unlabeled"])
+        allowed = set(range(len(paths)))
+    elif pool == "file list":
+        cfg = reduced_cfg(world, loader=loader, data__unlabeled_dir=world["list"], reduced__labels=world["list_labels"])
+        paths, _ = unlabeled_files(world["list"])
+        folder_paths = [p for p in unlabeled_files(world["unlabeled"])[0] if not p.endswith("zz_broken.png")]
+        assert paths == folder_paths[::-1]
         allowed = set(range(len(paths)))
     else:
         cfg = reduced_cfg(world, loader=loader, data__unlabeled_dir=None, reduced__labels=world["train_labels"])
@@ -148,8 +162,8 @@ def test_the_stream_draws_the_folder_and_fetches_each_files_row(world, loader, p
     broken = [i for i, p in enumerate(paths) if p.endswith("zz_broken.png")]
     streams = build.build_streams(cfg)
     raw = data_streams(cfg.data, seed=cfg.seed, with_indices=True).unlabeled  # the same draws, with indices
-    if pool == "folder":
-        assert streams.split["unlabeled_extra"] == {"source": world["unlabeled"], "count": 31, "only": True}
+    if pool != "training set":
+        assert streams.split["unlabeled_extra"] == {"source": cfg.data.unlabeled_dir, "count": len(paths), "only": True}
     else:
         assert len(allowed) == 9 and "unlabeled_extra" not in streams.split
     seen, fetched = [], []
