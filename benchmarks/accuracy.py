@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                 # digits and two-moons, 4 methods, 5 seeds
     python benchmarks/accuracy.py --quick         # 2 seeds, fewer steps
     python benchmarks/accuracy.py --datasets digits --seeds 0 1 2
+    python benchmarks/accuracy.py --datasets two-moons --methods supervised pseudo-labels uda-h0 mpl true-labels
 
 Every method runs the same preset (same data, split, model, steps, schedules) and differs
 only in --method; the number reported per run is the method's headline model (summary.json
@@ -25,15 +26,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 from mpl_fast.train import run  # noqa: E402
-from mpl_fast.train.config import METHODS, preset  # noqa: E402
+from mpl_fast.algo.config import METHODS  # noqa: E402
+from mpl_fast.train.config import preset  # noqa: E402
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons"}
+
+# Benchmark-only variants, run as methods of their own: (trainer method, config overrides, data sets).
+VARIANTS = {
+    # MPL's step with the MPL term weighted 0 (h has no effect): a UDA teacher, and its student as headline.
+    "uda-h0": ("mpl", {"mpl.mpl_weight": 0.0}, ("digits", "two-moons")),
+    # MPL without UDA on the teacher: the MPL term and the supervised loss alone.
+    "mpl-no-uda": ("mpl", {"mpl.uda_weight": 0.0}, ("digits", "two-moons")),
+    # The true-label ceiling: the student alone on every training point's true label, one full
+    # batch of all 2000 points per step, with the preset's student optimizer and steps.
+    "true-labels": ("supervised", {"data.labels_per_class": 1000, "data.batch_size": 2000}, ("two-moons",)),
+}
+
+
+def _override(cfg, dotted: str, value) -> None:
+    *path, leaf = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
 
 
 def run_one(dataset: str, method: str, seed: int, steps: int | None, out_root: str, threads: int,
             profile: str | None = None, amp: bool = False, device: str = "cpu") -> dict:
     cfg = preset(PRESET_OF[dataset])
-    cfg.method, cfg.seed, cfg.threads, cfg.amp, cfg.device = method, seed, threads, amp, device
+    trainer_method, overrides, _ = VARIANTS.get(method, (method, {}, ()))
+    cfg.method, cfg.seed, cfg.threads, cfg.amp, cfg.device = trainer_method, seed, threads, amp, device
+    for dotted, value in overrides.items():
+        _override(cfg, dotted, value)
     if steps is not None:
         cfg.steps = steps
     cfg.checkpoint_every = 0
@@ -56,8 +80,11 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["digits", "two-moons"], choices=sorted(PRESET_OF))
-    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "reduced-mpl"], choices=METHODS,
-                        help="default: all but reduced-mpl (it needs stored labels: benchmarks/bench_reduced.py)")
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "reduced-mpl"],
+                        choices=list(METHODS) + list(VARIANTS),
+                        help="default: all but reduced-mpl (it needs stored labels: benchmarks/bench_reduced.py); "
+                             "variants: uda-h0 (MPL with --mpl.mpl-weight 0), mpl-no-uda (--mpl.uda-weight 0), "
+                             "true-labels (two-moons: the student on all true labels)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="override the presets' step counts")
     common.add_common_flags(parser, quick="2 seeds", device="cpu", threads=1, threads_help="torch threads per run",
@@ -65,6 +92,10 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", action="store_true", help="train with --amp (bf16 autocast, see docs/amp.md)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args(argv)
+    for method in args.methods:
+        if method in VARIANTS and any(d not in VARIANTS[method][2] for d in args.datasets):
+            parser.error(f"--methods {method} is defined for {', '.join(VARIANTS[method][2])} only: "
+                         f"drop it or choose --datasets among those")
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
     out_root = args.out or tempfile.mkdtemp(prefix="mpl-accuracy-")
 
