@@ -6,9 +6,10 @@
     python benchmarks/accuracy.py --datasets two-moons --methods supervised pseudo-labels uda-h0 mpl true-labels
 
 Every method runs the same preset (same data, split, model, steps, schedules) and differs
-only in --method; the number reported per run is the method's headline model (summary.json
-"headline": MPL/pseudo-labels/supervised: the best-on-validation student, finetuned when the
-preset finetunes; UDA: its teacher). Prints a mean +- std table and writes the same numbers
+only in --method, or in a few settings for the variants named in VARIANTS below; the number
+reported per run is the method's headline model (summary.json "headline": MPL/pseudo-labels/
+supervised: the best-on-validation student, finetuned when the preset finetunes; UDA: its
+teacher). Prints a mean +- std table and writes the same numbers
 as JSON (--json, default benchmarks/results/accuracy/<date>_<data sets>.json).
 """
 
@@ -106,6 +107,9 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 s = run_one(dataset, method, seed, args.steps, out_root, args.threads, args.profile, args.amp,
                             args.device)
+                if s.get("interrupted"):  # SIGINT/SIGTERM: the run saved a checkpoint and returned early
+                    sys.exit(f"accuracy.py: {dataset} {method} seed {seed} was stopped by a signal at step "
+                             f"{s['step']}; no results file written (the finished runs are printed above)")
                 row = {"dataset": dataset, "method": method, "seed": seed,
                        "headline_model": s["headline"]["model"], "test_top1": s["headline"]["test_top1"],
                        "all_test_top1": s["test_top1"], "seconds": round(time.perf_counter() - t0, 1)}
