@@ -212,9 +212,11 @@ def dry_run_report(cfg, fsdp_devices: int = 8, model_parallel_ranks: int = 2, sh
     footprint = measure_footprint(model, shape, activation_checkpointing=checkpointing)
     if cfg.method == "reduced-mpl":
         return _reduced_report(cfg, model, footprint, num_classes, shape, fsdp_devices)
+    unlabeled = (f"unlabeled: the whole pool each step (--data.full-unlabeled-batch; the estimate counts only "
+                 f"{cfg.data.mu}x the labeled batch)" if cfg.data.full_unlabeled_batch
+                 else f"unlabeled {cfg.data.mu}x that (weak + strong)")
     lines = [f"{cfg.preset}: {cfg.model.name}, {footprint.parameters:,} parameters per network "
-             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, "
-             f"unlabeled {cfg.data.mu}x that (weak + strong)",
+             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, {unlabeled}",
              "estimated peak memory of one MPL step per device (weights, gradients, momentum, g_u, activations):"]
     if checkpointing:
         plain = measure_footprint(model, shape)

@@ -61,6 +61,10 @@ def check_ranges(cfg) -> None:
         need(f"mpl.{leaf}", finite_nonneg, "a finite number >= 0")
     need("mpl.label_smoothing", lambda v: v < 1.0, "in [0, 1)")
     need("mpl.uda_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    need("data.jitter_std", finite_nonneg, "a finite number >= 0")
+    if cfg.data.full_unlabeled_batch and cfg.data.dataset in FILE_DATASETS:
+        raise ValueError(f"--data.full-unlabeled-batch is for the embedded data sets (digits, two-moons), not "
+                         f"{cfg.data.dataset}: set the unlabeled batch of file data sets with --data.mu")
     # (--teacher-device/--student-device are checked with the layout: mpl_fast.train.topology)
     need("device", _usable_device, "a device torch knows and can hold data, e.g. cpu, cuda or cuda:1")
     need("model.name", _known_model, "one of mpl_fast.models.MODEL_NAMES, wrnD-W (D = 6n+4, e.g. wrn10-2) or a timm model name")
