@@ -3,18 +3,21 @@
     python benchmarks/accuracy.py                 # digits and two-moons, 4 methods, 5 seeds
     python benchmarks/accuracy.py --quick         # 2 seeds, fewer steps
     python benchmarks/accuracy.py --datasets digits --seeds 0 1 2
+    python benchmarks/accuracy.py --datasets two-moons --methods supervised pseudo-labels uda-h0 mpl true-labels
     python benchmarks/accuracy.py --datasets cifar10 --cifar10 cifar10-jpg.zip --seeds 0 1 2 --jobs 2 \
-        --out runs/accuracy-cifar10 --methods supervised pseudo-labels uda mpl mpl-h0
+        --out runs/accuracy-cifar10 --methods mpl uda pseudo-labels supervised
 
 cifar10 is CIFAR-10 as JPEG files (train/<class>/, test/<class>/; a folder, or a zip of one that
-is unpacked into --cache) on the cifar10-4k-cpu preset. Besides the methods, probe variants of
-MPL run on the same seeds: mpl-h0 (the MPL term's weight 0: the student learns from a UDA teacher
-that gets no feedback), mpl-no-baseline (h without its moving-average baseline), mpl-sample and
-mpl-soft (other pseudo-label kinds). --jobs runs that many runs side by side (one process each);
-with --out, a run whose folder already holds the same config's summary.json is read, not rerun.
+is unpacked into --cache) on the cifar10-4k-cpu preset. Besides the methods, probe variants run
+on the same seeds (VARIANTS below): uda-h0 (MPL's step with the MPL term weighted 0: a UDA
+teacher and its student; --method uda trains the same networks bit for bit), mpl-no-uda,
+mpl-no-baseline (h without its moving-average baseline), mpl-sample and mpl-soft (other
+pseudo-label kinds), true-labels (two-moons' ceiling). --jobs runs that many runs side by side
+(one process each); with --out, a run whose folder already holds the same config's finished
+summary.json is read, not rerun.
 
 Every method runs the same preset (same data, split, model, steps, schedules) and differs
-only in --method; the number reported per run is the method's headline model (summary.json
+only in --method, or in the few settings of a variant; the number reported per run is the method's headline model (summary.json
 "headline": MPL/pseudo-labels/supervised: the best-on-validation student, finetuned when the
 preset finetunes; UDA: its teacher). Prints a mean +- std table and writes the same numbers
 as JSON (--json, default benchmarks/results/accuracy/<date>_<data sets>.json).
@@ -41,12 +44,19 @@ from mpl_fast.train import run  # noqa: E402
 from mpl_fast.train.config import preset, to_dict  # noqa: E402
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons", "cifar10": "cifar10-4k-cpu"}
-# Probe variants: (method, config fields changed), run on the same seeds as the methods.
+# Benchmark-only variants, run as methods of their own on the same seeds:
+# (trainer method, config fields changed, the data sets it is defined for; None = all).
 VARIANTS = {
-    "mpl-h0": ("mpl", {"mpl.mpl_weight": 0.0}),
-    "mpl-no-baseline": ("mpl", {"mpl.baseline": "off"}),
-    "mpl-sample": ("mpl", {"mpl.pseudo_labels": "sample"}),
-    "mpl-soft": ("mpl", {"mpl.pseudo_labels": "soft"}),
+    # MPL's step with the MPL term weighted 0 (h has no effect): a UDA teacher, its student as headline.
+    "uda-h0": ("mpl", {"mpl.mpl_weight": 0.0}, None),
+    # MPL without UDA on the teacher: the MPL term and the supervised loss alone.
+    "mpl-no-uda": ("mpl", {"mpl.uda_weight": 0.0}, None),
+    "mpl-no-baseline": ("mpl", {"mpl.baseline": "off"}, None),
+    "mpl-sample": ("mpl", {"mpl.pseudo_labels": "sample"}, None),
+    "mpl-soft": ("mpl", {"mpl.pseudo_labels": "soft"}, None),
+    # The true-label ceiling: the student alone on every training point's true label, one full
+    # batch of all 2000 points per step, with the preset's student optimizer and steps.
+    "true-labels": ("supervised", {"data.labels_per_class": 1000, "data.batch_size": 2000}, ("two-moons",)),
 }
 # The network whose test accuracy a method's curve shows (its headline before selection).
 CURVE_MODEL = {"uda": "teacher"}
@@ -56,7 +66,7 @@ _BOOKKEEPING = ("output_dir", "checkpoint_every", "plot", "tensorboard")
 
 def run_config(dataset: str, variant: str, seed: int, steps: int | None, out_root: str, threads: int | None,
                amp: bool | None, device: str, data_dir: str | None):
-    method, changes = VARIANTS.get(variant, (variant, {}))
+    method, changes, _ = VARIANTS.get(variant, (variant, {}, None))
     cfg = preset(PRESET_OF[dataset])
     cfg.method, cfg.seed, cfg.device = method, seed, device
     if threads is not None:
@@ -66,8 +76,11 @@ def run_config(dataset: str, variant: str, seed: int, steps: int | None, out_roo
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     for name, value in changes.items():
-        section, leaf = name.split(".")
-        setattr(getattr(cfg, section), leaf, value)
+        *path, leaf = name.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
     if steps is not None:
         cfg.steps = steps
     cfg.checkpoint_every = 0
@@ -81,8 +94,9 @@ def _same_run(cfg, run_dir: str) -> bool:
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
         with open(os.path.join(run_dir, "summary.json")) as f:
-            json.load(f)
-    except (OSError, ValueError):
+            if json.load(f).get("interrupted"):
+                return False
+    except (OSError, ValueError, AttributeError):
         return False
     wanted = to_dict(cfg)
     saved = saved.get("config", saved)
@@ -201,7 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "reduced-mpl"],
                         choices=[*METHODS, *VARIANTS],
                         help="methods and probe variants (default: every method but reduced-mpl, which needs "
-                             "stored labels: benchmarks/bench_reduced.py)")
+                             "stored labels: benchmarks/bench_reduced.py); the variants are listed above")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="override the presets' step counts")
     common.add_common_flags(parser, quick="2 seeds", device="cpu", threads=None,
@@ -217,6 +231,11 @@ def main(argv=None) -> int:
                                                    "runs found there are read, not rerun")
     parser.add_argument("--plot", default=None, help="accuracy-vs-step PNG per data set (default: beside the JSON)")
     args = parser.parse_args(argv)
+    for method in args.methods:
+        allowed = VARIANTS.get(method, (None, None, None))[2]
+        if allowed is not None and any(d not in allowed for d in args.datasets):
+            parser.error(f"--methods {method} is defined for {', '.join(allowed)} only: drop it or choose "
+                         "--datasets among those")
     seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2, 3, 4])
     out_root = args.out or tempfile.mkdtemp(prefix="mpl-accuracy-")
     data_dirs = {d: None for d in args.datasets}
@@ -236,6 +255,9 @@ def main(argv=None) -> int:
         else:
             outcomes = pool.map(_timed_run, configs, [args.profile] * len(configs))
         for cfg, (s, seconds) in zip(configs, outcomes):
+            if s.get("interrupted"):  # SIGINT/SIGTERM: the run saved a checkpoint and returned early
+                sys.exit(f"accuracy.py: {os.path.basename(cfg.output_dir)} was stopped by a signal at step "
+                         f"{s.get('step')}; no results file written (the finished runs are printed above)")
             name = os.path.basename(cfg.output_dir)
             dataset = next(d for d in sorted(args.datasets, key=len, reverse=True) if name.startswith(d + "-"))
             variant = name[len(dataset) + 1:name.rindex("-")]

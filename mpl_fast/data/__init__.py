@@ -13,8 +13,10 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int 
 
     ``rank``/``world_size`` shard the training streams for data-parallel runs; ``device`` is
     where batches should land (GPU pipelines decode and augment there). ``with_indices``: the
-    unlabeled stream also yields each image's training-set index (weak, strong, index), for
-    reduced MPL (embedded data and the torch DataLoader pipeline; DALI refuses it so far).
+    unlabeled stream also yields each image's index (weak, strong, index), the row of a
+    teacher-label store, for reduced MPL (every reader and both pipelines): the index in
+    ``cfg.unlabeled_dir``'s order when given (the stream then draws that folder alone), else
+    the training-set index (mpl_fast.data.files).
     """
     if cfg.dataset in EMBEDDED_DATASETS:
         from mpl_fast.data.embedded import build_embedded_streams

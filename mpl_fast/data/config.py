@@ -29,6 +29,10 @@ class DataConfig:
     split_file: str | None = None           # a saved/user-given split instead of drawing one
     batch_size: int = 64                    # labeled batch per step (per rank)
     mu: int = 7                             # unlabeled batch = mu * batch_size
+    # Embedded data sets: the unlabeled batch is the whole unlabeled pool every step (each step a
+    # fresh order; mu is then unused), as full-batch training on a toy set.
+    full_unlabeled_batch: bool = False
+    jitter_std: float = 0.05                # two-moons: std of the strong view's Gaussian jitter
     eval_batch_size: int = 256
     image_size: int | None = None           # resize/crop target; None = the data set's own
     randaug_num_ops: int = 2                # strong view: RandAugment ops per image

@@ -223,8 +223,16 @@ class DaliEvalBatches:
 
 
 def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, source, seed: int,
-                       rank: int, world_size: int, device, stats: dict, image_size: int):
-    """(labeled, unlabeled, val, test) streams through DALI pipelines."""
+                       rank: int, world_size: int, device, stats: dict, image_size: int,
+                       with_indices: bool = False, unlabeled_set: LabeledSet | None = None):
+    """(labeled, unlabeled, val, test) streams through DALI pipelines; ``with_indices``: the
+    unlabeled stream yields (weak, strong, index). ``unlabeled_set``: the unlabeled stream reads
+    this set (``split["unlabeled"]`` indexes it) instead of ``data``.
+
+    The unlabeled reader's "label" of each file is the file's index in its set (the labels of
+    unlabeled images are never read): it travels with the file through DALI's shuffling,
+    sharding and checkpoints, so each image's index comes out next to it, and a resumed stream
+    gives the same indices as an uninterrupted one."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     device_id = (device.index or 0) if on_gpu else None
@@ -234,16 +242,20 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
                   policy=cfg.randaug_policy, cutout=cfg.cutout)
     finish = _Finish(device=device, mean=source.mean, std=source.std, strong=strong, stats=stats,
                      strict=cfg.strict)
+    pool = data if unlabeled_set is None else unlabeled_set
 
-    used = np.unique(np.concatenate([split["labeled"], split["unlabeled"], split["val"]]))
-    bad = find_bad_files([data.images[i] for i in used] + list(test.images), stats, cfg.strict)
+    used = np.unique(np.concatenate([split["labeled"], split["val"]]))
+    bad = find_bad_files([data.images[i] for i in used] + [pool.images[i] for i in np.unique(split["unlabeled"])]
+                         + list(test.images), stats, cfg.strict)
 
     def subset(labeled_set, indices):
-        keep = [i for i in indices if labeled_set.images[i] not in bad]
-        return [labeled_set.images[i] for i in keep], [int(labeled_set.labels[i]) for i in keep]
+        keep = [int(i) for i in indices if labeled_set.images[i] not in bad]
+        return [labeled_set.images[i] for i in keep], [int(labeled_set.labels[i]) for i in keep], keep
 
-    def train(view, indices, batch_size):
-        files, labels = subset(data, indices)
+    def train(view, indices, batch_size, images=data):
+        files, labels, keep = subset(images, indices)
+        if view == UNLABELED:
+            labels = keep  # each file's index in its set (see the docstring)
         if len(files) < world_size:
             raise ValueError(f"the {view} set has {len(files)} readable images, fewer than the "
                              f"{world_size} ranks")
@@ -261,19 +273,20 @@ def build_dali_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, 
     def labeled_batch(number, images, labels):
         return finish.normalize(images.to(device)), labels.to(device)
 
-    def unlabeled_batch(number, images, labels):
+    def unlabeled_batch(number, images, indices):
         # Seeded by the batch number, which a resumed stream continues from.
         weak = images.to(device)
         g = strong_generator(batch_seed(seed, _STREAM_IDS[UNLABELED], rank, number))
-        return finish.normalize(weak), finish.normalize(strong_view(weak, generator=g, **strong))
+        views = finish.normalize(weak), finish.normalize(strong_view(weak, generator=g, **strong))
+        return (*views, indices.to(device)) if with_indices else views
 
     def evaluation(labeled_set, indices):
-        files, labels = subset(labeled_set, indices)
+        files, labels, _ = subset(labeled_set, indices)
         return DaliEvalBatches(files, labels, finish=finish, batch_size=cfg.eval_batch_size,
                                image_size=image_size, decode=decode, device_id=device_id,
                                num_threads=threads)
 
     labeled = ResumableStream(train(LABELED, split["labeled"], cfg.batch_size), labeled_batch)
-    unlabeled = ResumableStream(train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size),
+    unlabeled = ResumableStream(train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size, pool),
                                 unlabeled_batch)
     return labeled, unlabeled, evaluation(data, split["val"]), evaluation(test, np.arange(len(test)))

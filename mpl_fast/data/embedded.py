@@ -14,7 +14,10 @@ Views for 8x8 greyscale digits (RandAugment's photometric ops mean little at thi
 ``two-moons``: sklearn.datasets.make_moons, 2000 training points (noise 0.1) of which
 ``labels_per_class`` (3: six points in all, as in the paper) are labeled, and a separate
 fixed test set of 1000 points. Weak view = the point itself, strong view = the point plus
-Gaussian jitter (std 0.05).
+Gaussian jitter (std ``jitter_std``, default 0.05).
+
+``full_unlabeled_batch``: every step's unlabeled batch is the whole unlabeled pool (one fresh
+permutation per step) instead of ``mu * batch_size`` points.
 
 Every random choice comes from torch.Generators owned by the streams, whose states the
 streams save and restore (``state_dict``/``load_state_dict``), so resumed runs are exact.
@@ -180,8 +183,9 @@ def _per_class_split(y: np.ndarray, labels_per_class: int, val_per_class: int, s
     return np.array(sorted(labeled), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
 
 
-def _load(name: str):
-    """(x_train, y_train, x_test, y_test, views) as torch tensors."""
+def _load(name: str, jitter_std: float = 0.05):
+    """(x_train, y_train, x_test, y_test, views) as torch tensors; ``jitter_std``: the two-moons
+    strong view's jitter."""
     if name == "digits":
         from sklearn.datasets import load_digits  # noqa: PLC0415
         from sklearn.model_selection import train_test_split  # noqa: PLC0415
@@ -197,7 +201,7 @@ def _load(name: str):
         xtr, ytr = make_moons(n_samples=2000, noise=0.1, random_state=_TEST_SPLIT_SEED)
         xte, yte = make_moons(n_samples=1000, noise=0.1, random_state=_TEST_SPLIT_SEED + 1)
         return (xtr.astype(np.float32), ytr.astype(np.int64), xte.astype(np.float32), yte.astype(np.int64),
-                (_identity, _jitter(0.05)))
+                (_identity, _jitter(jitter_std)))
     raise ValueError(f"unknown embedded data set {name!r}; choose 'digits' or 'two-moons'")
 
 
@@ -211,12 +215,22 @@ def load_training_images(name: str) -> tuple[np.ndarray, np.ndarray]:
     return xtr, ytr
 
 
+def _unlabeled_batch(cfg: DataConfig, pool: int, world_size: int) -> int:
+    """The unlabeled batch per rank: mu * batch_size, or the rank's share of the whole pool."""
+    if not cfg.full_unlabeled_batch:
+        return cfg.mu * cfg.batch_size
+    if pool % world_size:
+        raise ValueError(f"--data.full-unlabeled-batch: the {pool} unlabeled points do not split evenly over "
+                         f"{world_size} ranks; use a rank count that divides {pool}, or --no-data.full-unlabeled-batch")
+    return pool // world_size
+
+
 def build_embedded_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
                            device: str = "cpu", with_indices: bool = False) -> DataStreams:
     """DataStreams for the embedded data sets ("digits", "two-moons"); see the module docstring.
     ``with_indices``: the unlabeled stream yields (weak, strong, index), index int64 = each
     image's row in the training set (the row of a teacher-label store made for it)."""
-    xtr, ytr, xte, yte, (weak, strong) = _load(cfg.dataset)
+    xtr, ytr, xte, yte, (weak, strong) = _load(cfg.dataset, cfg.jitter_std)
     if cfg.labeled_fraction is not None:
         raise ValueError("embedded data sets take labels_per_class, not labeled_fraction")
     per_class = cfg.labels_per_class if cfg.labels_per_class is not None else 3
@@ -227,7 +241,8 @@ def build_embedded_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_s
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     stream_seed = seed * 1_000_003 + 1  # the same on every rank: each takes its slice of one global batch
     labeled_stream = _Stream(X[labeled], Y[labeled], cfg.batch_size, stream_seed, (weak,), device, rank, world_size)
-    unlabeled_stream = _Stream(X[unlabeled], None, cfg.mu * cfg.batch_size, stream_seed + 1, (weak, strong), device,
+    unlabeled_stream = _Stream(X[unlabeled], None, _unlabeled_batch(cfg, len(unlabeled), world_size), stream_seed + 1,
+                               (weak, strong), device,
                                rank, world_size, keys=torch.from_numpy(unlabeled) if with_indices else None)
     return DataStreams(
         labeled=labeled_stream,

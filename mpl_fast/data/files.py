@@ -11,10 +11,16 @@ The training streams are sharded by rank (disjoint shards); val and test are who
 rank. ``DataStreams.split`` is the JSON-able split record for the run to save; a saved one
 (or a text file of labeled samples) comes back in through ``cfg.split_file``.
 ``DataStreams.stats`` is updated as batches are drawn (corrupt images met, loader used).
+
+Unlabeled pool: the training set minus val, plus SVHN's extra set or ``--data.unlabeled-dir``
+when given. With ``with_indices`` (reduced MPL) it is the set a teacher-label store covers
+instead: ``--data.unlabeled-dir`` alone when given (each image's index = its row in that
+folder's order), else the training set.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mpl_fast.data.bad_data import new_stats
@@ -103,23 +109,29 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
             raise ValueError(f"--data.unlabeled-dir adds image files to the unlabeled pool; {source.name} is read "
                              "into memory as arrays: use it with --data.dataset imagefolder")
         extra = read_unlabeled_source(cfg.unlabeled_dir)
-    if extra is not None:  # labeled and val stay in the training set; the unlabeled pool grows
+    unlabeled_set = None
+    if with_indices:
+        # The unlabeled stream draws exactly the images a teacher-label store covers, indexed as
+        # the labeller indexed them: --data.unlabeled-dir's images alone (the paper's setting:
+        # ImageNet labeled, YFCC100M unlabeled), else the training set (SVHN's extra set is not
+        # in a store of the training set: left out).
+        if cfg.unlabeled_dir:
+            unlabeled_set, split = extra, dict(split, unlabeled=np.arange(len(extra), dtype=np.int64))
+            record["unlabeled_extra"] = {"source": cfg.unlabeled_dir, "count": len(extra), "only": True}
+    elif extra is not None:  # labeled and val stay in the training set; the unlabeled pool grows
         train, split = with_extra_unlabeled(train, extra, split)
         record["unlabeled_extra"] = {"source": cfg.unlabeled_dir or f"{source.name} extra", "count": len(extra)}
     loader = choose_loader(cfg, source, device)
     stats = new_stats(loader)
     stats.update({f"skipped_{k}": len(v) for k, v in source.skipped.items()})
-    pipeline_kwargs = {}
     if loader == "dali":
-        if with_indices:
-            raise ValueError("the DALI pipeline does not yield image indices (reduced MPL) yet: use --data.loader torch")
         from mpl_fast.data.dali_pipeline import build_dali_streams as build
     else:
         from mpl_fast.data.torch_pipeline import build_torch_streams as build
-        pipeline_kwargs = {"with_indices": with_indices}
     labeled, unlabeled, val, test = build(train, source.test, split, cfg=cfg, source=source,
                                           seed=seed, rank=rank, world_size=world_size,
-                                          device=device, stats=stats, image_size=image_size, **pipeline_kwargs)
+                                          device=device, stats=stats, image_size=image_size,
+                                          with_indices=with_indices, unlabeled_set=unlabeled_set)
     return DataStreams(labeled=labeled, unlabeled=unlabeled, val=val, test=test,
                        num_classes=source.num_classes, input_shape=(3, image_size, image_size),
                        split=record, stats=stats)

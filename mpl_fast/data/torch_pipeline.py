@@ -199,7 +199,7 @@ class _Finish:
             strong = self.images(batch["strong"])
         else:
             strong = strong_view(weak, generator=strong_generator(batch["seed"]), **self.strong)
-        if with_indices:  # each image's training-set index (the row of a teacher-label store)
+        if with_indices:  # each image's index in the unlabeled set (the row of a teacher-label store)
             return self.normalize(weak), self.normalize(strong), batch["index"].to(self.device)
         return self.normalize(weak), self.normalize(strong)
 
@@ -232,9 +232,10 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg, source, seed: int,
                         rank: int, world_size: int, device, stats: dict, image_size: int,
-                        with_indices: bool = False):
+                        with_indices: bool = False, unlabeled_set: LabeledSet | None = None):
     """(labeled, unlabeled, val, test) streams through torch DataLoaders; ``with_indices``: the
-    unlabeled stream yields (weak, strong, index)."""
+    unlabeled stream yields (weak, strong, index). ``unlabeled_set``: the unlabeled stream reads
+    this set (``split["unlabeled"]`` indexes it) instead of ``data``."""
     on_gpu = torch.device(device).type != "cpu"
     pad_fill = 128 if cfg.crop_fill == "gray" else None
     strong = dict(num_ops=cfg.randaug_num_ops, magnitude=cfg.randaug_magnitude,
@@ -245,12 +246,17 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
                      strong=strong if on_gpu else None, stats=stats, strict=cfg.strict)
 
     def loader(dataset, sampler, workers):
+        # A generator of its own: without one, every new DataLoader iterator draws its workers'
+        # base seed from the global RNG, which a resumed run (its iterators start at its first
+        # step, not the original run's) would then leave elsewhere, and dropout with it. The
+        # batches themselves do not depend on it (every batch is seeded by its number).
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
                           pin_memory=on_gpu, prefetch_factor=2 if workers else None,
-                          persistent_workers=False, worker_init_fn=ignore_stop_signals if workers else None)
+                          persistent_workers=False, worker_init_fn=ignore_stop_signals if workers else None,
+                          generator=torch.Generator().manual_seed(seed))
 
-    def train(view, indices, batch_size):
-        dataset = BatchDataset(data, view=view, image_size=image_size, flip=source.flip,
+    def train(view, indices, batch_size, images=data):
+        dataset = BatchDataset(images, view=view, image_size=image_size, flip=source.flip,
                                strong=None if on_gpu else strong, replacements=indices, pad_fill=pad_fill)
 
         def loader_from(start: int) -> DataLoader:
@@ -265,7 +271,8 @@ def build_torch_streams(data: LabeledSet, test: LabeledSet, split: dict, *, cfg,
         return EvalBatches(loader(dataset, sampler, min(cfg.num_workers, 2)), finish, len(indices))
 
     labeled_loader_from = train(LABELED, split["labeled"], cfg.batch_size)
-    unlabeled_loader_from = train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size)
+    unlabeled_loader_from = train(UNLABELED, split["unlabeled"], cfg.mu * cfg.batch_size,
+                                  data if unlabeled_set is None else unlabeled_set)
     labeled = ResumableBatches(labeled_loader_from, lambda b: finish.labeled(b, cfg.batch_size))
     unlabeled = ResumableBatches(unlabeled_loader_from,
                                  lambda b: finish.unlabeled(b, cfg.mu * cfg.batch_size, with_indices))

@@ -1,10 +1,12 @@
 """The images the offline labeller runs the teacher over, in a fixed order, with the eval
 preprocessing only (no augmentation), and an identity that tells one data set from another.
 
-Which images: every image of the run's *training* set (or, with ``unlabeled_dir``, every
-JPEG/PNG under that folder in sorted walk order, row i = the i-th file), row i = training image i, the index the
+Which images: every image of the run's *training* set, row i = training image i, the index the
 trainer's splits and unlabeled streams use (the unlabeled set is the training set minus the
-validation images: labelling all of them keeps one store valid for every seed's split).
+validation images: labelling all of them keeps one store valid for every seed's split). Or,
+with ``unlabeled_dir``, the separate unlabeled images of that folder or file list, row i = the
+i-th file in the order of mpl_fast.data.unlabeled.unlabeled_files, the order in which the
+trainer's ``--data.unlabeled-dir`` stream indexes them.
 
 Preprocessing (the trainer's evaluation view):
   embedded (digits, two-moons)  the stored values as they are;
@@ -15,7 +17,6 @@ Preprocessing (the trainer's evaluation view):
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from mpl_fast.data.config import EMBEDDED_DATASETS, DataConfig
+
+UNLABELED_FOLDER = "unlabeled-folder"  # the identity's name of a store made with --unlabeled-dir
 
 
 @dataclass
@@ -42,8 +45,8 @@ class ImagesToLabel:
 
 def images_to_label(data: DataConfig, data_dir: str | None = None, unlabeled_dir: str | None = None) -> ImagesToLabel:
     """The training images of ``data`` (``data_dir`` overrides the run's data folder), or with
-    ``unlabeled_dir`` every image file under that folder (the paper's separate unlabeled set,
-    e.g. YFCC100M), preprocessed like the run's data set's image files."""
+    ``unlabeled_dir`` every image of that folder or file list (the paper's separate unlabeled
+    set, e.g. YFCC100M), preprocessed like the run's data set's image files."""
     if data_dir is not None:
         data = DataConfig(**{**data.__dict__, "data_dir": data_dir})
     if data.dataset in EMBEDDED_DATASETS:
@@ -58,27 +61,13 @@ def images_to_label(data: DataConfig, data_dir: str | None = None, unlabeled_dir
         if not source.train.is_files:
             raise ValueError(f"--unlabeled-dir labels image files with an image-file teacher, and the run's "
                              f"data set {source.name!r} is arrays: leave --unlabeled-dir out")
-        paths, keys = list_image_files(unlabeled_dir)
-        return _files(source, paths, keys, name="unlabeled-folder")
+        from mpl_fast.data.unlabeled import unlabeled_files  # noqa: PLC0415
+
+        paths, keys = unlabeled_files(unlabeled_dir, flag="--unlabeled-dir")
+        return _files(source, paths, keys, name=UNLABELED_FOLDER)
     if source.train.is_files:
         return _files(source, source.train.images, source.train.keys, name=source.name)
     return _arrays(source)
-
-
-def list_image_files(folder: str) -> tuple[list[str], list[str]]:
-    """(absolute paths, paths relative to ``folder``) of every JPEG/PNG under ``folder``, in
-    sorted walk order: the order that gives each unlabeled image its index."""
-    from mpl_fast.data.imagefolder import IMAGE_EXTENSIONS  # noqa: PLC0415
-
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--unlabeled-dir {folder} is not a folder")
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not paths:
-        raise FileNotFoundError(f"--unlabeled-dir {folder} holds no JPEG or PNG files")
-    return paths, [os.path.relpath(p, folder) for p in paths]
 
 
 def identity_of_arrays(name: str, images: np.ndarray) -> dict:

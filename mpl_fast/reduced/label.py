@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", "--data", dest="data_dir", default=None,
                    help="the data set's folder, when it moved since training (default: the run's)")
     p.add_argument("--unlabeled-dir", default=None,
-                   help="label every JPEG/PNG under this folder (sorted walk order) instead of the training set")
+                   help="label separate unlabeled images instead of the training set: every JPEG/PNG under this "
+                        "folder (sorted walk order) or the files a list names, one a line; give the trainer the "
+                        "same path as --data.unlabeled-dir")
     p.add_argument("--top-k", type=int, default=None,
                    help=f"probabilities kept per image (default: {DEFAULT_TOP_K}, or all classes when fewer; 0: all)")
     p.add_argument("--batch-size", type=int, default=256)

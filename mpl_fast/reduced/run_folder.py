@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mpl_fast.algo.selection import selected_network
 from mpl_fast.data.config import DataConfig
 
 NETWORKS = ("auto", "best", "teacher", "student", "ema")
@@ -50,11 +51,13 @@ class TrainedRun:
         return float(self.config.get("model", {}).get("dropout", 0.0))
 
     def selection_model(self) -> str:
-        """The network the trainer selects on validation: the teacher for --method uda, the
-        student's EMA when the run kept one, else the student."""
-        if self.config.get("method") == "uda":
-            return "teacher"
-        return "ema" if self.checkpoint.get("mpl", {}).get("ema") else "student"
+        """The network the trainer selects on validation, by the trainer's rule
+        (mpl_fast.algo.selection): whether the run kept an EMA comes from its --mpl.ema-decay,
+        or, in a configuration without it, from the checkpoint (the trainer saves an EMA exactly
+        when the decay is > 0)."""
+        decay = (self.config.get("mpl") or {}).get("ema_decay")
+        has_ema = float(decay) > 0 if decay is not None else bool((self.checkpoint.get("mpl") or {}).get("ema"))
+        return selected_network(self.config.get("method"), has_ema)
 
     def state_dict(self, network: str = "auto") -> tuple[dict, str]:
         """(state dict, what it is) of ``network``: "best" = the best-validation weights of the

@@ -47,20 +47,20 @@ def build_streams(cfg: TrainConfig, ctx: DistContext | None = None, device: str 
 
 def with_stored_labels(cfg: TrainConfig, streams):
     """Reduced MPL: the unlabeled stream yields (p, strong), p the large teacher's stored
-    distributions of the batch's images, after the store was checked against this run's data
-    set and class count (one sentence if it does not belong to it)."""
-    from mpl_fast.reduced.images import images_to_label  # noqa: PLC0415
-    from mpl_fast.reduced.store import StoreError, TeacherLabelStore  # noqa: PLC0415
-    from mpl_fast.reduced.stream import StoredTeacherInputs  # noqa: PLC0415
+    distributions of the batch's images, after the store was checked against the images this
+    run's unlabeled stream draws (--data.unlabeled-dir's, else the training set's) and its class
+    count (one sentence if it does not belong to them)."""
+    from mpl_fast.reduced.stream import StoredTeacherInputs, open_store_for_run  # noqa: PLC0415
 
     if cfg.reduced.labels is None:  # (not refused by validate: --dry-run needs no labels)
         raise SystemExit("error: --method reduced-mpl reads the large teacher's stored labels: pass --reduced.labels "
                          "DIR (written by python -m mpl_fast.label)")
     try:
-        store = TeacherLabelStore.open(cfg.reduced.labels)
-        store.check_compatible(num_classes=streams.num_classes, dataset=images_to_label(cfg.data).identity)
-    except (StoreError, FileNotFoundError, NotADirectoryError) as exc:
-        raise SystemExit(f"error: --reduced.labels: {exc}") from None
+        store = open_store_for_run(cfg.reduced.labels, cfg.data, streams.num_classes)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # StoreError is a ValueError
+        named = "--reduced.labels" in str(exc) or "--data.unlabeled-dir" in str(exc)
+        message = str(exc) if named else f"--reduced.labels: {exc}"
+        raise SystemExit(f"error: {message}") from None
     streams.unlabeled = StoredTeacherInputs(streams.unlabeled, store)
     return streams
 

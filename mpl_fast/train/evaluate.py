@@ -8,6 +8,7 @@ import copy
 import torch
 
 from mpl_fast.algo import finetune, larger_batches
+from mpl_fast.algo.selection import selected_network
 from mpl_fast.parallel import sharding
 from mpl_fast.train.checkpointing import save_finetuned
 from mpl_fast.train.config import TrainConfig
@@ -30,10 +31,8 @@ def accuracy(model: torch.nn.Module, batches) -> float | None:
 
 
 def selection_model(cfg: TrainConfig) -> str:
-    """The model whose best-validation weights are kept (and finetuned)."""
-    if cfg.method == "uda":
-        return "teacher"
-    return "ema" if cfg.mpl.ema_decay > 0 else "student"
+    """The model whose best-validation weights are kept (and finetuned): mpl_fast.algo.selection's rule."""
+    return selected_network(cfg.method, cfg.mpl.ema_decay > 0)
 
 
 def headline_model(cfg: TrainConfig) -> str:

@@ -136,24 +136,27 @@ def plan_mpl_memory(teacher: NetworkFootprint, student: NetworkFootprint, *, bat
 
 
 def plan_reduced_memory(student: NetworkFootprint, reduced_teacher_parameters: int, num_classes: int, *,
-                        batch_size: int, mu: int, precision: str = "fp32") -> int:
+                        batch_size: int, mu: int, precision: str = "fp32", shards: int = 1) -> int:
     """Per-device peak memory of one reduced-MPL step (batch_size per device; data parallel
     replicates it): the student's state, g_u and activations over its mu * B strong images as
     in full MPL; the reduced teacher T_R's state (fp32) and its activations over the batch's
-    stored distributions (B * mu fp32 class vectors, a few per layer); no large teacher."""
+    stored distributions (B * mu fp32 class vectors, a few per layer); no large teacher.
+    ``shards`` (--fsdp): the student's and T_R's states divided over that many devices."""
     if precision not in BYTES_PER_ELEMENT:
         raise ValueError(f"precision must be one of {tuple(BYTES_PER_ELEMENT)}, got {precision!r}")
     student_acts = student.activation_elements_per_image * batch_size * max(mu, 1) * BYTES_PER_ELEMENT[precision]
     t_r_state = reduced_teacher_parameters * 4 * 3
     t_r_acts = 4 * batch_size * max(mu, 1) * num_classes * 4  # input, log, residual, output (hidden is smaller)
-    return student.state_bytes(extra_param_buffers=1) + student_acts + t_r_state + t_r_acts
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    return (student.state_bytes(extra_param_buffers=1) + t_r_state) // shards + student_acts + t_r_acts
 
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _reduced_report(cfg, model, footprint: NetworkFootprint, num_classes: int, shape) -> str:
+def _reduced_report(cfg, model, footprint: NetworkFootprint, num_classes: int, shape, fsdp_devices: int) -> str:
     """--dry-run for --method reduced-mpl: the student, T_R and the student's activations."""
     from mpl_fast.reduced.store import bytes_per_image  # noqa: PLC0415
     from mpl_fast.reduced.teacher import ReducedTeacher  # noqa: PLC0415
@@ -172,6 +175,12 @@ def _reduced_report(cfg, model, footprint: NetworkFootprint, num_classes: int, s
                                precision=precision).per_device_bytes[0]
         lines.append(f"  {precision:4s} activations, one device (data parallel: the same on each): "
                      f"{_size(reduced)} (full MPL with a teacher of the same architecture: {_size(full)})")
+        if cfg.fsdp:
+            sharded = plan_reduced_memory(footprint, t_r, num_classes, batch_size=cfg.data.batch_size,
+                                          mu=cfg.data.mu, precision=precision, shards=fsdp_devices)
+            lines.append(f"  {precision:4s} activations, --fsdp over {fsdp_devices} devices: {_size(sharded)} each "
+                         "(student and T_R sharded; for evaluation rank 0 also holds whole fp32 copies of the "
+                         "student and its EMA)")
     per_image = bytes_per_image(8, num_classes)
     lines.append(f"the large teacher's labels (python -m mpl_fast.label, top-8): {per_image} bytes an image, "
                  f"{per_image * 100e6 / 1e9:.1f} GB for 100M images, read from disk (memory-mapped)")
@@ -202,10 +211,12 @@ def dry_run_report(cfg, fsdp_devices: int = 8, model_parallel_ranks: int = 2, sh
     # teacher and student share the architecture
     footprint = measure_footprint(model, shape, activation_checkpointing=checkpointing)
     if cfg.method == "reduced-mpl":
-        return _reduced_report(cfg, model, footprint, num_classes, shape)
+        return _reduced_report(cfg, model, footprint, num_classes, shape, fsdp_devices)
+    unlabeled = (f"unlabeled: the whole pool each step (--data.full-unlabeled-batch; the estimate counts only "
+                 f"{cfg.data.mu}x the labeled batch)" if cfg.data.full_unlabeled_batch
+                 else f"unlabeled {cfg.data.mu}x that (weak + strong)")
     lines = [f"{cfg.preset}: {cfg.model.name}, {footprint.parameters:,} parameters per network "
-             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, "
-             f"unlabeled {cfg.data.mu}x that (weak + strong)",
+             f"(teacher and student), input {shape}, labeled batch {cfg.data.batch_size}, {unlabeled}",
              "estimated peak memory of one MPL step per device (weights, gradients, momentum, g_u, activations):"]
     if checkpointing:
         plain = measure_footprint(model, shape)

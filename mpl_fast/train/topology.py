@@ -123,7 +123,9 @@ class Topology:
 
     def describe(self, cfg: TrainConfig) -> str | None:
         """One line for the log (None for one process on one device)."""
-        per_rank = f"{cfg.data.batch_size} labeled + {cfg.data.mu * cfg.data.batch_size} unlabeled per rank per step"
+        unlabeled = ("a share of the whole unlabeled pool" if cfg.data.full_unlabeled_batch
+                     else f"{cfg.data.mu * cfg.data.batch_size} unlabeled")
+        per_rank = f"{cfg.data.batch_size} labeled + {unlabeled} per rank per step"
         k = self.placement.per_half
         if self.layout == "rank-groups":
             return (f"rank groups: teacher on ranks 0..{k - 1}, student on ranks {k}..{self.world_size - 1} "

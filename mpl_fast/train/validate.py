@@ -61,12 +61,19 @@ def check_ranges(cfg) -> None:
         need(f"mpl.{leaf}", finite_nonneg, "a finite number >= 0")
     need("mpl.label_smoothing", lambda v: v < 1.0, "in [0, 1)")
     need("mpl.uda_threshold", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    need("data.jitter_std", finite_nonneg, "a finite number >= 0")
+    if cfg.data.full_unlabeled_batch and cfg.data.dataset in FILE_DATASETS:
+        raise ValueError(f"--data.full-unlabeled-batch is for the embedded data sets (digits, two-moons), not "
+                         f"{cfg.data.dataset}: set the unlabeled batch of file data sets with --data.mu")
     # (--teacher-device/--student-device are checked with the layout: mpl_fast.train.topology)
     need("device", _usable_device, "a device torch knows and can hold data, e.g. cpu, cuda or cuda:1")
     need("model.name", _known_model, "one of mpl_fast.models.MODEL_NAMES, wrnD-W (D = 6n+4, e.g. wrn10-2) or a timm model name")
     if cfg.data.in_memory and cfg.data.dataset != "imagefolder":
         raise ValueError(f"--data.in-memory decodes an ImageFolder's files once; --data.dataset {cfg.data.dataset} "
                          "is not one: drop the flag")
+    if cfg.data.unlabeled_dir and cfg.data.dataset != "imagefolder":  # the other readers would ignore it
+        raise ValueError(f"--data.unlabeled-dir adds image files to an ImageFolder's unlabeled pool; --data.dataset "
+                         f"{cfg.data.dataset} does not read it: drop the flag or use --data.dataset imagefolder")
     if cfg.data.in_memory and cfg.data.unlabeled_dir:
         raise ValueError("--data.in-memory decodes one ImageFolder; --data.unlabeled-dir adds a second source of "
                          "files: drop one of them")

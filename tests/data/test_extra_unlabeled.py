@@ -79,3 +79,14 @@ def test_unlabeled_dir_is_refused_for_array_data_sets(tmp_path):
                      num_workers=0, unlabeled_dir=str(tmp_path))
     with pytest.raises(ValueError, match="--data.unlabeled-dir .* imagefolder"):
         build_streams(cfg, seed=0)
+
+
+@pytest.mark.parametrize("preset", ["digits", "two-moons"])
+def test_the_trainer_refuses_unlabeled_dir_for_embedded_data_sets(preset, tmp_path, capsys):
+    """Their streams never read the folder: a run with it would silently train without it."""
+    from mpl_fast.train.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--preset", preset, "--data.unlabeled-dir", str(tmp_path), "--steps", "1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert stop.value.code != 0 and f"--data.dataset {preset} does not read it" in err and "Traceback" not in err

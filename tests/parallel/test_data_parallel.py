@@ -31,6 +31,7 @@ def _moons(out_dir, ranks: int, **kw):
     cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 20, 5, 10, 0
     cfg.mpl.pseudo_labels = "hard"  # sampled labels would draw different random numbers per rank
     cfg.data.batch_size = 6 // ranks
+    cfg.data.full_unlabeled_batch, cfg.data.mu = False, 2  # small batches: 6 (+ 12) per step in all
     cfg.output_dir = str(out_dir)
     return set_fields(cfg, **kw)
 

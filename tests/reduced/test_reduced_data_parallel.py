@@ -42,6 +42,7 @@ def _cfg(out_dir: str, labels: str, ranks: int):
     cfg.mpl.student_wait_steps = 0
     cfg.teacher.lr = 0.5
     cfg.data.batch_size = 6 // ranks
+    cfg.data.full_unlabeled_batch, cfg.data.mu = False, 2  # 6 (+ 12) points per step in all
     cfg.output_dir = out_dir
     return cfg
 

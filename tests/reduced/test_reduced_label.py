@@ -209,3 +209,22 @@ def test_reads_a_run_folder_the_trainer_wrote(tmp_path):
     assert manifest["k"] == 8 and manifest["bytes_per_image"] == 32 and manifest["complete"]
     assert manifest["teacher"]["network"] == "best-validation teacher (step 2)"
     assert manifest["dataset"]["name"] == "digits" and manifest["num_classes"] == 10
+
+
+@pytest.mark.parametrize("method", ["uda", "mpl", "supervised", "reduced-mpl"])
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_the_default_network_is_the_one_the_trainer_selects(method, ema_decay):
+    """--network auto without best-validation weights: the network the trainer's selection rule
+    names, read from the run's configuration, or from the checkpoint when the configuration
+    has no --mpl.ema-decay."""
+    import dataclasses
+
+    from mpl_fast.reduced.run_folder import TrainedRun
+    from mpl_fast.train.config import preset
+    from mpl_fast.train.evaluate import selection_model
+
+    cfg = preset("digits")
+    cfg.method, cfg.mpl.ema_decay = method, ema_decay
+    checkpoint = {"mpl": {"ema": {"module": {"w": 1}} if ema_decay else None}}
+    assert TrainedRun("ckpt", dataclasses.asdict(cfg), checkpoint).selection_model() == selection_model(cfg)
+    assert TrainedRun("ckpt", {"method": method}, checkpoint).selection_model() == selection_model(cfg)

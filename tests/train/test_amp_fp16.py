@@ -357,6 +357,7 @@ def _dp_rank(rank: int, init_file: str, tmp: str):
     cfg = preset("two-moons")
     cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every, cfg.max_nonfinite = 20, 5, 10, 0, 50
     cfg.mpl.pseudo_labels, cfg.data.batch_size, cfg.amp, cfg.amp_dtype = "hard", 3, True, "fp16"
+    cfg.data.full_unlabeled_batch, cfg.data.mu = False, 2  # 3 (+ 6) points per rank per step
     cfg.output_dir = os.path.join(tmp, "run")
     run(cfg, progress=False, quiet=True)
     mpl = seen.pop("mpl")

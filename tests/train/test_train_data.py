@@ -39,6 +39,47 @@ def test_two_moons():
     assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
+def test_full_unlabeled_batch_is_the_whole_pool_in_a_fresh_order_each_step():
+    s = build_streams(_cfg("two-moons", batch_size=6, mu=2, full_unlabeled_batch=True), seed=0)
+    pool = s.split["num_unlabeled"]
+    assert pool == 2000
+    first, second = next(s.unlabeled)[0], next(s.unlabeled)[0]   # weak views = the points themselves
+    assert first.shape == second.shape == (pool, 2)
+    key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731 - every point once, in any order
+    assert key(first) == key(second)
+    assert len(set(key(first))) == pool
+    assert not torch.equal(first, second)                            # reshuffled between steps
+    small = build_streams(_cfg("two-moons", batch_size=6, mu=2), seed=0)
+    assert next(small.unlabeled)[0].shape == (12, 2)                  # without it: mu * batch_size
+
+
+def test_full_unlabeled_batch_splits_over_ranks_or_is_refused():
+    cfg = _cfg("two-moons", batch_size=3, full_unlabeled_batch=True)
+    assert next(build_streams(cfg, seed=0, rank=1, world_size=2).unlabeled)[0].shape == (1000, 2)
+    with pytest.raises(ValueError, match="do not split evenly over 3 ranks"):
+        build_streams(cfg, seed=0, rank=0, world_size=3)
+
+
+@pytest.mark.parametrize("std", [0.05, 0.15])
+def test_two_moons_strong_view_jitter_has_the_configured_spread(std):
+    s = build_streams(_cfg("two-moons", batch_size=6, full_unlabeled_batch=True, jitter_std=std), seed=0)
+    weak, strong = next(s.unlabeled)
+    assert (strong - weak).std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_full_unlabeled_batch_is_refused_for_file_data_sets():
+    from mpl_fast.train.config import preset, validate
+
+    cfg = preset("cifar10-4k")
+    cfg.data.full_unlabeled_batch = True
+    with pytest.raises(ValueError, match="--data.full-unlabeled-batch is for the embedded data sets"):
+        validate(cfg)
+    cfg = preset("two-moons")
+    cfg.data.jitter_std = -0.1
+    with pytest.raises(ValueError, match="--data.jitter-std -0.1: must be a finite number >= 0"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("dataset", ["digits", "two-moons"])
 def test_streams_resume_exactly(dataset):
     a = build_streams(_cfg(dataset), seed=3)
