@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 from mpl_fast.algo.config import METHODS  # noqa: E402
+from mpl_fast.plot import read_metrics  # noqa: E402
 from mpl_fast.train import run  # noqa: E402
 from mpl_fast.train.config import preset, to_dict  # noqa: E402
 
@@ -147,15 +148,7 @@ def cifar10_folder(path: str, cache: str) -> str:
 
 def h_statistics(run_dir: str) -> dict | None:
     """h over the run's log lines (each the mean over --log-every steps) after the student starts."""
-    hs = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if "h" in m and m.get("loss_student", 0) != 0:
-                hs.append(float(m["h"]))
+    hs = [float(m["h"]) for m in read_metrics(run_dir)["train"] if "h" in m and m.get("loss_student", 0) != 0]
     if not hs:
         return None
     return {"mean": statistics.mean(hs), "std": statistics.pstdev(hs), "positive": sum(h > 0 for h in hs) / len(hs),
@@ -163,17 +156,8 @@ def h_statistics(run_dir: str) -> dict | None:
 
 
 def accuracy_curve(run_dir: str, model: str) -> tuple[list[int], list[float]]:
-    steps, accs = [], []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if m.get("eval") and f"test_{model}" in m:
-                steps.append(int(m["step"]))
-                accs.append(float(m[f"test_{model}"]))
-    return steps, accs
+    evals = [m for m in read_metrics(run_dir)["eval"] if f"test_{model}" in m]
+    return [int(m["step"]) for m in evals], [float(m[f"test_{model}"]) for m in evals]
 
 
 def plot_curves(rows: list[dict], dataset: str, path: str) -> None:

@@ -29,3 +29,20 @@ def make_run(folder, *, seed=0, num_classes=10, method="uda", best=False, data=N
     os.makedirs(folder, exist_ok=True)
     torch.save(state, os.path.join(folder, "checkpoint.pt"))
     return str(folder), teacher.eval()
+
+
+def assert_resumed_run_matches(full_dir, part_dir) -> None:
+    """A run stopped and resumed (``part_dir``) logged the same h at every line as the same run
+    left alone (``full_dir``), with some feedback, and ended with equal teacher and student."""
+    import json
+
+    lines = {d: [json.loads(ln) for ln in open(os.path.join(d, "metrics.jsonl")) if '"h"' in ln]
+             for d in (str(full_dir), str(part_dir))}
+    full, part = lines[str(full_dir)], lines[str(part_dir)]
+    assert [ln["h"] for ln in full] == [ln["h"] for ln in part]
+    assert any(ln["h"] != 0.0 and ln["loss_mpl"] > 0 for ln in full)
+    a = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=False)["mpl"]
+    b = torch.load(os.path.join(part_dir, "checkpoint.pt"), weights_only=False)["mpl"]
+    for net in ("teacher", "student"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mpl_testing import reference_student_step_and_h
-from reduced_testing import make_run
+from reduced_testing import assert_resumed_run_matches, make_run
 from torch import nn
 
 from mpl_fast.algo import MPL, MPLConfig, Schedules
@@ -245,15 +245,7 @@ def test_reduced_run_trains_and_resumes_exactly(digits_labels, tmp_path):
     run(cfg(tmp_path / "full"), progress=False, quiet=True)
     run(cfg(tmp_path / "part"), progress=False, quiet=True, stop_after=6)
     run(None, resume=str(tmp_path / "part"), progress=False, quiet=True)
-    lines = {name: [json.loads(ln) for ln in open(tmp_path / name / "metrics.jsonl") if '"h"' in ln]
-             for name in ("full", "part")}
-    assert [ln["h"] for ln in lines["full"]] == [ln["h"] for ln in lines["part"]]
-    assert any(ln["h"] != 0.0 and ln["loss_mpl"] > 0 for ln in lines["full"])
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["mpl"]
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["mpl"]
-    for net in ("teacher", "student"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    assert_resumed_run_matches(tmp_path / "full", tmp_path / "part")
 
 
 def _cli(*args):

@@ -7,7 +7,6 @@ The images are solid colours, one colour per file: every crop, resize and flip o
 that colour, so an augmented batch still tells which file each image came from, and the large
 teacher's output for the file can be recomputed from the colour alone."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from mpl_testing import set_fields, tiny_dali_config
-from reduced_testing import make_run
+from reduced_testing import assert_resumed_run_matches, make_run
 
 from mpl_fast.data import build_streams as data_streams
 from mpl_fast.data.config import DataConfig
@@ -229,15 +228,7 @@ def test_a_reduced_run_on_the_folder_trains_and_resumes_exactly(world, tmp_path,
     run(cfg("full"), progress=False, quiet=True)
     run(cfg("part"), progress=False, quiet=True, stop_after=3)
     run(None, resume=str(tmp_path / "part"), progress=False, quiet=True)
-    lines = {name: [json.loads(ln) for ln in open(tmp_path / name / "metrics.jsonl") if '"h"' in ln]
-             for name in ("full", "part")}
-    assert [ln["h"] for ln in lines["full"]] == [ln["h"] for ln in lines["part"]]
-    assert any(ln["h"] != 0.0 and ln["loss_mpl"] > 0 for ln in lines["full"])
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["mpl"]
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["mpl"]
-    for net in ("teacher", "student"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    assert_resumed_run_matches(tmp_path / "full", tmp_path / "part")
 
 
 def _refusal(cfg) -> str:
