@@ -47,3 +47,15 @@ class DataConfig:
     loader: Loader = "auto"
     num_workers: int = 2
     strict: bool = False                    # stop on a corrupt image instead of skipping it
+
+
+def check_unlabeled_dir(cfg: DataConfig) -> None:
+    """Refuses ``unlabeled_dir`` where no reader would use it: one sentence naming the flags."""
+    if not cfg.unlabeled_dir:
+        return
+    if cfg.dataset != "imagefolder":
+        raise ValueError(f"--data.unlabeled-dir adds image files to an ImageFolder's unlabeled pool; --data.dataset "
+                         f"{cfg.dataset} does not read it: drop the flag or use --data.dataset imagefolder")
+    if cfg.in_memory:
+        raise ValueError("--data.in-memory decodes one ImageFolder; --data.unlabeled-dir adds a second source of "
+                         "files: drop one of them")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mpl_fast.data.bad_data import new_stats
-from mpl_fast.data.config import DataConfig
+from mpl_fast.data.config import DataConfig, check_unlabeled_dir
 from mpl_fast.data.source import DatasetSource
 from mpl_fast.data.splits import draw_split, read_split_file, split_from_record, split_record
 from mpl_fast.data.streams import DataStreams
@@ -93,6 +93,7 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
     """The DataStreams of a data set on disk (see mpl_fast.data.build_streams)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    check_unlabeled_dir(cfg)
     source = load_source(cfg)
     if cfg.in_memory:
         from mpl_fast.data.in_memory import decode_into_memory
@@ -105,9 +106,6 @@ def build_file_streams(cfg: DataConfig, *, seed: int, rank: int = 0, world_size:
     train = source.train
     extra = source.extra_unlabeled
     if cfg.unlabeled_dir:
-        if not train.is_files:
-            raise ValueError(f"--data.unlabeled-dir adds image files to the unlabeled pool; {source.name} is read "
-                             "into memory as arrays: use it with --data.dataset imagefolder")
         extra = read_unlabeled_source(cfg.unlabeled_dir)
     unlabeled_set = None
     if with_indices:

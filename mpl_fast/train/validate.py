@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from mpl_fast.data.config import FILE_DATASETS
+from mpl_fast.data.config import FILE_DATASETS, check_unlabeled_dir
 
 
 def _flag(name: str) -> str:
@@ -71,12 +71,7 @@ def check_ranges(cfg) -> None:
     if cfg.data.in_memory and cfg.data.dataset != "imagefolder":
         raise ValueError(f"--data.in-memory decodes an ImageFolder's files once; --data.dataset {cfg.data.dataset} "
                          "is not one: drop the flag")
-    if cfg.data.unlabeled_dir and cfg.data.dataset != "imagefolder":  # the other readers would ignore it
-        raise ValueError(f"--data.unlabeled-dir adds image files to an ImageFolder's unlabeled pool; --data.dataset "
-                         f"{cfg.data.dataset} does not read it: drop the flag or use --data.dataset imagefolder")
-    if cfg.data.in_memory and cfg.data.unlabeled_dir:
-        raise ValueError("--data.in-memory decodes one ImageFolder; --data.unlabeled-dir adds a second source of "
-                         "files: drop one of them")
+    check_unlabeled_dir(cfg.data)  # (the embedded readers would ignore it silently)
     if cfg.output_dir is not None and not str(cfg.output_dir).strip():
         raise ValueError("--output-dir is empty: name a folder")
 
