@@ -42,7 +42,7 @@ import common  # noqa: E402 - benchmarks/ is on the path when run as a script
 from mpl_fast.algo.config import METHODS  # noqa: E402
 from mpl_fast.plot import read_metrics  # noqa: E402
 from mpl_fast.train import run  # noqa: E402
-from mpl_fast.train.config import preset, to_dict  # noqa: E402
+from mpl_fast.train.config import preset, set_field, to_dict  # noqa: E402
 
 PRESET_OF = {"digits": "digits", "two-moons": "two-moons", "cifar10": "cifar10-4k-cpu"}
 # Benchmark-only variants, run as methods of their own on the same seeds:
@@ -77,11 +77,7 @@ def run_config(dataset: str, variant: str, seed: int, steps: int | None, out_roo
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     for name, value in changes.items():
-        *path, leaf = name.split(".")
-        obj = cfg
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, leaf, value)
+        set_field(cfg, name, value)
     if steps is not None:
         cfg.steps = steps
     cfg.checkpoint_every = 0

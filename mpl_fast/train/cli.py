@@ -8,7 +8,7 @@ import argparse
 import typing
 
 from mpl_fast.algo.config import literal_choices
-from mpl_fast.train.config import PRESETS, TrainConfig, leaves, preset
+from mpl_fast.train.config import PRESETS, TrainConfig, leaves, preset, set_field
 from mpl_fast.train.config_file import read_config_file
 from mpl_fast.train.errors import EXIT_CODES_HELP
 from mpl_fast.train.resume_flags import RESUMABLE
@@ -136,9 +136,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             continue
         if value is None:  # the file's value, null included (a flag left out says nothing)
             value = saved[name]
-        obj = cfg
-        *path, leaf = name.split(".")
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, leaf, value)
+        set_field(cfg, name, value)
     return cfg

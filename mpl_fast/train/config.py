@@ -316,6 +316,15 @@ def validate(cfg: TrainConfig) -> None:
     check_ranges(cfg)
 
 
+def set_field(cfg: TrainConfig, dotted: str, value) -> None:
+    """Sets the leaf field named ``dotted`` (e.g. "mpl.mpl_weight") of ``cfg``."""
+    *path, leaf = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
 def leaves(cls, prefix: str = ""):
     """(dotted name, type, field) of every leaf field of a config dataclass, in tree order."""
     hints = typing.get_type_hints(cls)
